@@ -158,7 +158,8 @@ class Transformer(nn.Module):
                     dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache; forward() then appends to it at `start_pos`."""
         length = max_seq_len or self.config.max_seq_len
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        # The final norm's dtype is the activation dtype; the embedding may be a quantized (uint8) table.
+        dtype = dtype or self.norm.weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
         device = self.inv_freq.device

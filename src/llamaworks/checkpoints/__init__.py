@@ -1,0 +1,239 @@
+"""Checkpoint formats at the edge: GGUF files, Hugging Face directories and Meta's native layout.
+
+Every reader returns a `Checkpoint` whose `state_dict` uses model.py's parameter names and rotary layout,
+so `Transformer(ckpt.config).load_state_dict(ckpt.state_dict)` works whatever the source was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import FormatError
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+    from .gguf import GGUFQuantTensor
+
+
+class CheckpointNotFoundError(FormatError, FileNotFoundError):
+    """The path given for a model does not exist."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, Tensor | GGUFQuantTensor]
+    tokenizer: Tokenizer | None = None
+    chat_template: str | None = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    # Format-specific extras: GGUF key/values (tokenizer.* included), HF config.json, Meta params.json,
+    # and "rope_inv_freq" when a GGUF carries rotary frequencies no RopeScaling reproduces.
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path = Path()
+    format: str = ""
+
+
+# -- shared helpers -----------------------------------------------------------------------------------
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape for a Transformer of this config, computed without allocating weights."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source: Path | str) -> None:
+    """Raise a one-line FormatError for a missing tensor or a shape that does not fit the config."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise FormatError(f"{source}: missing tensor {name!r}")
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise FormatError(f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
+                              f"for the model described by its config")
+
+
+def cast_floats(state_dict: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def optional_tokenizer_module() -> Any | None:
+    """`llamaworks.tokenizer`, or None while it is not installed (checkpoints still load, without one)."""
+    try:
+        from .. import tokenizer
+    except ImportError:
+        return None
+    return tokenizer
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file next to `path`; it replaces `path` only if the block finishes without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path) for libraries that open the file themselves, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# -- public API ---------------------------------------------------------------------------------------
+def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """("gguf"|"hf"|"meta", resolved path) by looking at the files, not at names the user typed."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return "gguf", path
+        if path.suffix == ".gguf":
+            raise FormatError(f"{path}: not a GGUF file (wrong magic {magic!r}, expected b'GGUF')")
+        if path.suffix in (".safetensors", ".bin", ".json") and (path.parent / "config.json").is_file():
+            return "hf", path.parent
+        if path.suffix in (".pth", ".json") and (path.parent / "params.json").is_file():
+            return "meta", path.parent
+        raise FormatError(f"{path}: unknown checkpoint file (expected a .gguf file, a Hugging Face directory "
+                          f"with config.json, or a Meta directory with params.json)")
+    if (path / "config.json").is_file():
+        return "hf", path
+    if (path / "params.json").is_file():
+        return "meta", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    what = f"{len(ggufs)} .gguf files (pass one)" if ggufs else "no config.json, params.json or .gguf file"
+    raise FormatError(f"{path}: not a checkpoint directory: {what}")
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, dequantize: bool = True,
+                    dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a GGUF file, an HF directory or a Meta directory (found by sniffing) into a Checkpoint.
+
+    dtype: cast floating tensors (None keeps the stored dtype; GGUF quantized blocks dequantize to float32).
+    dequantize=False keeps GGUF quantized tensors as GGUFQuantTensor (F32/F16/BF16 come back as tensors).
+    """
+    kind, resolved = detect_format(path)
+    if kind == "gguf":
+        from .gguf import read_gguf
+
+        return read_gguf(resolved, dequantize=dequantize, dtype=dtype)
+    if kind == "hf":
+        from .hf import read_hf
+
+        return read_hf(resolved, dtype=dtype)
+    from .meta import read_meta
+
+    return read_meta(resolved, dtype=dtype)
+
+
+def load_model(path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> tuple[Transformer, Tokenizer | None, Checkpoint]:
+    """(model.eval(), tokenizer, checkpoint) for a checkpoint path; None loads the default SmolLM2 model.
+
+    dtype defaults to float32 (quantized GGUF blocks are dequantized); device defaults to the CPU.
+    """
+    from ..model import Transformer, rope_frequencies
+
+    if path is None:
+        from ..assets import default_model_path
+
+        path = default_model_path()
+    ckpt = load_checkpoint(path, dequantize=True, dtype=dtype or torch.float32)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    # Build on the meta device and adopt the loaded tensors: no random init, no second copy of the weights.
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    state = {k: v.to(device).contiguous() for k, v in ckpt.state_dict.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise FormatError(f"{ckpt.path}: weights do not fit the model: {' '.join(first[1:3]) or first[0]}") from None
+    inv_freq = ckpt.metadata.get("rope_inv_freq")
+    if inv_freq is None:
+        inv_freq = rope_frequencies(ckpt.config)
+    model.register_buffer("inv_freq", torch.as_tensor(inv_freq).float().to(device), persistent=False)
+    ckpt.state_dict = dict(model.state_dict())  # the model owns the tensors now; don't keep a stale copy
+    return model.eval(), ckpt.tokenizer, ckpt
+
+
+def save_hf(directory: str | os.PathLike[str], model_or_state_dict: torch.nn.Module | dict[str, Tensor],
+            config: ModelConfig, tokenizer: Tokenizer | None = None, chat_template: str | None = None,
+            dtype: torch.dtype | None = None, *, max_shard_size: int | str | None = None,
+            generation_config: dict[str, Any] | None = None, progress: bool = False) -> Path:
+    """Write a transformers-loadable directory (config.json, safetensors, tokenizer, generation_config)."""
+    from .hf import write_hf
+
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    return write_hf(Path(directory), sd, config, tokenizer, chat_template=chat_template, dtype=dtype,
+                    max_shard_size=max_shard_size, generation_config=generation_config, progress=progress)
+
+
+def save_gguf(path: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
+              tokenizer: Tokenizer | None = None, chat_template: str | None = None, tensor_type: str = "f16", *,
+              name: str | None = None, tokenizer_metadata: dict[str, Any] | None = None,
+              progress: bool = False) -> Path:
+    """Write one self-describing llama GGUF file (hyper-parameters, tokenizer, chat template, tensors)."""
+    from .gguf import write_gguf
+
+    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
+    return write_gguf(Path(path), sd, config, tokenizer, chat_template=chat_template, tensor_type=tensor_type,
+                      name=name, tokenizer_metadata=tokenizer_metadata, progress=progress)
+
+
+def save_meta(directory: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module,
+              config: ModelConfig, tokenizer_model: str | os.PathLike[str] | None = None,
+              dtype: torch.dtype | None = None, *, progress: bool = False) -> Path:
+    """Write Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model if given)."""
+    from .meta import write_meta
+
+    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
+    return write_meta(Path(directory), sd, config, tokenizer_model=tokenizer_model, dtype=dtype, progress=progress)
+
+
+def __getattr__(name: str) -> Any:
+    # GGUFQuantTensor and read_gguf live in gguf.py; import it only when asked so `import checkpoints` stays light.
+    if name in ("GGUFQuantTensor", "read_gguf"):
+        from . import gguf
+
+        return getattr(gguf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Checkpoint", "CheckpointNotFoundError", "GGUFQuantTensor", "detect_format", "load_checkpoint",
+           "load_model", "read_gguf", "save_gguf", "save_hf", "save_meta"]

@@ -1,0 +1,597 @@
+"""GGUF files (llama.cpp, ollama): read and write the "llama" architecture.
+
+Tensors are memory-mapped by `gguf.GGUFReader`. Quantized blocks are either dequantized with
+`gguf.quants.dequantize` or handed out as `GGUFQuantTensor` for kernels that work on the blocks directly.
+The q/k rows in a llama GGUF are already in our adjacent-pair rotary layout (llama.cpp's converter
+permutes Hugging Face weights into it), so no permutation happens here.
+
+LLaMA 3.1-style rope scaling: llama.cpp stores it as a `rope_freqs.weight` tensor of per-frequency divisors.
+We recover a `RopeScaling` from those divisors (exactly when our own writer left the parameters in the
+`llamaworks.rope_scaling` key) and check it reproduces every frequency; if none does, the explicit inverse
+frequencies travel in `Checkpoint.metadata["rope_inv_freq"]` and `load_model` installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig, RopeScaling
+from ..errors import FormatError
+from . import (
+    Checkpoint,
+    atomic_write_with,
+    cast_floats,
+    optional_tokenizer_module,
+    validate_state_dict,
+)
+
+ARCH = "llama"
+ROPE_SCALING_KEY = "llamaworks.rope_scaling"  # our exact RopeScaling, as JSON; llama.cpp ignores unknown keys
+
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_IGNORED = {"rope_freqs.weight"}  # handled as rope scaling, not a parameter
+
+# Types the reader accepts (all dequantized by gguf.quants) and the ones the writer produces.
+READ_TYPES = {QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
+              QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K}
+WRITE_TYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0,
+               "q4_1": QType.Q4_1, "q5_0": QType.Q5_0, "q5_1": QType.Q5_1}
+_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+               "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFQuantTensor:
+    """A quantized GGUF weight kept as its blocks.
+
+    shape: torch order (rows, cols); raw: uint8 array (rows, bytes_per_row), memory-mapped from the file.
+    """
+
+    ggml_type: QType
+    shape: tuple[int, ...]
+    raw: np.ndarray
+
+    @property
+    def block_size(self) -> int:
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+        values = gguf.quants.dequantize(self.raw, self.ggml_type)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"GGUFQuantTensor({self.ggml_type.name}, shape={self.shape})"
+
+
+# -- names ------------------------------------------------------------------------------------------
+def gguf_to_ours_name(name: str) -> str | None:
+    """Our parameter name for a GGUF tensor name; None if it is not a llama parameter."""
+    base = name.removesuffix(".weight")
+    if base == name:
+        return None
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.weight"
+    return None
+
+
+def ours_to_gguf_name(name: str) -> str:
+    base = name.removesuffix(".weight")
+    if base.startswith("layers."):
+        _, idx, inner = base.split(".", 2)
+        for g, ours in _LAYER_NAMES.items():
+            if ours == inner:
+                return f"blk.{idx}.{g}.weight"
+    for g, ours in _TOP_NAMES.items():
+        if ours == base:
+            return f"{g}.weight"
+    raise KeyError(name)
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _round(x: float, digits: int = 7) -> float:
+    """Undo float32 storage noise (9.999999747e-06 -> 1e-05)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _rope_scaling_from_divisors(divisors: np.ndarray, config: ModelConfig) -> RopeScaling | None:
+    """A "llama3" RopeScaling reproducing llama.cpp's per-frequency divisors, or None if none does.
+
+    The curve is: divisor 1 for short wavelengths, `factor` for long ones, and in between
+    1 / ((1 - s) / factor + s) with s = (orig / wavelen - low) / (high - low). Only orig/low and orig/high
+    matter, so we fix low_freq_factor = 1 and fit the rest; with no in-between frequency we use Meta's
+    published low/high (1, 4) and the smallest orig consistent with the data.
+    """
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, config.head_size, 2, dtype=np.float64) / config.head_size))
+    wavelen = 2 * math.pi / inv
+    d = divisors.astype(np.float64)
+    factor = float(d.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    between = (d > 1 + 1e-4) & (d < factor * (1 - 1e-4))
+    candidates: list[RopeScaling] = []
+    if between.sum() >= 2:
+        s = (1 / d[between] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / wavelen[between], s, 1)  # s = a / wavelen + b
+        if b < 0:
+            hf = 1 - 1 / b
+            candidates.append(RopeScaling("llama3", _round(factor, 6), 1.0, _round(hf, 6), round(-a / b)))
+    # Meta's Llama 3.1 / 3.2 setting: low 1, high 4, orig between the last unscaled and first scaled wavelength.
+    unscaled, scaled = wavelen[d <= 1 + 1e-4], wavelen[d >= factor * (1 - 1e-4)]
+    if len(unscaled) and len(scaled):
+        for orig in (8192, 4096, 2048, math.floor(scaled.min()) - 1, math.ceil(4 * unscaled.max()) + 1):
+            candidates.append(RopeScaling("llama3", _round(factor, 6), 1.0, 4.0, int(orig)))
+    target = inv / d
+    for cand in candidates:
+        if cand.original_max_seq_len <= 0:
+            continue
+        got = _scaled_inv_freq(inv, cand)
+        if np.allclose(got, target, rtol=1e-5, atol=0):
+            return cand
+    return None
+
+
+def _scaled_inv_freq(inv: np.ndarray, s: RopeScaling) -> np.ndarray:
+    # Same curve as model.rope_frequencies, in numpy, so a candidate can be checked without building a model.
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = s.original_max_seq_len / s.low_freq_factor, s.original_max_seq_len / s.high_freq_factor
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv / s.factor + smooth * inv
+    out = np.where(wavelen > low_wl, inv / s.factor, inv)
+    return np.where((wavelen <= low_wl) & (wavelen >= high_wl), blended, out)
+
+
+def _rope_divisors(config: ModelConfig) -> np.ndarray:
+    from ..model import rope_frequencies
+
+    base = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_size, 2, dtype=torch.float64) / config.head_size))
+    return (base / rope_frequencies(config)).numpy().astype(np.float32)
+
+
+def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source: Path) -> tuple[ModelConfig, Any]:
+    """ModelConfig from llama.* keys; also returns explicit inverse frequencies when no RopeScaling fits."""
+    def key(name: str, default: Any = KeyError) -> Any:
+        full = f"{ARCH}.{name}"
+        if full in meta:
+            value = meta[full]
+            if isinstance(value, list):  # per-layer arrays (some converters); we need one value
+                if len(set(value)) != 1:
+                    raise FormatError(f"{source}: {full} differs between layers ({value[:4]}...), not supported")
+                value = value[0]
+            return value
+        if default is KeyError:
+            raise FormatError(f"{source}: missing metadata key {full!r}")
+        return default
+
+    dim = int(key("embedding_length"))
+    n_heads = int(key("attention.head_count"))
+    n_kv = int(key("attention.head_count_kv", n_heads))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    rope_dims = int(key("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise FormatError(f"{source}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+    vocab = key("vocab_size", None)
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        emb = tensors.get("tok_embeddings.weight")
+        vocab = len(tokens) if tokens else (emb.shape[0] if emb is not None else None)
+        if vocab is None:
+            raise FormatError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+    scaling: RopeScaling | None = None
+    scaling_type = key("rope.scaling.type", None)
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", _round(float(key("rope.scaling.factor"))))
+    elif scaling_type not in (None, "none"):
+        raise FormatError(f"{source}: unsupported rope scaling type {scaling_type!r}")
+    config = ModelConfig(
+        dim=dim, n_layers=int(key("block_count")), n_heads=n_heads, vocab_size=int(vocab),
+        hidden_dim=int(key("feed_forward_length")), n_kv_heads=n_kv,
+        head_dim=None if head_dim == dim // n_heads else head_dim,
+        norm_eps=_round(float(key("attention.layer_norm_rms_epsilon", 1e-5)), 6),
+        rope_theta=_round(float(key("rope.freq_base", 10000.0))), rope_scaling=scaling,
+        max_seq_len=int(key("context_length", 2048)), tie_embeddings="output.weight" not in tensors,
+        sliding_window=(int(key("attention.sliding_window")) if f"{ARCH}.attention.sliding_window" in meta else None),
+        name=str(meta.get("general.name") or source.stem),
+    )
+    divisors = tensors.get("rope_freqs.weight")
+    if divisors is None:
+        return config, None
+    divisors = np.asarray(divisors, dtype=np.float32).reshape(-1)
+    if divisors.shape[0] != config.head_size // 2:
+        raise FormatError(f"{source}: rope_freqs has {divisors.shape[0]} values, expected {config.head_size // 2}")
+    exact = meta.get(ROPE_SCALING_KEY)
+    fitted = None
+    if exact:
+        try:
+            fitted = RopeScaling(**json.loads(exact))
+        except (ValueError, TypeError):
+            fitted = None
+    if fitted is None or not np.allclose(_rope_divisors(config.replace(rope_scaling=fitted)), divisors, rtol=1e-5):
+        fitted = _rope_scaling_from_divisors(divisors, config)
+    if fitted is not None:
+        return config.replace(rope_scaling=fitted), None
+    base = 1.0 / (config.rope_theta ** (np.arange(0, config.head_size, 2, dtype=np.float64) / config.head_size))
+    return config, torch.from_numpy(base / divisors.astype(np.float64))
+
+
+# -- a direct GGUF parser ----------------------------------------------------------------------------
+# gguf.GGUFReader builds numpy views for every array element (4 s for a 49k-token vocabulary); reading the
+# header with struct takes a few milliseconds. Tensor data is still a numpy memmap of the file.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class _RawTensor:
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]  # torch order (rows, cols)
+    offset: int  # absolute, in the file
+    nbytes: int
+    data: np.ndarray | None = None
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str | bytes:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise EOFError("string runs past the end of the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw  # some SentencePiece vocabularies hold partial UTF-8; the tokenizer accepts bytes
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item, count = self.scalar("<I"), self.scalar("<Q")
+            if item in _NUMPY:
+                size = np.dtype(_NUMPY[item]).itemsize * count
+                if self.pos + size > len(self.buf):
+                    raise EOFError("array runs past the end of the file")
+                values = np.frombuffer(self.buf, dtype=_NUMPY[item], count=count, offset=self.pos).tolist()
+                self.pos += size
+                return values
+            return [self.value(item) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
+    """(metadata, tensors with memory-mapped data) of a GGUF v2/v3 little-endian file."""
+    size = path.stat().st_size
+    if size < 24:
+        raise FormatError(f"{path}: file is truncated ({size} bytes, smaller than a GGUF header)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm))
+    magic = bytes(mm[:4])
+    if magic != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (wrong magic {magic!r}, expected b'GGUF')")
+    cur.pos = 4
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
+        raise FormatError(f"{path}: unsupported GGUF version {version}{hint}")
+    try:
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[str(key)] = cur.value(cur.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = str(cur.string())
+            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            infos.append((name, cur.scalar("<I"), dims, cur.scalar("<Q")))
+    except (struct.error, EOFError) as e:
+        raise FormatError(f"{path}: file is truncated (header ends early: {e})") from None
+    alignment = int(meta.get("general.alignment", 32))
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, raw_type, dims, offset in infos:
+        try:
+            qtype = QType(raw_type)
+        except ValueError:
+            raise FormatError(f"{path}: tensor {name!r} has unknown type id {raw_type}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n = math.prod(dims)
+        if dims and dims[0] % block:
+            raise FormatError(f"{path}: tensor {name!r} rows of {dims[0]} do not fill {qtype.name} blocks of {block}")
+        t = _RawTensor(name, qtype, tuple(reversed(dims)), data_start + offset, n // block * type_size)
+        if t.offset + t.nbytes > size:
+            raise FormatError(f"{path}: file is truncated (tensor {name!r} runs past the end)")
+        t.data = mm[t.offset:t.offset + t.nbytes]
+        tensors.append(t)
+    return meta, tensors
+
+
+def _to_tensor(t: _RawTensor, source: Path, dequantize: bool) -> Tensor | GGUFQuantTensor:
+    qtype, shape = t.qtype, t.shape
+    if qtype not in READ_TYPES:
+        raise FormatError(f"{source}: tensor {t.name!r} has type {qtype.name}, which is not supported "
+                          f"(supported: {', '.join(sorted(q.name for q in READ_TYPES))})")
+    assert t.data is not None
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    data = t.data
+    if qtype == QType.F32:
+        data = data.view(np.float32)
+    elif qtype == QType.F16:
+        data = data.view(np.float16)
+    else:
+        data = data.reshape(rows, -1)
+    if qtype in (QType.F32, QType.F16):
+        return torch.from_numpy(np.array(data)).reshape(shape)  # a writable copy; the map is read-only
+    if qtype == QType.BF16:
+        return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+    if not dequantize:
+        return GGUFQuantTensor(qtype, shape, data)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype))).reshape(shape)
+
+
+def read_gguf(path: str | os.PathLike[str], dequantize: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a llama GGUF file into a Checkpoint (format "gguf")."""
+    path = Path(path)
+    try:
+        meta, raw_tensors = parse_gguf(path)
+    except FormatError:
+        raise
+    except Exception as e:  # anything else a damaged header can provoke
+        raise FormatError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise FormatError(f"{path}: unsupported architecture {arch!r}; only 'llama' GGUFs (LLaMA 1-3, Mistral, "
+                          f"TinyLlama, SmolLM2, ...) can be loaded")
+    state: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for t in raw_tensors:
+        if t.name in _IGNORED:
+            extra[t.name] = np.array(t.data).view(np.float32) if t.qtype == QType.F32 else None
+            if extra[t.name] is None:
+                raise FormatError(f"{path}: {t.name} must be F32, found {t.qtype.name}")
+            continue
+        ours = gguf_to_ours_name(t.name)
+        if ours is None:
+            raise FormatError(f"{path}: unexpected tensor {t.name!r} for a llama model")
+        try:
+            state[ours] = _to_tensor(t, path, dequantize)
+        except FormatError:
+            raise
+        except Exception as e:
+            raise FormatError(f"{path}: cannot read tensor {t.name!r} ({_one_line(e)})") from None
+    config, inv_freq = _config_from_metadata(meta, {**state, **extra}, path)
+    validate_state_dict(state, config, path)
+    state = cast_floats(state, dtype)
+
+    tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+    chat_template = meta.get("tokenizer.chat_template")
+    tokenizer = None
+    module = optional_tokenizer_module()
+    if module is not None and any(k.startswith("tokenizer.ggml.") for k in tok_meta):
+        tokenizer = module.Tokenizer.from_gguf_metadata(tok_meta, str(path))
+    if inv_freq is not None:
+        meta["rope_inv_freq"] = inv_freq
+    return Checkpoint(config=config, state_dict=state, tokenizer=tokenizer, chat_template=chat_template,
+                      generation_config=_generation_config(meta), metadata=meta, path=path, format="gguf")
+
+
+def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ours, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+        if key in meta:
+            out[ours] = int(meta[key])
+    eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                  "tokenizer.ggml.eom_token_id") if k in meta]
+    if eos:
+        out["eos_token_id"] = sorted(set(eos), key=eos.index) if len(set(eos)) > 1 else eos[0]
+    for ours, key in (("temperature", "general.sampling.temp"), ("top_k", "general.sampling.top_k"),
+                      ("top_p", "general.sampling.top_p"), ("min_p", "general.sampling.min_p"),
+                      ("repetition_penalty", "general.sampling.penalty_repeat")):
+        if key in meta:
+            out[ours] = _round(float(meta[key]), 6) if ours != "top_k" else int(meta[key])
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------------
+_TOKENIZER_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
+    "tokenizer.ggml.model": (GGUFValueType.STRING, None),
+    "tokenizer.ggml.pre": (GGUFValueType.STRING, None),
+    "tokenizer.ggml.tokens": (GGUFValueType.ARRAY, GGUFValueType.STRING),
+    "tokenizer.ggml.merges": (GGUFValueType.ARRAY, GGUFValueType.STRING),
+    "tokenizer.ggml.token_type": (GGUFValueType.ARRAY, GGUFValueType.INT32),
+    "tokenizer.ggml.scores": (GGUFValueType.ARRAY, GGUFValueType.FLOAT32),
+    "tokenizer.chat_template": (GGUFValueType.STRING, None),
+}
+
+
+def _value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
+    """GGUF types llama.cpp expects: token ids are UINT32, flags BOOL, token types INT32, scores FLOAT32."""
+    if key in _TOKENIZER_TYPES:
+        return _TOKENIZER_TYPES[key]
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL, None
+    if isinstance(value, int):
+        return (GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.INT64), None
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32, None
+    if isinstance(value, str):
+        return GGUFValueType.STRING, None
+    if isinstance(value, (list, tuple)):
+        first = value[0] if len(value) else ""
+        sub, _ = _value_type("", first)
+        return GGUFValueType.ARRAY, (GGUFValueType.INT32 if sub == GGUFValueType.UINT32 else sub)
+    raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata key {key!r}")
+
+
+def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and not value:
+        return
+    vtype, sub = _value_type(key, value)
+    writer.add_key_value(key, list(value) if vtype == GGUFValueType.ARRAY else value, vtype, sub_type=sub)
+
+
+def _encode(t: Tensor, qtype: QType) -> np.ndarray:
+    """Tensor (rows, cols) -> the array GGUFWriter stores: f32/f16 values or uint8 blocks."""
+    t = t.detach().to("cpu")
+    if qtype == QType.F32:
+        return t.float().contiguous().numpy()
+    if qtype == QType.F16:
+        return t.half().contiguous().numpy()
+    if qtype == QType.BF16:  # torch rounds to bf16 the same way llama.cpp does (nearest even)
+        return t.bfloat16().contiguous().view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
+
+
+def _tensor_type_for(name: str, t: Tensor, wanted: QType) -> QType:
+    if t.ndim == 1:
+        return QType.F32  # norms stay exact; llama.cpp expects F32 there
+    if wanted in (QType.F32, QType.F16, QType.BF16):
+        return wanted
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return wanted if t.shape[-1] % block == 0 else QType.F16  # rows that don't fill whole blocks: keep F16
+
+
+def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
+
+
+def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, tokenizer: Any = None, *,
+               chat_template: str | None = None, tensor_type: str = "f16", name: str | None = None,
+               tokenizer_metadata: dict[str, Any] | None = None, progress: bool = False) -> Path:
+    """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory)."""
+    tensor_type = tensor_type.lower()
+    if tensor_type not in WRITE_TYPES:
+        raise ValueError(f"unsupported GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITE_TYPES)}")
+    wanted = WRITE_TYPES[tensor_type]
+    state = {k: (v.dequantize() if isinstance(v, GGUFQuantTensor) else v) for k, v in state_dict.items()}
+    if config.tie_embeddings:
+        state.pop("output.weight", None)
+    validate_state_dict(state, config, "state_dict")
+
+    writer = gguf.GGUFWriter(None, ARCH)
+    writer.add_type("model")
+    writer.add_name(name or config.name)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_rope_dimension_count(config.head_size)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.kv_heads)
+    if config.head_dim is not None and config.head_dim != config.dim // config.n_heads:
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(int(_FILE_TYPES[tensor_type]))
+    if wanted not in (QType.F32, QType.F16, QType.BF16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    elif scaling is not None:
+        writer.add_string(ROPE_SCALING_KEY, json.dumps(scaling.__dict__))
+
+    tok_meta = dict(tokenizer.to_gguf_metadata()) if tokenizer is not None else dict(tokenizer_metadata or {})
+    template = chat_template or (getattr(tokenizer, "chat_template", None) if tokenizer is not None else None)
+    if template:
+        tok_meta["tokenizer.chat_template"] = template
+    for key, value in tok_meta.items():
+        if key.startswith("tokenizer."):
+            _add_kv(writer, key, value)
+
+    # Plan every tensor first (the header lists them all), then convert and stream them one by one.
+    plan: list[tuple[str, Tensor, QType]] = []
+    if scaling is not None and scaling.kind == "llama3":
+        plan.append(("rope_freqs.weight", torch.from_numpy(_rope_divisors(config)), QType.F32))
+    for ours, t in state.items():
+        if not ours.endswith(".weight"):
+            continue
+        plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, wanted)))
+    for gname, t, qtype in plan:
+        shape = tuple(t.shape)
+        if qtype in (QType.F32, QType.F16):
+            writer.add_tensor_info(gname, shape, np.dtype(np.float32 if qtype == QType.F32 else np.float16),
+                                   _nbytes(shape, qtype))
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+            writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype)
+
+    def write(tmp: Path) -> None:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _name, t, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", disable=not progress):
+                writer.write_tensor_data(_encode(t, qtype))
+        finally:
+            writer.close()
+
+    atomic_write_with(path, write)
+    return path
+
+
+__all__ = ["GGUFQuantTensor", "gguf_to_ours_name", "ours_to_gguf_name", "read_gguf", "write_gguf"]

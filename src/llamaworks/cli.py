@@ -1,0 +1,422 @@
+"""`llamaworks <verb>`: argument parsing only; each verb calls one function elsewhere.
+
+Adding a verb: write one `_add_<verb>(subparsers)` function that creates its parser, adds options
+(reuse `add_model_options` / `add_sampling_options`) and sets `run=` to a function that imports the
+implementation lazily and calls it; then append `_add_<verb>` to `VERBS`. `run` returns an exit code
+(None means 0). Bad input raised as LlamaworksError / ValueError / FileNotFoundError is printed as one
+`error: ...` line with exit code 2 (set LLAMAWORKS_DEBUG=1 for the traceback).
+`--threads` is added to every verb automatically; verbs that never touch torch set `needs_torch=False`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+# -- shared option groups ----------------------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --chat-template, --max-context."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="PATH", default=None,
+                   help="GGUF file, Hugging Face or Meta checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="compute dtype (default: chosen by the checkpoint loader)")
+    g.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help="built-in template (llama-2, llama-3, chatml, alpaca, vicuna) or a Jinja file; "
+                        "default: the model's own")
+    g.add_argument("--max-context", type=int, metavar="N", default=None,
+                   help="use at most N context positions (default: the model's maximum)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, "device": args.device, "dtype": args.dtype,
+            "chat_template": args.chat_template, "max_context": args.max_context}
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Sampling flags; unset flags keep the model's defaults (generation_config, else temperature 0.7)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below MIN_P x the best probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="subtract from seen tokens' logits")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="subtract count x value from logits")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, dest="max_new_tokens",
+                   help=f"maximum tokens per reply (default {max_tokens})")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "max_new_tokens", "stop")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+# -- verbs -------------------------------------------------------------------------------------------
+def _add_chat(sub: Subparsers) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal (or pipe one message per line)",
+                       description="Multi-turn chat with streaming output. Commands: /reset, /system TEXT, "
+                                   "/help, /exit. With piped stdin each line is one user turn.")
+    add_model_options(p)
+    add_sampling_options(p, max_tokens=512)
+    p.add_argument("--system", "-s", default=None, help="system prompt")
+
+    def run(a: argparse.Namespace) -> int:
+        from .chat import run_chat
+
+        return run_chat(**model_kwargs(a), system=a.system, **sampling_kwargs(a))
+
+    p.set_defaults(run=run)
+
+
+def _add_generate(sub: Subparsers) -> None:
+    p = sub.add_parser("generate", help="complete a prompt (raw text unless --chat)")
+    add_model_options(p)
+    add_sampling_options(p, max_tokens=128)
+    p.add_argument("--prompt", "-p", required=True, help="the prompt text ('-' reads stdin)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+    def run(a: argparse.Namespace) -> int:
+        from .generate import run_generate
+
+        prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+        return run_generate(prompt, **model_kwargs(a), chat=a.chat, system=a.system, stream=a.stream,
+                            stats=a.stats, **sampling_kwargs(a))
+
+    p.set_defaults(run=run)
+
+
+def format_param_count(n: int) -> str:
+    """135M, 1.1B, 7.0B."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f}M"
+    return f"{n / 1e6:.1f}M"
+
+
+def print_presets() -> int:
+    from .config import PRESETS
+
+    rows = [("name", "params", "layers", "dim", "heads", "kv", "context", "vocab")]
+    for name, c in PRESETS.items():
+        rows.append((name, format_param_count(c.n_params), str(c.n_layers), str(c.dim), str(c.n_heads),
+                     str(c.kv_heads), str(c.max_seq_len), str(c.vocab_size)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+def _add_models(sub: Subparsers) -> None:
+    p = sub.add_parser("models", help="list the built-in model shapes (presets) with parameter counts")
+    p.set_defaults(run=lambda a: print_presets(), needs_torch=False)
+
+
+def _add_convert(sub: Subparsers) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between GGUF, Hugging Face and Meta formats")
+    p.add_argument("src", help="source checkpoint (GGUF file, HF or Meta directory)")
+    p.add_argument("dst", help="destination file (gguf) or directory (hf, meta)")
+    p.add_argument("--to", required=True, choices=["hf", "gguf", "meta"], help="output format")
+    p.add_argument("--dtype", default=None, help="output tensor dtype (e.g. f32, f16, bf16)")
+    p.add_argument("--quant", default=None, help="GGUF quantization type (e.g. q8_0, q4_0)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .checkpoints.convert import convert
+
+        convert(a.src, a.dst, a.to, dtype=a.dtype, quant=a.quant)
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_serve(sub: Subparsers) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching and a web chat page")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503 (default 64)")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint's name)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .serve.app import serve
+
+        return serve(**model_kwargs(a), host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch,
+                     queue_size=a.queue_size, model_name=a.model_name)
+
+    p.set_defaults(run=run)
+
+
+def _add_data(sub: Subparsers) -> None:
+    p = sub.add_parser("data", help="prepare training data (tokenize text corpora into shards)")
+    data_sub = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
+    q = data_sub.add_parser("prepare", help="text/JSONL/Parquet files -> tokenized train/val shards + manifest")
+    q.add_argument("sources", nargs="+", metavar="SRC", help="files or directories (.txt, .jsonl, .json, .parquet)")
+    q.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="tokenizer or model (GGUF file, HF dir, tokenizer.json/.model), or 'default'")
+    q.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    q.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    q.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default: text)")
+    q.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
+    q.add_argument("--skip-bad", action="store_true", help="report malformed records and continue")
+    q.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file")
+
+    def run(a: argparse.Namespace) -> int:
+        from .data.prepare import prepare_corpus
+
+        prepare_corpus(a.sources, a.tokenizer, a.out, val_fraction=a.val_fraction, seed=a.seed,
+                       text_field=a.text_field, add_eos=not a.no_eos, skip_bad=a.skip_bad,
+                       shard_tokens=a.shard_tokens)
+        return 0
+
+    q.set_defaults(run=run, needs_torch=False)
+
+
+def _add_pretrain(sub: Subparsers) -> None:
+    p = sub.add_parser("pretrain", help="train a LLaMA from random init on prepared data (torchrun-aware)")
+    p.add_argument("--model-config", required=True, metavar="PRESET|FILE",
+                   help="a preset name (see `llamaworks models`) or a JSON/YAML ModelConfig file")
+    p.add_argument("--data", required=True, metavar="DIR", help="output of `llamaworks data prepare`")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="run directory (checkpoints, metrics, final)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(max_seq_len, 1024))")
+    p.add_argument("--batch-size", type=int, default=8, dest="micro_batch_size", help="micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, dest="grad_accum_steps", help="micro-batches per step")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations (less memory)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="multi-process strategy (torchrun)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .train.pretrain import run_pretrain_cli
+
+        names = ("micro_batch_size", "grad_accum_steps", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
+                 "weight_decay", "grad_clip", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
+                 "precision", "activation_checkpointing", "strategy", "seed")
+        return run_pretrain_cli(a.model_config, a.data, a.out, seq_len=a.seq_len, device=a.device,
+                                resume=a.resume, progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+
+    p.set_defaults(run=run)
+
+
+def _add_plan(sub: Subparsers) -> None:
+    p = sub.add_parser("plan", help="compute-optimal and inference-aware model size / tokens for a budget")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--params", metavar="N", help="model parameters (e.g. 7e9, 135M)")
+    g.add_argument("--flops", metavar="F", help="training compute budget in FLOPs (e.g. 1e21)")
+    p.add_argument("--inference-tokens", metavar="T", default="0",
+                   help="tokens the model will process when served (adds the inference-aware plan)")
+    p.add_argument("--machine-flops", metavar="F", default=None,
+                   help="training FLOP/s of your machine (default: measured with a small training step)")
+    p.add_argument("--no-measure", action="store_true", help="skip the time estimate")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(a: argparse.Namespace) -> int:
+        from .plan import parse_number, run_plan_cli
+
+        return run_plan_cli(parse_number(a.params) if a.params else None,
+                            parse_number(a.flops) if a.flops else None, parse_number(a.inference_tokens),
+                            not a.no_measure, parse_number(a.machine_flops) if a.machine_flops else None, a.json)
+
+    p.set_defaults(run=run)
+
+
+def _add_finetune(sub: Subparsers) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on chat/instruction data: full, LoRA or QLoRA (+ DPO)",
+                       description="OUT becomes a model directory `llamaworks chat --model OUT` opens (LoRA/QLoRA: "
+                                   "adapters merged in, the PEFT adapter in OUT/adapter). See docs/finetuning.md.")
+    p.add_argument("method", choices=["full", "lora", "qlora"], help="what trains (qlora: 4-bit NF4 base + LoRA)")
+    p.add_argument("--model", "-m", metavar="PATH", default=None, help="base model (default: bundled SmolLM2-135M)")
+    p.add_argument("--data", required=True, action="append", metavar="FILE",
+                   help="alpaca / sharegpt / openai-messages JSONL or a KakaoTalk export (repeatable); "
+                        "with --dpo: {prompt, chosen, rejected} JSONL")
+    p.add_argument("--val-data", action="append", default=[], metavar="FILE", help="validation file (repeatable)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="projections (default: all seven)")
+    p.add_argument("--double-quant", action="store_true", help="qlora: also quantize the NF4 block scales")
+    p.add_argument("--dpo", action="store_true", help="preference tuning (DPO) instead of SFT")
+    p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training row (default 1024)")
+    p.add_argument("--no-pack", action="store_true", help="one example per row (padded) instead of packing")
+    p.add_argument("--train-on-prompt", action="store_true", help="learn prompt tokens too, not only replies")
+    p.add_argument("--skip-bad", action="store_true", help="report malformed records and continue")
+    p.add_argument("--system", default=None, help="system prompt added to every example")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE", help="default: the model's own")
+    p.add_argument("--kakao-assistant", default=None, metavar="NAME", help="KakaoTalk speaker to imitate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: full 2e-5, lora 2e-4)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the data when --max-steps is not set")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4, dest="micro_batch_size", help="micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, dest="grad_accum_steps")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps (at most 100)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="weights' dtype while training (default float32)")
+    p.add_argument("--save-dtype", default=None, help="dtype of the saved model (default: the training dtype)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(a: argparse.Namespace) -> int:
+        from .train.finetune import run_finetune
+
+        names = ("method", "model", "data", "val_data", "out", "lora_rank", "lora_alpha", "lora_dropout",
+                 "lora_targets", "double_quant", "dpo", "dpo_beta", "seq_len", "train_on_prompt", "skip_bad",
+                 "system", "chat_template", "kakao_assistant", "lr", "epochs", "max_steps", "micro_batch_size",
+                 "grad_accum_steps", "warmup_steps", "weight_decay", "save_every", "keep_last", "eval_every",
+                 "log_every", "precision", "activation_checkpointing", "seed", "device", "dtype", "save_dtype",
+                 "resume")
+        return run_finetune(pack=not a.no_pack, progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+
+    p.set_defaults(run=run)
+
+
+def _add_merge_lora(sub: Subparsers) -> None:
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter (PEFT layout) into its base model")
+    p.add_argument("--base", "-m", default=None, metavar="PATH",
+                   help="base model (default: the path the adapter records, else the bundled SmolLM2)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (or a finetune OUT)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR|FILE.gguf", help="HF directory, or a .gguf file")
+    p.add_argument("--dtype", default=None, help="HF output dtype (default: float32)")
+    p.add_argument("--gguf-type", default="f16", help="GGUF tensor type (f32, f16, bf16, q8_0, q4_0)")
+    p.add_argument("--device", default=None)
+
+    def run(a: argparse.Namespace) -> int:
+        from .train.merge import run_merge_lora
+
+        return run_merge_lora(base=a.base, adapter=a.adapter, out=a.out, dtype=a.dtype, gguf_type=a.gguf_type,
+                              device=a.device)
+
+    p.set_defaults(run=run)
+
+
+# One entry per verb, in the order `llamaworks --help` lists them.
+VERBS: list[Callable[[Subparsers], None]] = [
+    _add_chat,
+    _add_generate,
+    _add_models,
+    _add_convert,
+    _add_serve,
+    _add_data,
+    _add_pretrain,
+    _add_plan,
+    _add_finetune,
+    _add_merge_lora,
+]
+
+
+# -- entry point -------------------------------------------------------------------------------------
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as f1, open(f"{topo}/core_id") as f2:
+                cores.add((f1.read().strip(), f2.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamaworks", description="Run, train, evaluate and serve LLaMA-family models on your own machine.")
+    parser.add_argument("--version", action="version", version=f"llamaworks {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: number of physical cores)")
+    parser.set_defaults(run=None, needs_torch=True)
+    sub = parser.add_subparsers(dest="command", metavar="<verb>")
+    for add in VERBS:
+        add(sub)
+    for verb_parser in sub.choices.values():  # --threads also after the verb; SUPPRESS keeps a global value
+        verb_parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                                 help="CPU threads for torch (default: number of physical cores)")
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from .errors import LlamaworksError
+
+    try:
+        if args.needs_torch:
+            import torch
+
+            threads = args.threads or physical_cores()
+            if threads < 1:
+                raise ValueError(f"--threads {threads}: expected a positive number")
+            torch.set_num_threads(threads)
+        code = args.run(args)
+    except (LlamaworksError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("LLAMAWORKS_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

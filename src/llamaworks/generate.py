@@ -1,0 +1,514 @@
+"""Text generation: the one sampler, prefill + KV-cache decoding, stop handling and streaming.
+
+`sample_next` is the only place a next token is chosen; the interactive chat, the Python API and the
+server's continuous batcher all call it. `generate_stream` / `generate` / `generate_batch` run the model
+with its KV cache: one prefill forward over the (left-padded) prompts, then one single-token forward per
+step. The model is always called as
+
+    model(tokens, start_pos=..., key_mask=..., positions=..., last_only=True)
+
+so a wrapped model (quantized linears, a compiled decode step) can stand in for `Transformer`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, LlamaworksError
+
+
+class ContextLengthError(LlamaworksError, ValueError):
+    """The prompt does not fit in the model's context window."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """How to choose each next token and when to stop.
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1 and min_p 0 disable those filters.
+    Penalties look at `histories` passed to `sample_next` (prompt + generated ids in `generate*`):
+    repetition_penalty divides positive logits of seen tokens (multiplies negative ones) as in CTRL/HF;
+    presence_penalty subtracts a constant from every seen token, frequency_penalty subtracts count * value
+    (OpenAI semantics). `stop` strings end generation and are never part of the output; `stop_token_ids`
+    are added to the tokenizer's own stop ids (EOS, end-of-turn).
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range field."""
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 disables)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 disables)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"sampling: {name}={getattr(self, name)!r} is invalid, expected {expected}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def make_generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A generator seeded with `seed` on `device` (None without a seed: the global RNG is used)."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(int(self.seed))
+
+
+def _penalized(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]]) -> Tensor:
+    """float32 copy of logits with each row's repetition/presence/frequency penalties applied.
+
+    Work is proportional to the history length, not the vocabulary.
+    """
+    logits = logits.to(torch.float32, copy=True)
+    for row, (p, history) in enumerate(zip(params, histories)):
+        if not history or not p.has_penalties:
+            continue
+        seen, counts = torch.tensor(history, device=logits.device).unique(return_counts=True)
+        values = logits[row, seen]
+        if p.repetition_penalty != 1.0:
+            values = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        values = values - p.presence_penalty - p.frequency_penalty * counts.to(torch.float32)
+        logits[row, seen] = values
+    return logits
+
+
+def _temperatures(params: Sequence[SamplingParams], device: torch.device) -> Tensor:
+    # Greedy rows divide by 1: their logprobs are the model's own distribution.
+    return torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+
+
+def token_logprobs(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]]) -> Tensor:
+    """Log-probabilities (B, V) after penalties and temperature, before top-k/top-p/min-p filtering.
+
+    This is what OpenAI-style `logprobs` report; greedy rows use temperature 1.
+    """
+    x = _penalized(logits, params, histories)
+    return torch.log_softmax(x / _temperatures(params, x.device)[:, None], dim=-1)
+
+
+def _filtered(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """Apply top-k, then top-p (nucleus), then min-p to temperature-scaled logits; removed entries are -inf."""
+    V = x.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < V for k in top_k) or any(tp < 1.0 for tp in top_p):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        ranks = torch.arange(V, device=x.device)
+        remove = ranks[None, :] >= torch.tensor(top_k, device=x.device)[:, None]
+        sorted_x = sorted_x.masked_fill(remove, float("-inf"))
+        probs = torch.softmax(sorted_x, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the top token always has 0 mass before it: kept
+        p_t = torch.tensor(top_p, device=x.device)[:, None]
+        remove = remove | ((mass_before >= p_t) & (p_t < 1.0))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x.masked_fill(remove, float("-inf")))
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        # p_i / p_max = exp(x_i - x_max): no renormalisation needed, so min-p commutes with the filters above.
+        ratio = torch.exp(x - x.max(dim=-1, keepdim=True).values)
+        x = x.masked_fill(ratio < torch.tensor(min_p, device=x.device)[:, None], float("-inf"))
+    return x
+
+
+def sample_next(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]],
+                generators: Sequence[torch.Generator | None] | None = None) -> Tensor:
+    """Choose the next token of each row: LongTensor (B,) on logits' device.
+
+    logits (B, V) are the last position's logits; row i uses params[i], penalises tokens in histories[i]
+    and draws with generators[i] (None: torch's global RNG). Greedy rows (temperature 0) take the argmax.
+    """
+    B = logits.shape[0]
+    if len(params) != B or len(histories) != B:
+        raise ValueError(f"sample_next: {B} logits rows but {len(params)} params and {len(histories)} histories")
+    generators = list(generators) if generators is not None else [None] * B
+    x = _penalized(logits, params, histories)
+    out = x.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled_rows:
+        return out
+    rows = torch.tensor(sampled_rows, device=x.device)
+    sub_params = [params[i] for i in sampled_rows]
+    scaled = x.index_select(0, rows) / _temperatures(sub_params, x.device)[:, None]
+    probs = torch.softmax(_filtered(scaled, sub_params), dim=-1)
+    for j, i in enumerate(sampled_rows):
+        out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop strings and streaming text
+# --------------------------------------------------------------------------------------------------
+def _stream_decoder(tokenizer: Any, prompt_ids: Sequence[int] = ()) -> Any:
+    from .tokenizer import StreamDecoder
+
+    # Decoding after the prompt's last ids keeps a continuation's leading space (SentencePiece).
+    return StreamDecoder(tokenizer, prompt_ids=prompt_ids)
+
+
+class StopStringFilter:
+    """Turns one row's token stream into text chunks that never contain a stop string.
+
+    Text that could be the beginning of a stop string is held back until the next tokens show whether it is;
+    a stop string split across several tokens is therefore detected and removed. Text comes from the
+    tokenizer's StreamDecoder, so no incomplete UTF-8 character is ever released.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()) -> None:
+        self.decoder = _stream_decoder(tokenizer, prompt_ids)
+        self.stop = [s for s in stop if s]
+        self.pending = ""  # decoded but not yet released
+        self.parts: list[str] = []  # released text
+        self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def push(self, token_id: int) -> str:
+        """Decode one token; return the text that is now safe to release ("" when held back or stopped)."""
+        if self.stopped:
+            return ""
+        return self._release(self.decoder.push(token_id), final=False)
+
+    def finish(self) -> str:
+        """End of generation: release held-back text (up to a stop string, if one completed)."""
+        if self.stopped:
+            return ""
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, new_text: str, final: bool) -> str:
+        self.pending += new_text
+        if not self.stop:
+            out, self.pending = self.pending, ""
+        else:
+            hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                first = min(hits)
+                self.matched = next(s for s in self.stop if self.pending.find(s) == first)
+                out, self.pending, self.stopped = self.pending[:first], "", True
+            elif final:
+                out, self.pending = self.pending, ""
+            else:
+                keep = self._possible_stop_prefix()
+                cut = len(self.pending) - keep
+                out, self.pending = self.pending[:cut], self.pending[cut:]
+        if out:
+            self.parts.append(out)
+        return out
+
+    def _possible_stop_prefix(self) -> int:
+        """Length of the longest suffix of pending text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    """One finished completion.
+
+    token_ids are every sampled id (a final stop token included; the text excludes it and any stop string).
+    finish_reason is "stop" (stop token or stop string) or "length" (max_new_tokens or the context filled).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    stop_sequence: str | int | None = None
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first completion token comes out of the prefill; each later one costs one decode step.
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def context_size(model: Any, max_context: int | None = None) -> int:
+    """Usable context: the model's max_seq_len, or a smaller user limit."""
+    limit = int(model.config.max_seq_len)
+    return min(limit, int(max_context)) if max_context else limit
+
+
+def model_device(model: Any) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _stop_ids(tokenizer: Any, params: SamplingParams) -> set[int]:
+    ids = set(getattr(tokenizer, "stop_ids", None) or ())
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is not None and eos >= 0:
+        ids.add(eos)
+    return ids | {int(i) for i in params.stop_token_ids}
+
+
+def _ensure_cache(model: Any, batch_size: int, slots: int, context: int) -> None:
+    """Reuse the model's KV cache when it is big enough for this batch, else allocate one.
+
+    Allocation is rounded up to 256 slots (capped at the context) so a chat's growing prompts reuse it.
+    """
+    if model.has_cache and model.cache_len >= slots:
+        cache = model.layers[0].attention.cache
+        if cache.k.shape[0] == batch_size:
+            return
+    size = max(slots, min(context, -(-slots // 256) * 256))
+    model.setup_cache(batch_size, size)
+
+
+class _Row:
+    """Per-prompt decoding state."""
+
+    def __init__(self, tokenizer: Any, prompt: list[int], params: SamplingParams, limit: int,
+                 generator: torch.Generator | None) -> None:
+        self.params = params
+        self.prompt_len = len(prompt)
+        self.history = list(prompt)  # prompt + generated: what penalties look at
+        self.generated: list[int] = []
+        self.limit = limit
+        self.generator = generator
+        self.stop_ids = _stop_ids(tokenizer, params)
+        self.text = StopStringFilter(tokenizer, params.stop, prompt_ids=prompt)
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | int | None = None
+
+    def accept(self, token: int) -> str:
+        """Record a sampled token; return newly released text. Sets finish_reason when the row is done."""
+        self.generated.append(token)
+        self.history.append(token)
+        if token in self.stop_ids:
+            self.finish_reason, self.stop_sequence = "stop", token
+            return self.text.finish()
+        chunk = self.text.push(token)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+            self.stop_sequence = self.text.matched
+            return chunk
+        if len(self.generated) >= self.limit:
+            self.finish_reason = "length"
+            chunk += self.text.finish()
+            if self.text.stopped:  # a stop string completed in the decoder's flushed tail
+                self.finish_reason, self.stop_sequence = "stop", self.text.matched
+        return chunk
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+        if len(prompt) >= context:
+            raise ContextLengthError(f"prompt has {len(prompt)} tokens but the context holds {context} "
+                                     "(at least one more is needed for the reply)")
+
+
+@torch.inference_mode()
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+              max_context: int | None) -> Iterator[tuple[int, str] | list[GenerationResult]]:
+    """Core loop: yields (row, text chunk) as text is released, and finally the list of results."""
+    context = context_size(model, max_context)
+    _check_prompts(prompts, context)
+    B = len(prompts)
+    device = model_device(model)
+    rows = [_Row(tokenizer, list(p), sp, min(sp.max_new_tokens, context - len(p)), sp.make_generator(device))
+            for p, sp in zip(prompts, params)]
+    lengths = [len(p) for p in prompts]
+    L = max(lengths)
+    # The last sampled token is never fed back, so L + max_new - 1 slots suffice.
+    slots = L + max(r.limit for r in rows) - 1
+    _ensure_cache(model, B, max(slots, L), context)
+
+    pad = getattr(tokenizer, "pad_id", None)
+    pad = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
+    tokens = torch.full((B, L), pad, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    tokens = tokens.to(device)
+    padded = any(n < L for n in lengths)
+    key_mask = positions = lengths_t = None
+    if padded:
+        # Left padding: pad slots are masked for every query and each row's positions start at 0.
+        offsets = torch.tensor([L - n for n in lengths], device=device)
+        key_mask = torch.ones(B, max(slots, L) + 1, dtype=torch.bool, device=device)
+        key_mask[:, :L] = torch.arange(L, device=device)[None, :] >= offsets[:, None]
+        positions = (torch.arange(L, device=device)[None, :] - offsets[:, None]).clamp_min(0)
+        lengths_t = torch.tensor(lengths, device=device)
+
+    t0 = time.perf_counter()
+    logits = model(tokens, start_pos=0, key_mask=None if key_mask is None else key_mask[:, :L],
+                   positions=positions, last_only=True)[:, -1]
+    histories = [r.history for r in rows]
+    generators = [r.generator for r in rows]
+    next_ids = sample_next(logits, params, histories, generators).tolist()
+    prefill_seconds = time.perf_counter() - t0
+    decode_seconds = 0.0
+
+    step = 0
+    while True:
+        for i, row in enumerate(rows):
+            if row.finish_reason is None:
+                chunk = row.accept(next_ids[i])
+                if chunk:
+                    yield i, chunk
+        if all(r.finish_reason is not None for r in rows):
+            break
+        t1 = time.perf_counter()
+        start_pos = L + step
+        feed = torch.tensor([[t if r.finish_reason is None else pad] for t, r in zip(next_ids, rows)],
+                            dtype=torch.long, device=device)
+        logits = model(feed, start_pos=start_pos,
+                       key_mask=None if key_mask is None else key_mask[:, : start_pos + 1],
+                       positions=None if lengths_t is None else (lengths_t + step)[:, None],
+                       last_only=True)[:, -1]
+        next_ids = sample_next(logits, params, histories, generators).tolist()
+        decode_seconds += time.perf_counter() - t1
+        step += 1
+
+    yield [GenerationResult(text=r.text.text, token_ids=r.generated, finish_reason=r.finish_reason or "length",
+                            prompt_tokens=r.prompt_len, completion_tokens=len(r.generated),
+                            prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                            stop_sequence=r.stop_sequence)
+           for r in rows]
+
+
+def generate_stream(model: Any, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    *, max_context: int | None = None) -> Iterator[str | GenerationResult]:
+    """Yield text chunks (str) as they become final, then one GenerationResult as the last item.
+
+    Chunks never split a UTF-8 character and never contain (part of) a stop string.
+    Raises ContextLengthError before generating if the prompt does not fit; max_new_tokens is capped so
+    prompt + completion fit in the context (`max_context` can lower the model's own limit).
+    """
+    params = params or SamplingParams()
+    for item in _generate(model, tokenizer, [list(prompt_ids)], [params], max_context):
+        if isinstance(item, list):
+            yield item[0]
+        else:
+            yield item[1]
+
+
+def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+             *, max_context: int | None = None) -> GenerationResult:
+    """Generate one completion without streaming."""
+    return generate_batch(model, tokenizer, [prompt_ids], [params or SamplingParams()], max_context=max_context)[0]
+
+
+def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                   params: SamplingParams | Sequence[SamplingParams] | None = None,
+                   *, max_context: int | None = None) -> list[GenerationResult]:
+    """Generate completions for several prompts at once (left-padded into one batch)."""
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    results: list[GenerationResult] = []
+    for item in _generate(model, tokenizer, [list(p) for p in prompts], list(params), max_context):
+        if isinstance(item, list):
+            results = item
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# `llamaworks generate`
+# --------------------------------------------------------------------------------------------------
+def run_generate(prompt: str, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 chat_template: str | None = None, chat: bool = False, system: str | None = None,
+                 stream: bool = False, stats: bool = False, max_context: int | None = None,
+                 out: Any = None, err: Any = None, **sampling: Any) -> int:
+    """Complete `prompt` (raw, or as one chat user turn with `chat`) and print the text. Returns an exit code."""
+    import sys
+
+    from . import load
+
+    out, err = out or sys.stdout, err or sys.stderr
+    llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = llm.encode_chat(messages)
+    else:
+        ids = llm.encode_prompt(prompt)
+    params = llm.sampling(**sampling)
+    if stream:
+        result = None
+        for item in generate_stream(llm.model, llm.tokenizer, ids, params, max_context=max_context):
+            if isinstance(item, GenerationResult):
+                result = item
+            else:
+                out.write(item)
+                out.flush()
+    else:
+        result = generate(llm.model, llm.tokenizer, ids, params, max_context=max_context)
+        out.write(result.text)
+    out.write("\n")
+    out.flush()
+    if stats and result is not None:
+        print(f"[{result.completion_tokens} tokens ({result.finish_reason}), "
+              f"{result.decode_tokens_per_second:.1f} tok/s; prompt {result.prompt_tokens} tokens, "
+              f"{result.prefill_tokens_per_second:.0f} tok/s]", file=err)
+    return 0
+
+
+__all__ = [
+    "ContextLengthError",
+    "GenerationResult",
+    "SamplingParams",
+    "StopStringFilter",
+    "context_size",
+    "generate",
+    "generate_batch",
+    "generate_stream",
+    "run_generate",
+    "sample_next",
+    "token_logprobs",
+]

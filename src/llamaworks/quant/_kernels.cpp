@@ -1,0 +1,247 @@
+// Weight-only quantized matmuls that read GGUF/ggml blocks (Q4_0, Q4_1, Q8_0) in place.
+//
+// Weights stay in the file's own block layout (rows of `ceil(K/32)` blocks), so a memory-mapped GGUF is used
+// without copying. Small batches (decode) run a fused dequantize-and-dot kernel; larger ones (prefill)
+// dequantize a slab of rows to float and hand it to the BLAS gemm, where compute, not bandwidth, dominates.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // elements per block for every type handled here
+constexpr int64_t GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
+
+inline int64_t block_bytes(int64_t t) {
+  if (t == GGML_Q4_0) return 18;
+  if (t == GGML_Q4_1) return 20;
+  if (t == GGML_Q8_0) return 34;
+  TORCH_CHECK(false, "llamaworks: unsupported ggml block type ", t);
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// Expand one block to 32 floats.
+inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
+  const float d = half_at(blk);
+  if (t == GGML_Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < 32; ++j) out[j] = d * q[j];
+    return;
+  }
+  const float m = t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d;
+  const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
+  for (int j = 0; j < 16; ++j) {
+    out[j] = d * (q[j] & 15) + m;
+    out[j + 16] = d * (q[j] >> 4) + m;
+  }
+}
+
+// Dot of one quantized row with one float vector; xsum holds each 32-block's sum of x (for the offset).
+inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float* xsum, int64_t nb) {
+  const int64_t bb = block_bytes(t);
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  float offset = 0.f;
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    const float* xb = x + b * QK;
+    const float d = half_at(blk);
+    __m512 lo, hi;
+    if (t == GGML_Q8_0) {
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    } else {
+      const int64_t qoff = t == GGML_Q4_1 ? 4 : 2;
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qoff));
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
+      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xsum[b];
+    }
+    __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+    s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), s);
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
+  }
+  return _mm512_reduce_add_ps(acc) + offset;
+#else
+  // Portable path written so the compiler can vectorise the 16-wide inner loops.
+  float acc[16] = {0};
+  float offset = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    const float* xb = x + b * QK;
+    const float d = half_at(blk);
+    float s[16];
+    if (t == GGML_Q8_0) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int j = 0; j < 16; ++j) s[j] = q[j] * xb[j] + q[j + 16] * xb[j + 16];
+    } else {
+      const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
+      for (int j = 0; j < 16; ++j) s[j] = (q[j] & 15) * xb[j] + (q[j] >> 4) * xb[j + 16];
+      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xsum[b];
+    }
+    for (int j = 0; j < 16; ++j) acc[j] += d * s[j];
+  }
+  float total = offset;
+  for (int j = 0; j < 16; ++j) total += acc[j];
+  return total;
+#endif
+}
+
+void check_args(const at::Tensor& raw, int64_t t, int64_t k) {
+  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2, "llamaworks: raw weight must be a 2-D uint8 tensor");
+  TORCH_CHECK(raw.stride(1) == 1, "llamaworks: raw weight rows must be contiguous");
+  TORCH_CHECK(k % QK == 0, "llamaworks: in_features must be a multiple of 32, got ", k);
+  TORCH_CHECK(raw.size(1) == (k / QK) * block_bytes(t), "llamaworks: raw row has ", raw.size(1),
+              " bytes, expected ", (k / QK) * block_bytes(t));
+}
+
+// (N, K) float32 from (N, row_bytes) blocks.
+at::Tensor ggml_dequantize(const at::Tensor& raw, int64_t t, int64_t k) {
+  check_args(raw, t, k);
+  const int64_t n = raw.size(0), nb = k / QK, bb = block_bytes(t), stride = raw.stride(0);
+  auto out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat).device(raw.device()));
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b) dequant_block(t, src + r * stride + b * bb, dst + r * k + b * QK);
+  });
+  return out;
+}
+
+at::Tensor gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k) {
+  // Prefill: dequantize slabs of rows and let the BLAS gemm do the work; slabs bound the temporary memory.
+  const int64_t n = raw.size(0), m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const int64_t slab = std::max<int64_t>(256, (int64_t{1} << 24) / k);  // ~64 MiB of float32 per slab
+  for (int64_t r0 = 0; r0 < n; r0 += slab) {
+    const int64_t r1 = std::min(n, r0 + slab);
+    at::Tensor w = ggml_dequantize(raw.slice(0, r0, r1), t, k);
+    at::Tensor out = y.slice(1, r0, r1);
+    if (r0 == 0 && r1 == n) at::mm_out(out, x, w.t()); else out.copy_(at::mm(x, w.t()));
+  }
+  return y;
+}
+
+// Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
+std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
+  const int64_t nb = k / QK;
+  std::vector<float> sums(m * nb);
+  for (int64_t i = 0; i < m * nb; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < QK; ++j) s += xp[i * QK + j];
+    sums[i] = s;
+  }
+  return sums;
+}
+
+constexpr int64_t kSmallBatch = 8;  // up to this many input rows the fused dequantize-dot kernel wins
+
+at::Tensor as_float_rows(const at::Tensor& x_in, int64_t k) {
+  TORCH_CHECK(x_in.size(-1) == k, "llamaworks: input has ", x_in.size(-1), " features, weight expects ", k);
+  return x_in.reshape({-1, k}).to(at::kFloat).contiguous();
+}
+
+// Several weights sharing one input (q/k/v): one pass, outputs concatenated along the last dim.
+at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::IntArrayRef types, int64_t k) {
+  TORCH_CHECK(raws.size() == types.size() && !raws.empty(), "llamaworks: one ggml type per weight expected");
+  std::vector<int64_t> offsets{0};
+  for (size_t i = 0; i < raws.size(); ++i) {
+    check_args(raws[i], types[i], k);
+    offsets.push_back(offsets.back() + raws[i].size(0));
+  }
+  const int64_t n_total = offsets.back();
+  auto out_shape = x_in.sizes().vec();
+  out_shape.back() = n_total;
+  at::Tensor x = as_float_rows(x_in, k);
+  const int64_t m = x.size(0), nb = k / QK;
+  at::Tensor y;
+  if (m > kSmallBatch) {
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < raws.size(); ++i) parts.push_back(gemm_path(x, raws[i], types[i], k));
+    y = at::cat(parts, 1);
+  } else {
+    y = at::empty({m, n_total}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const std::vector<float> sums = block_sums(xp, m, k);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n_total, 32, [&](int64_t r0, int64_t r1) {
+      size_t w = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        while (r >= offsets[w + 1]) ++w;
+        const uint8_t* row = raws[w].data_ptr<uint8_t>() + (r - offsets[w]) * raws[w].stride(0);
+        for (int64_t i = 0; i < m; ++i)
+          yp[i * n_total + r] = row_dot(types[w], row, xp + i * k, sums.data() + i * nb, nb);
+      }
+    });
+  }
+  return y.to(x_in.scalar_type()).view(out_shape);
+}
+
+// y = x @ W^T for x (..., K) and W given as (N, row_bytes) blocks.
+at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& raw, int64_t t, int64_t k) {
+  return ggml_linear_group(x_in, {raw}, {t}, k);
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// SwiGLU's first half: silu(x @ Wgate^T) * (x @ Wup^T), both weights read in one pass.
+at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t tg, const at::Tensor& up, int64_t tu,
+                       int64_t k) {
+  check_args(gate, tg, k);
+  check_args(up, tu, k);
+  TORCH_CHECK(gate.size(0) == up.size(0), "llamaworks: gate and up projections differ in size");
+  const int64_t n = gate.size(0);
+  auto out_shape = x_in.sizes().vec();
+  out_shape.back() = n;
+  at::Tensor x = as_float_rows(x_in, k);
+  const int64_t m = x.size(0), nb = k / QK;
+  at::Tensor y;
+  if (m > kSmallBatch) {
+    y = at::silu(gemm_path(x, gate, tg, k)).mul_(gemm_path(x, up, tu, k));
+  } else {
+    y = at::empty({m, n}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const std::vector<float> sums = block_sums(xp, m, k);
+    float* yp = y.data_ptr<float>();
+    const uint8_t* gp = gate.data_ptr<uint8_t>();
+    const uint8_t* upp = up.data_ptr<uint8_t>();
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i = 0; i < m; ++i) {
+          const float g = row_dot(tg, gp + r * gate.stride(0), xp + i * k, sums.data() + i * nb, nb);
+          const float u = row_dot(tu, upp + r * up.stride(0), xp + i * k, sums.data() + i * nb, nb);
+          yp[i * n + r] = silu(g) * u;
+        }
+    });
+  }
+  return y.to(x_in.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llamaworks, lib) {
+  lib.def("ggml_linear(Tensor x, Tensor raw, int ggml_type, int in_features) -> Tensor");
+  lib.def("ggml_dequantize(Tensor raw, int ggml_type, int in_features) -> Tensor");
+  lib.def("ggml_linear_group(Tensor x, Tensor[] raws, int[] ggml_types, int in_features) -> Tensor");
+  lib.def("ggml_swiglu(Tensor x, Tensor gate, int gate_type, Tensor up, int up_type, int in_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamaworks, CPU, lib) {
+  lib.impl("ggml_linear", &ggml_linear);
+  lib.impl("ggml_dequantize", &ggml_dequantize);
+  lib.impl("ggml_linear_group", &ggml_linear_group);
+  lib.impl("ggml_swiglu", &ggml_swiglu);
+}

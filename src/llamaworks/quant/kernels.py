@@ -1,0 +1,166 @@
+"""Native kernels for GGUF block weights, compiled once per machine and cached; pure-torch fallback.
+
+`ggml_linear(x, raw, ggml_type, in_features)` computes x @ W^T where W is given as the file's own blocks
+(rows of Q4_0/Q4_1/Q8_0 blocks, `raw` a (out_features, row_bytes) uint8 tensor, possibly memory-mapped).
+The C++ source (`_kernels.cpp`) is built with the system C++ compiler the first time it is needed, with
+`-march=native`, into ~/.cache/llamaworks/kernels (override with LLAMAWORKS_CACHE); every later process
+just loads the shared library. When no compiler is available the same ops run in plain PyTorch (correct,
+slower), so nothing else in the package needs to know which one it got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
+BLOCK_ELEMS = 32
+BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
+SOURCE = Path(__file__).with_name("_kernels.cpp")
+
+_native: bool | None = None  # None: not tried yet
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLAMAWORKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llamaworks")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags: the library is built for this machine (-march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(target: Path) -> None:
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    libdirs = cpp_extension.library_paths()
+    cxx = os.environ.get("CXX", "c++")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=llamaworks_kernels", *includes,
+           str(SOURCE), "-o", tmp, *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+           "-lc10", "-ltorch_cpu", "-ltorch"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: a concurrent process sees either nothing or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def native_available() -> bool:
+    """Load (building on first use) the native kernels; False means the torch fallback is in use."""
+    global _native
+    if _native is not None:
+        return _native
+    _native = False
+    if os.environ.get("LLAMAWORKS_NO_NATIVE") or sys.platform == "win32":
+        return False
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"llamaworks_kernels_{key}.so"
+    try:
+        if not target.exists():
+            log.info("building native quantized kernels (once per machine) into %s", target.parent)
+            _build(target)
+        torch.ops.load_library(str(target))
+        _native = True
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+        lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else repr(e))
+        log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error)
+    if _native:
+        _register_fakes()
+    return _native
+
+
+def _register_fakes() -> None:
+    """Shape-only versions so torch.compile can trace through the native ops."""
+
+    @torch.library.register_fake("llamaworks::ggml_linear")
+    def _linear_fake(x: Tensor, raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], raw.shape[0]))
+
+    @torch.library.register_fake("llamaworks::ggml_linear_group")
+    def _group_fake(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], sum(r.shape[0] for r in raws)))
+
+    @torch.library.register_fake("llamaworks::ggml_swiglu")
+    def _swiglu_fake(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], gate.shape[0]))
+
+    @torch.library.register_fake("llamaworks::ggml_dequantize")
+    def _dequantize_fake(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+        return raw.new_empty((raw.shape[0], in_features), dtype=torch.float32)
+
+
+# -- pure-torch reference / fallback ---------------------------------------------------------------
+def dequantize_blocks_torch(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    """(N, K) float32 from (N, row_bytes) Q4_0/Q4_1/Q8_0 blocks, in plain torch ops."""
+    n = raw.shape[0]
+    nb = in_features // BLOCK_ELEMS
+    blocks = raw.reshape(n, nb, BLOCK_BYTES[ggml_type])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # (n, nb, 1)
+    if ggml_type == GGML_Q8_0:
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        return (q * d).reshape(n, in_features)
+    if ggml_type == GGML_Q4_1:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        qs = blocks[..., 4:]
+    else:
+        m = -8.0 * d
+        qs = blocks[..., 2:]
+    # Low nibbles are elements 0..15 of the block, high nibbles elements 16..31.
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+    return (q * d + m).reshape(n, in_features)
+
+
+def dequantize_blocks(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    if raw.device.type == "cpu" and native_available():
+        return torch.ops.llamaworks.ggml_dequantize(raw, ggml_type, in_features)
+    return dequantize_blocks_torch(raw, ggml_type, in_features)
+
+
+def ggml_linear(x: Tensor, raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    if raw.device.type == "cpu" and native_available():
+        return torch.ops.llamaworks.ggml_linear(x, raw, ggml_type, in_features)
+    w = dequantize_blocks_torch(raw, ggml_type, in_features).to(x.dtype)
+    return torch.nn.functional.linear(x, w)
+
+
+def ggml_linear_group(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int) -> Tensor:
+    """torch.cat([x @ W_i^T for each W_i], -1), reading all weights in one pass (fused q/k/v)."""
+    if raws[0].device.type == "cpu" and native_available():
+        return torch.ops.llamaworks.ggml_linear_group(x, raws, ggml_types, in_features)
+    return torch.cat([ggml_linear(x, r, t, in_features) for r, t in zip(raws, ggml_types)], dim=-1)
+
+
+def ggml_swiglu(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int) -> Tensor:
+    """silu(x @ Wgate^T) * (x @ Wup^T), both weights read in one pass (fused gate/up)."""
+    if gate.device.type == "cpu" and native_available():
+        return torch.ops.llamaworks.ggml_swiglu(x, gate, gate_type, up, up_type, in_features)
+    g = ggml_linear(x, gate, gate_type, in_features)
+    return torch.nn.functional.silu(g) * ggml_linear(x, up, up_type, in_features)

@@ -1,0 +1,153 @@
+"""Weight-only quantized modules that keep GGUF/ggml blocks as they are (Q4_0, Q4_1, Q8_0).
+
+`GGMLLinear` and `GGMLEmbedding` hold a (rows, row_bytes) uint8 tensor of blocks — memory-mapped from the GGUF
+file when loaded from one — and run the kernels of `kernels.py` on it. Other GGUF types (K-quants, Q5_*) and
+float weights are converted once, per tensor, by `to_ggml_blocks`: K-quants whose 32-element sub-blocks are
+4-bit or less become Q4_1, wider ones Q8_0, so no model is ever expanded to float32 as a whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .kernels import BLOCK_BYTES, BLOCK_ELEMS, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
+
+QType = gguf.GGMLQuantizationType
+KERNEL_TYPES = {GGML_Q4_0: "q4_0", GGML_Q4_1: "q4_1", GGML_Q8_0: "q8_0"}
+TYPE_BY_NAME = {"q4_0": GGML_Q4_0, "q4_1": GGML_Q4_1, "q8_0": GGML_Q8_0, "int8": GGML_Q8_0, "int4": GGML_Q4_1}
+# Where a GGUF type without a kernel goes: low-bit types to Q4_1 (a 4-bit K-quant sub-block is exactly a
+# Q4_1 block up to float16 rounding of its scale and minimum), wider ones to Q8_0.
+_REQUANT_TARGET = {QType.Q2_K: GGML_Q4_1, QType.Q3_K: GGML_Q4_1, QType.Q4_K: GGML_Q4_1,
+                   QType.Q5_0: GGML_Q8_0, QType.Q5_1: GGML_Q8_0, QType.Q5_K: GGML_Q8_0, QType.Q6_K: GGML_Q8_0}
+
+
+def quantize_blocks(w: Tensor, ggml_type: int) -> Tensor:
+    """Float (N, K) -> (N, K/32 * block_bytes) uint8 blocks, rounding as llama.cpp's reference quantizers do."""
+    if w.ndim != 2 or w.shape[1] % BLOCK_ELEMS:
+        raise ValueError(f"can only block-quantize 2-D weights with a multiple of 32 columns, got {tuple(w.shape)}")
+    n, k = w.shape
+    x = w.detach().float().reshape(n, k // BLOCK_ELEMS, BLOCK_ELEMS)
+    if ggml_type == GGML_Q8_0:
+        amax = x.abs().amax(-1, keepdim=True)
+        d = amax / 127
+        q = torch.where(d > 0, torch.round(x / d.clamp_min(1e-30)), 0).clamp(-128, 127).to(torch.int8)
+        parts = [d.half().view(torch.uint8), q.view(torch.uint8)]
+    elif ggml_type == GGML_Q4_0:
+        # Symmetric: the signed extreme maps to -8 so the full 16 levels are used.
+        idx = x.abs().argmax(-1, keepdim=True)
+        extreme = x.gather(-1, idx)
+        d = extreme / -8
+        inv = torch.where(d != 0, 1 / d, 0)
+        q = torch.clamp(torch.floor(x * inv + 8.5), 0, 15).to(torch.uint8)
+        parts = [d.half().view(torch.uint8), q[..., :16] | (q[..., 16:] << 4)]
+    elif ggml_type == GGML_Q4_1:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = (hi - lo) / 15
+        inv = torch.where(d != 0, 1 / d, 0)
+        q = torch.clamp(torch.floor((x - lo) * inv + 0.5), 0, 15).to(torch.uint8)
+        parts = [d.half().view(torch.uint8), lo.half().view(torch.uint8), q[..., :16] | (q[..., 16:] << 4)]
+    else:
+        raise ValueError(f"no block quantizer for ggml type {ggml_type}")
+    return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
+
+
+def _raw_tensor(array: np.ndarray) -> Tensor:
+    """A torch view of (possibly read-only, memory-mapped) block bytes without copying them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write to it
+        return torch.from_numpy(array)
+
+
+def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, int, tuple[int, int]]:
+    """(raw blocks, ggml type, (rows, cols)) for a GGUFQuantTensor-like entry or a float tensor.
+
+    Kernel types are used in place (zero copy); other GGUF types and float tensors are converted per tensor.
+    """
+    if isinstance(entry, Tensor):
+        return quantize_blocks(entry, default_type), default_type, (int(entry.shape[0]), int(entry.shape[1]))
+    qtype = QType(int(entry.ggml_type))
+    rows, cols = (int(s) for s in entry.shape)
+    if int(qtype) in KERNEL_TYPES:
+        raw = _raw_tensor(np.asarray(entry.raw)).reshape(rows, -1)
+        return raw, int(qtype), (rows, cols)
+    target = _REQUANT_TARGET.get(qtype, default_type)
+    if hasattr(entry, "dequantize"):
+        w = entry.dequantize()
+    else:
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(entry.raw, qtype)))
+    return quantize_blocks(w.reshape(rows, cols), target), target, (rows, cols)
+
+
+class GGMLLinear(nn.Module):
+    """y = x @ W^T with W kept as Q4_0/Q4_1/Q8_0 blocks (no bias: LLaMA linears have none)."""
+
+    def __init__(self, raw: Tensor, ggml_type: int, in_features: int) -> None:
+        super().__init__()
+        if ggml_type not in KERNEL_TYPES:
+            raise ValueError(f"GGMLLinear supports ggml types {sorted(KERNEL_TYPES)}, got {ggml_type}")
+        if raw.dtype != torch.uint8 or raw.ndim != 2:
+            raise ValueError("GGMLLinear expects a 2-D uint8 tensor of blocks")
+        expected = in_features // BLOCK_ELEMS * BLOCK_BYTES[ggml_type]
+        if in_features % BLOCK_ELEMS or raw.shape[1] != expected:
+            raise ValueError(f"rows of {raw.shape[1]} bytes do not hold {in_features} {KERNEL_TYPES[ggml_type]} "
+                             f"values (expected {expected} bytes)")
+        # Not part of state_dict(): these bytes are not the float `weight` other code expects there.
+        self.register_buffer("raw", raw, persistent=False)
+        self.ggml_type = int(ggml_type)
+        self.in_features = int(in_features)
+        self.out_features = int(raw.shape[0])
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear | Tensor, ggml_type: int = GGML_Q8_0) -> GGMLLinear:
+        w = linear.weight if isinstance(linear, nn.Linear) else linear
+        return cls(quantize_blocks(w, ggml_type).to(w.device), ggml_type, int(w.shape[1]))
+
+    @classmethod
+    def from_entry(cls, entry: Any, default_type: int = GGML_Q8_0) -> GGMLLinear:
+        raw, qtype, (_, cols) = to_ggml_blocks(entry, default_type)
+        return cls(raw, qtype, cols)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.ggml_linear(x, self.raw, self.ggml_type, self.in_features)
+
+    def dequantize(self) -> Tensor:
+        return kernels.dequantize_blocks(self.raw, self.ggml_type, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {KERNEL_TYPES[self.ggml_type]}"
+
+
+class GGMLEmbedding(nn.Module):
+    """Token embedding table kept as blocks; looked-up rows are dequantized on the fly."""
+
+    def __init__(self, raw: Tensor, ggml_type: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("raw", raw, persistent=False)
+        self.ggml_type = int(ggml_type)
+        self.embedding_dim = int(embedding_dim)
+        self.num_embeddings = int(raw.shape[0])
+
+    @classmethod
+    def from_entry(cls, entry: Any, default_type: int = GGML_Q8_0) -> GGMLEmbedding:
+        raw, qtype, (_, cols) = to_ggml_blocks(entry, default_type)
+        return cls(raw, qtype, cols)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.raw.index_select(0, tokens.reshape(-1))
+        out = kernels.dequantize_blocks(rows, self.ggml_type, self.embedding_dim)
+        return out.view(*tokens.shape, self.embedding_dim)
+
+    def as_linear(self) -> GGMLLinear:
+        """The tied output projection: the same bytes, read as a linear layer."""
+        return GGMLLinear(self.raw, self.ggml_type, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {KERNEL_TYPES[self.ggml_type]}"

@@ -1,0 +1,304 @@
+"""`llamaworks finetune full|lora|qlora`: supervised fine-tuning (or DPO) of a pretrained model.
+
+    model (GGUF / HF / Meta)  --checkpoints.load_model-->  Transformer (float)
+      full:  every parameter trains
+      lora:  LoRALinear on the chosen projections, base frozen
+      qlora: the seven projections of every layer to frozen NF4, then LoRA on top
+    data (alpaca / sharegpt / openai / kakaotalk, or {prompt, chosen, rejected} with --dpo)
+      --data.instruct / dpo-->  token ids + loss masks  --data.loader-->  batches  --train.loop-->  trained model
+
+What OUT holds at the end (so `llamaworks chat --model OUT` opens it, `llamaworks convert` exports it):
+  OUT/config.json, model.safetensors, tokenizer files   the fine-tuned model as an HF directory
+                                                       (for LoRA/QLoRA the adapters merged into the base)
+  OUT/adapter/                                         LoRA/QLoRA only: the PEFT adapter
+  OUT/checkpoints/step-N/                              resumable checkpoints (LoRA: adapter only)
+  OUT/metrics.csv, loss.png, finetune.json             the run's record
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .lora import (
+    LoRAConfig,
+    apply_lora,
+    lora_modules,
+    merged_state_dict,
+    save_adapter,
+    trainable_parameter_count,
+)
+
+METHODS = ("full", "lora", "qlora")
+# Learning rates that work for these recipes on small data (LoRA needs ~10x the full fine-tuning rate).
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "lora"
+    model: str | None = None  # path; None = the bundled SmolLM2-135M-Instruct
+    data: list[str] = field(default_factory=list)
+    out: str = "out"
+    val_data: list[str] = field(default_factory=list)
+    # LoRA / QLoRA
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    quant_block_size: int = 64
+    double_quant: bool = False
+    # DPO
+    dpo: bool = False
+    dpo_beta: float = 0.1
+    # data
+    seq_len: int = 1024
+    pack: bool = True
+    train_on_prompt: bool = False
+    skip_bad: bool = False
+    system: str | None = None
+    chat_template: str | None = None  # built-in name or Jinja file; default: the model's own
+    kakao_assistant: str | None = None
+    # optimisation (None = recipe default)
+    lr: float | None = None
+    epochs: float = 3.0  # used when max_steps is None
+    max_steps: int | None = None
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    save_every: int = 0
+    keep_last: int = 2
+    eval_every: int = 0
+    log_every: int = 10
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    device: str | None = None  # None/"auto": cuda if available, else cpu
+    dtype: str | None = None  # weights' dtype (default float32; bf16 halves memory on GPUs)
+    save_dtype: str | None = None  # dtype of the saved model (default: the training dtype)
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"finetune method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        if isinstance(self.val_data, (str, Path)):
+            self.val_data = [str(self.val_data)]
+        if not self.data:
+            raise ConfigError("--data: give at least one training file")
+        if self.seq_len < 8:
+            raise ConfigError(f"--seq-len must be >= 8, got {self.seq_len}")
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets)
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    trainable_params: int
+    total_params: int
+    seconds: float
+    steps_per_s: float
+    peak_memory_bytes: int | None
+    history: list[dict[str, Any]]
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
+
+
+def parse_dtype(name: str | None, option: str = "--dtype") -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"{option}: unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """Make `model` trainable for the recipe: all weights (full), LoRA adapters, or NF4 base + LoRA."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.method == "qlora":
+        from ..quant.nf4 import quantize_model_nf4
+
+        quantize_model_nf4(model, block_size=cfg.quant_block_size, double_quant=cfg.double_quant)
+    # Adapters are initialised from the run's seed so a resumed run rebuilds identical modules before loading.
+    torch.manual_seed(cfg.seed)
+    return apply_lora(model, cfg.lora_config())
+
+
+def _template(tokenizer: Any, override: str | None) -> Any:
+    from ..chat_template import template_for
+
+    return template_for(tokenizer, override)
+
+
+def _sft_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneConfig, *, train: bool) -> Any:
+    from ..data.instruct import load_sft_dataset, report_bad
+    from ..data.loader import ExampleBatchSource
+
+    ds = load_sft_dataset(paths, tokenizer, template=template, train_on_prompt=cfg.train_on_prompt,
+                          skip_bad=cfg.skip_bad, max_seq_len=cfg.seq_len, kakao_assistant=cfg.kakao_assistant,
+                          system=cfg.system)
+    if ds.bad:
+        print(f"skipped {len(ds.bad)} malformed record(s):\n{report_bad(ds.bad)}", flush=True)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    src = ExampleBatchSource(ds.examples, cfg.seq_len, cfg.micro_batch_size, pack=cfg.pack, pad_id=pad,
+                             shuffle=train, seed=cfg.seed)
+    src.n_examples = len(ds.examples)  # for the summary line
+    return src, src.rows_per_epoch
+
+
+def _dpo_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneConfig, *, train: bool) -> Any:
+    from .dpo import PreferenceBatchSource, load_preferences
+
+    pairs = [p for path in paths for p in load_preferences(path, tokenizer, template, system=cfg.system)]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    src = PreferenceBatchSource(pairs, cfg.seq_len, cfg.micro_batch_size, pad_id=pad, shuffle=train, seed=cfg.seed)
+    src.n_examples = len(pairs)
+    return src, len(pairs)
+
+
+def make_save_fn(cfg: FinetuneConfig, config: Any, tokenizer: Any, chat_template: str | None,
+                 generation_config: dict, *, merged: bool) -> Any:
+    """save_fn(model, dir): the HF model (LoRA merged in) when `merged`, and the PEFT adapter for LoRA recipes."""
+    from ..checkpoints import save_hf
+
+    save_dtype = parse_dtype(cfg.save_dtype, "--save-dtype")
+    base_name = cfg.model or "SmolLM2-135M-Instruct"
+
+    def save(model: nn.Module, directory: Path) -> None:
+        directory = Path(directory)
+        has_lora = bool(lora_modules(model))
+        if has_lora:
+            save_adapter(model, directory / "adapter" if merged else directory, base_model=base_name)
+        if merged or not has_lora:
+            sd = merged_state_dict(model) if has_lora else model.state_dict()
+            save_hf(directory, sd, config, tokenizer, chat_template=chat_template, dtype=save_dtype,
+                    generation_config=generation_config or None)
+
+    return save
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run one fine-tuning recipe end to end and write OUT (see the module docstring)."""
+    from ..checkpoints import load_model
+    from .loop import TrainConfig, run_training
+
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    model, tokenizer, ckpt = load_model(cfg.model, dtype=parse_dtype(cfg.dtype), device=device)
+    if tokenizer is None:
+        raise ConfigError(f"{ckpt.path}: the checkpoint has no tokenizer; fine-tuning needs one to read the data")
+    template = _template(tokenizer, cfg.chat_template)
+    chat_template_source = getattr(template, "source", None) or ckpt.chat_template
+
+    build = _dpo_source if cfg.dpo else _sft_source
+    train_src, rows = build(cfg.data, tokenizer, template, cfg, train=True)
+    val_src = build(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
+
+    prepare_model(model, cfg)
+    trainable, total = trainable_parameter_count(model)
+    steps_per_epoch = max(1, math.ceil(rows / (cfg.micro_batch_size * cfg.grad_accum_steps)))
+    max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, max_steps // 10)
+    print(f"finetune {cfg.method}{' + DPO' if cfg.dpo else ''}: {ckpt.config.name} on {device}, "
+          f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
+          f"{train_src.n_examples} examples, {max_steps} steps", flush=True)
+
+    loss_fn = None
+    if cfg.dpo:
+        from .dpo import DPOLoss, frozen_reference
+
+        loss_fn = DPOLoss(beta=cfg.dpo_beta, reference=frozen_reference(model) if cfg.method == "full" else None)
+
+    lora = cfg.method != "full"
+    tcfg = TrainConfig(lr=cfg.lr or DEFAULT_LR[cfg.method], warmup_steps=warmup, max_steps=max_steps,
+                       micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                       weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       keep_last=cfg.keep_last, log_every=cfg.log_every, precision=cfg.precision,
+                       activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
+                       progress=cfg.progress, tensorboard=cfg.tensorboard, plot=cfg.plot, save_final=False)
+    generation_config = dict(ckpt.generation_config or {})
+    # Intermediate checkpoints of LoRA runs hold only the adapter (MBs, not the whole model again).
+    ckpt_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=not lora)
+    final_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = run_training(model, train_data=train_src, val_data=val_src, loss_fn=loss_fn, cfg=tcfg,
+                          save_fn=ckpt_save, resume=cfg.resume)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+
+    from .loop import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        model.eval()
+        final_save(model, out)
+        summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
+                   "val_loss": result.val_loss, "trainable_params": trainable, "total_params": total,
+                   "seconds": seconds}
+        tmp = out / ".finetune.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, out / "finetune.json")
+        where = f"{out}" + (f" (adapter: {out / 'adapter'})" if lora else "")
+        print(f"saved the fine-tuned model to {where}; chat with: llamaworks chat --model {out}", flush=True)
+    done_steps = max(0, result.step)
+    return FinetuneResult(out_dir=out, adapter_dir=out / "adapter" if lora else None, steps=done_steps,
+                          train_loss=result.train_loss, val_loss=result.val_loss, trainable_params=trainable,
+                          total_params=total, seconds=seconds, steps_per_s=done_steps / seconds if seconds else 0.0,
+                          peak_memory_bytes=peak, history=result.history)
+
+
+def _peak_rss() -> int | None:
+    """Peak resident memory of this process in bytes (Linux/macOS), None elsewhere."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def run_finetune(**kwargs: Any) -> int:
+    """CLI entry: FinetuneConfig fields as keyword arguments."""
+    finetune(FinetuneConfig(**kwargs))
+    return 0
+
+
+__all__ = ["DEFAULT_LR", "METHODS", "FinetuneConfig", "FinetuneResult", "finetune", "make_save_fn",
+           "prepare_model", "run_finetune"]

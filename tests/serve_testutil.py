@@ -1,0 +1,61 @@
+"""Helpers shared by the serving tests: a tiny random model and a uvicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from llamaworks.config import ModelConfig
+from llamaworks.model import Transformer
+
+
+def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 256) -> Transformer:
+    """A 2-layer random model over a real vocabulary: fast, deterministic, exercises every code path."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(64, 2, 4, vocab_size, 160, n_kv_heads=2, tie_embeddings=True, max_seq_len=max_seq_len,
+                      name="tiny-serve")
+    model = Transformer(cfg)
+    model.reset_parameters()
+    return model.eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 30.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on 127.0.0.1; yields the base URL and shuts it down after."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,90 @@
+"""End to end: text files -> `data prepare` -> `pretrain` a tiny LLaMA -> it has learned the corpus' structure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import build_tokenizer, grammar_corpus, unigram_entropy, write_corpus_files
+
+from llamaworks.cli import main as cli_main
+from llamaworks.data.prepare import load_prepared
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared CI cores: avoid OpenMP oversubscription
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    files = write_corpus_files(root / "corpus", n_files=4, lines=200)
+    build_tokenizer(root / "tok", [f.read_text() for f in files], vocab_size=300)
+    return root
+
+
+@pytest.mark.slow
+def test_pretrain_learns_grammar_below_unigram_entropy(corpus, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert cli_main(["data", "prepare", str(corpus / "corpus"), "--tokenizer", str(corpus / "tok"), "--out",
+                     str(data), "--val-fraction", "0.1"]) == 0
+    prepared = load_prepared(data)
+    val_tokens = np.concatenate(prepared.arrays("val"))
+    h_unigram = unigram_entropy(val_tokens)
+    assert h_unigram > 3.0  # ~30 words used with different frequencies
+
+    out = tmp_path / "run"
+    code = cli_main(["pretrain", "--model-config", "tiny-llama2", "--data", str(data), "--out", str(out),
+                     "--seq-len", "64", "--batch-size", "16", "--max-steps", "150", "--lr", "3e-3",
+                     "--warmup-steps", "10", "--eval-every", "50", "--eval-batches", "4", "--save-every", "75",
+                     "--log-every", "25", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "MFU" in printed and "val loss" in printed
+    summary = json.loads((out / "checkpoints" / "step-000150" / "trainer_state.json").read_text())
+    val_loss = float(summary["metrics"]["val_loss"])
+    # The grammar leaves ~1.33 bits of choice per word (see train_helpers): the model must get far below the
+    # context-free optimum, which is the unigram entropy.
+    assert val_loss < 0.5 * h_unigram, (val_loss, h_unigram)
+
+    # The output is a model `llamaworks chat` can open, with the tokenizer, that continues the grammar.
+    from llamaworks.checkpoints import load_model
+
+    model, tok, _ = load_model(out / "final")
+    assert tok is not None and model.config.vocab_size == 300
+    ids = tok.encode("anna paints the red", add_bos=False)
+    with torch.no_grad():
+        for _ in range(2):
+            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+            ids.append(nxt)
+    assert tok.decode(ids).startswith("anna paints the red wall")
+    assert (out / "loss.png").exists() and (out / "run.json").exists()
+
+
+def test_pretrain_python_api_resume_and_vocab(corpus, tmp_path):
+    from llamaworks.data.prepare import prepare_corpus
+    from llamaworks.train.pretrain import pretrain
+
+    prepare_corpus([corpus / "corpus"], corpus / "tok", tmp_path / "data", val_fraction=0.1, progress=False)
+    kw = dict(seq_len=32, micro_batch_size=4, lr=1e-3, warmup_steps=2, eval_every=0, save_every=4, log_every=2,
+              progress=False, tensorboard=False)
+    r = pretrain("tiny-tied", tmp_path / "data", tmp_path / "a", max_steps=6, **kw)
+    assert r.step == 6 and r.val_loss is not None and r.final_dir.name == "final"
+    # Continue the same run to more steps: resume picks up at step 6 and goes on.
+    r2 = pretrain("tiny-tied", tmp_path / "data", tmp_path / "a", max_steps=8, resume=True, **kw)
+    assert r2.step == 8 and r2.tokens == 8 * 4 * 32
+    cfg = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
+    assert cfg["vocab_size"] == 300 and cfg["tie_word_embeddings"] is True
+    with pytest.raises(ValueError, match="unknown training option"):
+        pretrain("tiny-tied", tmp_path / "data", tmp_path / "b", bogus=1)
+
+
+def test_grammar_corpus_is_structured():
+    sentences = grammar_corpus(100)
+    assert all(s.split()[2] == "the" and s.endswith(" .") for s in sentences)

@@ -1,0 +1,150 @@
+"""Quantized linears against float matmuls on random data, and block formats against gguf's reference code.
+
+Tolerances: block (de)quantization must match gguf.quants bit for bit; a quantized linear must equal
+x @ dequantize(W)^T up to float32 summation order (|diff| <= 1e-4 * (1 + |ref|), with K <= 512).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from llamaworks.quant import (
+    GGML_Q4_0,
+    GGML_Q4_1,
+    GGML_Q8_0,
+    GGMLEmbedding,
+    GGMLLinear,
+    dequantize_blocks,
+    kernels,
+    quantize_blocks,
+    to_ggml_blocks,
+)
+from llamaworks.quant.kernels import dequantize_blocks_torch
+
+Q = gguf.GGMLQuantizationType
+TYPES = [(GGML_Q4_0, Q.Q4_0), (GGML_Q4_1, Q.Q4_1), (GGML_Q8_0, Q.Q8_0)]
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
+    err = ((a - b).abs() / (1 + b.abs())).max().item()
+    assert err <= rel, f"max relative error {err:.2e} > {rel:.0e}"
+
+
+@pytest.fixture(params=[True, False], ids=["native", "torch-fallback"])
+def backend(request, monkeypatch):
+    if request.param:
+        if not kernels.native_available():
+            pytest.skip("no C++ compiler: native kernels unavailable")
+    else:
+        monkeypatch.setattr(kernels, "_native", False)
+    return request.param
+
+
+@pytest.mark.parametrize(("ours", "theirs"), TYPES, ids=["q4_0", "q4_1", "q8_0"])
+def test_block_formats_match_gguf_reference(ours: int, theirs: Q) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3
+    w[0, :32] = 0  # an all-zero block must not divide by zero
+    raw = quantize_blocks(w, ours)
+    ref_raw = gguf.quants.quantize(w.numpy(), theirs)
+    assert np.array_equal(raw.numpy(), ref_raw)
+    expected = torch.from_numpy(gguf.quants.dequantize(ref_raw, theirs).copy())
+    assert torch.equal(dequantize_blocks_torch(raw, ours, 256), expected)
+    assert torch.equal(dequantize_blocks(raw, ours, 256), expected)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize(("ours", "theirs"), TYPES, ids=["q4_0", "q4_1", "q8_0"])
+def test_linear_equals_dequantized_matmul(backend: bool, ours: int, theirs: Q, m: int) -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(96, 512) * 0.05
+    layer = GGMLLinear.from_float(weight, ours)
+    x = torch.randn(2, m, 512)
+    ref = x @ layer.dequantize().T
+    close(layer(x), ref)
+    assert layer(x).shape == (2, m, 96)
+    # Quantization error itself stays in the expected range for the format (sanity, not exactness).
+    rel = (ref - x @ weight.T).norm() / (x @ weight.T).norm()
+    assert rel < (0.01 if ours == GGML_Q8_0 else 0.2)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_grouped_and_swiglu_kernels(backend: bool, m: int) -> None:
+    torch.manual_seed(2)
+    k = 128
+    wq, wk, wv = (GGMLLinear.from_float(torch.randn(n, k), t) for n, t in [(64, GGML_Q4_1), (32, GGML_Q4_0),
+                                                                             (32, GGML_Q8_0)])
+    x = torch.randn(m, k)
+    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.ggml_type, wk.ggml_type, wv.ggml_type], k)
+    close(out, torch.cat([x @ w.dequantize().T for w in (wq, wk, wv)], dim=-1))
+    gate = GGMLLinear.from_float(torch.randn(80, k), GGML_Q4_1)
+    up = GGMLLinear.from_float(torch.randn(80, k), GGML_Q8_0)
+    got = kernels.ggml_swiglu(x, gate.raw, gate.ggml_type, up.raw, up.ggml_type, k)
+    close(got, torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T))
+
+
+def test_embedding_rows_and_tied_output(backend: bool) -> None:
+    torch.manual_seed(3)
+    table = torch.randn(300, 64)
+    raw = quantize_blocks(table, GGML_Q8_0)
+    emb = GGMLEmbedding(raw, GGML_Q8_0, 64)
+    tokens = torch.tensor([[0, 5, 299], [7, 7, 1]])
+    deq = dequantize_blocks_torch(raw, GGML_Q8_0, 64)
+    assert torch.equal(emb(tokens), deq[tokens])
+    head = emb.as_linear()
+    assert head.raw.data_ptr() == emb.raw.data_ptr()  # shared bytes, no copy
+    h = torch.randn(4, 64)
+    close(head(h), h @ deq.T)
+
+
+class _Entry:
+    """Shaped like checkpoints.gguf.GGUFQuantTensor (ggml_type, shape, raw)."""
+
+    def __init__(self, qtype: Q, shape: tuple[int, int], raw: np.ndarray) -> None:
+        self.ggml_type, self.shape, self.raw = qtype, shape, raw
+
+
+def _random_kquant(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes are valid K-quant blocks once the float16 super-block scales are sane."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scales = (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype == Q.Q4_K:  # d, dmin first
+        raw[..., 0:2] = scales
+        raw[..., 2:4] = scales
+    elif qtype == Q.Q6_K:  # d last
+        raw[..., size - 2:] = scales
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize(("qtype", "target", "tol"), [(Q.Q4_K, GGML_Q4_1, 0.07), (Q.Q6_K, GGML_Q8_0, 0.01)])
+def test_kquants_are_converted_per_tensor(qtype: Q, target: int, tol: float) -> None:
+    raw = _random_kquant(qtype, 16, 512, seed=4)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy()).reshape(16, 512)
+    blocks, got_type, shape = to_ggml_blocks(_Entry(qtype, (16, 512), raw))
+    assert got_type == target and shape == (16, 512)
+    got = dequantize_blocks_torch(blocks, got_type, 512)
+    err = (got - expected).abs().max() / expected.abs().max()
+    assert err < tol, f"requantization error {err:.3f}"
+
+
+def test_gguf_blocks_are_used_in_place(smollm2_gguf) -> None:
+    reader = gguf.GGUFReader(smollm2_gguf, "r")
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    entry = _Entry(Q(t.tensor_type), (int(t.shape[1]), int(t.shape[0])), t.data)
+    layer = GGMLLinear.from_entry(entry)
+    assert layer.ggml_type == GGML_Q4_1 and (layer.out_features, layer.in_features) == (576, 1536)
+    assert layer.raw.data_ptr() == t.data.ctypes.data  # memory-mapped, not copied
+    expected = torch.from_numpy(gguf.quants.dequantize(t.data, Q.Q4_1).copy())
+    assert torch.equal(layer.dequantize(), expected)
+
+
+def test_bad_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_blocks(torch.randn(4, 40), GGML_Q8_0)
+    with pytest.raises(ValueError, match="bytes"):
+        GGMLLinear(torch.zeros(4, 10, dtype=torch.uint8), GGML_Q8_0, 64)

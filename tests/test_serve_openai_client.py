@@ -1,0 +1,276 @@
+"""The official `openai` client against `llamaworks serve` running on 127.0.0.1 (uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from llamaworks.serve.app import create_app
+from llamaworks.serve.engine import Engine
+from serve_testutil import running_server, tiny_model, wait_until
+
+MODEL = "tiny-serve"
+USER = [{"role": "user", "content": "Tell me about llamas."}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf):
+    from llamaworks.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    """(base_url, engine) of a server over a tiny random model with SmolLM2's real tokenizer and template."""
+    model = tiny_model(tokenizer.vocab_size)
+    engine = Engine(model, tokenizer, max_batch=8, queue_size=64)
+    with running_server(create_app(engine, model_name=MODEL)) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat_prompt_ids(tokenizer, messages) -> list[int]:
+    from llamaworks.chat_template import template_for
+
+    text = template_for(tokenizer).render(messages, add_generation_prompt=True)
+    bos = tokenizer.bos_token or ""
+    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_chat_usage_and_logprobs(client, tokenizer):
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert r.usage.prompt_tokens == len(_chat_prompt_ids(tokenizer, USER))
+    entries = choice.logprobs.content
+    assert r.usage.completion_tokens == len(entries) <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    for e in entries:
+        assert len(e.top_logprobs) == 3
+        lps = [t.logprob for t in e.top_logprobs]
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+        assert e.token == e.top_logprobs[0].token and e.logprob == pytest.approx(lps[0])  # greedy = best token
+    if choice.finish_reason == "length":
+        assert choice.message.content == "".join(e.token for e in entries)
+
+
+def test_completion_usage_and_logprobs(client, tokenizer):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == len(c.logprobs.tokens) == len(c.logprobs.token_logprobs)
+    assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    if c.finish_reason == "length":
+        assert r.usage.completion_tokens == 6 and c.text == "".join(c.logprobs.tokens)
+
+
+def test_streaming_matches_non_streaming(client):
+    kwargs = dict(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really streamed
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+
+    comp = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0, stream=True))
+    ref = client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0)
+    assert "".join(c.choices[0].text for c in comp) == ref.choices[0].text
+
+
+def test_n_choices_and_seed(client):
+    kwargs = dict(model=MODEL, messages=USER, max_tokens=8, temperature=1.0, seed=42, n=2)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1]
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices]  # same seed, same answers
+    assert texts[0] != texts[1]  # the two choices are different draws
+    other = client.chat.completions.create(**{**kwargs, "seed": 43})
+    assert [c.message.content for c in other.choices] != texts
+    assert a.usage.completion_tokens == 16 or a.usage.completion_tokens <= 16
+
+
+def test_stop_strings(client):
+    base = dict(model=MODEL, prompt="Hello", max_tokens=16, temperature=0)
+    full = client.completions.create(**base).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    r = client.completions.create(**base, stop=[stop, "never-appears"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+
+
+def test_json_object_output_parses(client):
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                           response_format={"type": "json_object"}, max_tokens=30, seed=seed,
+                                           temperature=1.0)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tools_reach_the_prompt(client, tokenizer):
+    """SmolLM2's template has no tool support: the tools are described in a Hermes-style system message."""
+    from llamaworks.serve.app import TOOL_SYSTEM_PROMPT
+
+    r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, max_tokens=4, temperature=0)
+    system = {"role": "system", "content": TOOL_SYSTEM_PROMPT.format(tools=json.dumps(TOOLS))}
+    assert r.usage.prompt_tokens == len(_chat_prompt_ids(tokenizer, [system, *USER]))
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, max_tokens=4,
+                                                 temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == (r.choices[0].message.content or "")
+    # A conversation that already holds a tool call and its result renders too.
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Seoul"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens > 0
+
+
+def test_errors(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=USER, temperature=2.5)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 400)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_api_key_required(tokenizer):
+    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer, max_batch=2)
+    with running_server(create_app(engine, api_key="k-123", model_name=MODEL)) as url:
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="k-123", max_retries=0)
+        r = good.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        assert r.usage.completion_tokens == 2
+        assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+
+
+def test_queue_full_answers_503_with_retry_after(tokenizer):
+    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer, max_batch=1, queue_size=1)
+    with running_server(create_app(engine, model_name=MODEL)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        long = dict(model=MODEL, prompt="Hi", max_tokens=240, temperature=0)
+        first = c.completions.create(**long, stream=True)   # occupies the only slot
+        second = c.completions.create(**long, stream=True)  # waits in the queue
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(**long)
+        assert e.value.status_code == 503
+        assert e.value.response.headers["retry-after"] == "1"
+        assert e.value.body["code"] == "queue_full"
+        first.close()
+        second.close()
+        assert wait_until(lambda: engine.stats.active == 0 and engine.stats.waiting == 0)
+
+
+def test_continuous_batching_concurrent_equals_sequential(client, server):
+    """8 concurrent greedy streams are decoded together and give the same text as one at a time."""
+    engine = server[1]
+    prompts = [f"Story number {i}: once upon a time" + " and then" * i for i in range(8)]
+    sequential = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+                  for p in prompts]
+    steps_before, multi_before = engine.stats.decode_steps, engine.stats.multi_row_steps
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        try:
+            start.wait()
+            stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0,
+                                               stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert [results[i] for i in range(8)] == sequential
+    steps = engine.stats.decode_steps - steps_before
+    multi = engine.stats.multi_row_steps - multi_before
+    assert engine.stats.max_rows_in_step > 1
+    assert multi >= steps // 2, (multi, steps)  # most steps decoded several sequences at once
+    assert steps < 8 * 23  # far fewer model calls than serving the 8 streams one after another
+
+
+def test_disconnecting_client_frees_its_slot(client, server):
+    engine = server[1]
+    cancelled = engine.stats.cancelled
+    stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=240, temperature=0, stream=True)
+    got = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+            if got == 3:
+                break
+    stream.close()
+    assert wait_until(lambda: engine.stats.cancelled == cancelled + 1 and engine.stats.active == 0, timeout=15)
+    generated = engine.stats.generated_tokens
+    time.sleep(0.3)
+    assert engine.stats.generated_tokens == generated  # nothing runs for the departed client
+
+
+@pytest.mark.slow
+def test_real_model_end_to_end(smollm2_gguf):
+    """The bundled SmolLM2-135M-Instruct: a sensible chat answer, JSON mode, streaming."""
+    from llamaworks import load
+
+    llm = load(smollm2_gguf)
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, max_context=1024)
+    with running_server(create_app(engine, model_name="smollm2", chat_template=llm.template)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length")
+        r = c.chat.completions.create(model="smollm2", max_tokens=60, temperature=0,
+                                      response_format={"type": "json_object"},
+                                      messages=[{"role": "user", "content": "Describe a cat as JSON: name, age."}])
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+        text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=16, stream=True,
+            messages=[{"role": "user", "content": "Say hello."}]) if ch.choices)
+        assert text.strip()
