@@ -112,11 +112,17 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--num-fewshot", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size (its default is 1)")
+    parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's choice)")
     parser.add_argument("--skip-lm-eval", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
+    import torch
+
     from llamaworks.assets import default_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_path = args.model or default_model_path()
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +138,7 @@ def main() -> int:
             parser.error(f"{train} not found: pass --fewshot-file or --num-fewshot 0")
         ours = run_ours(str(model_path), ours_dir, args.limit, args.num_fewshot)
         figures = {"items": args.limit, "num_fewshot": args.num_fewshot, "model": str(model_path),
+                   "threads": torch.get_num_threads(),
                    "ours_seconds": ours["seconds"], "ours_items_per_s": args.limit / ours["seconds"],
                    "ours_cpu_seconds": ours["cpu"],
                    "ours_acc": ours["result"]["acc"], "ours_acc_norm": ours["result"]["acc_norm"]}

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 from pathlib import Path
 
+import pytest
 import torch
 
 from llamaworks.config import get_preset
@@ -61,3 +62,12 @@ def tiny_model(vocab_size: int = 49152, seed: int = 0, **overrides) -> Transform
     model = Transformer(config)
     model.reset_parameters(std=0.2)
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine, two threads can be 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

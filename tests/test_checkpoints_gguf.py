@@ -192,14 +192,24 @@ def test_written_gguf_loads_in_transformers(tmp_path):
             torch.testing.assert_close(hf(tokens).logits, logits(model, tokens), atol=1e-4, rtol=1e-4)
 
 
-def test_convert_quantizes_and_keeps_tokenizer_metadata(tmp_path, smollm2):
+def byte_level_vocab() -> dict:
+    """A 256-token byte-level BPE vocabulary in GGUF keys: 254 byte symbols (GPT-2's byte-to-unicode map), one
+    merge ("a b" -> "ab") and an end-of-text control token."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    tokens = [*chars[:254], "ab", "<|end|>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * 255 + [3], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": 255, "tokenizer.ggml.eos_token_id": 255,
+            "tokenizer.ggml.add_bos_token": False}
+
+
+def test_convert_quantizes_and_keeps_tokenizer_metadata(tmp_path):
     """GGUF -> GGUF re-encodes the tensors and copies tokenizer.* and the chat template."""
     from llamaworks.checkpoints.convert import convert
 
-    meta = {k: v for k, v in smollm2[2].metadata.items() if k.startswith("tokenizer.ggml.")}
-    torch.manual_seed(0)
-    model = Transformer(get_preset("tiny-tied").replace(vocab_size=49152)).eval()
-    model.reset_parameters(std=0.05)
+    meta = byte_level_vocab()
+    model = random_model("tiny-tied", std=0.05)
     src = save_gguf(tmp_path / "src.gguf", model, model.config, None, "TEMPLATE", tensor_type="f32",
                     tokenizer_metadata=meta)
     dst = convert(src, tmp_path / "out", to="gguf", quant="q8_0", progress=False)
@@ -210,8 +220,11 @@ def test_convert_quantizes_and_keeps_tokenizer_metadata(tmp_path, smollm2):
     assert reader.fields["tokenizer.ggml.bos_token_id"].types == [gguf.GGUFValueType.UINT32]  # llama.cpp needs u32
     assert reader.fields["tokenizer.ggml.token_type"].types[-1] == gguf.GGUFValueType.INT32
     assert fields["tokenizer.chat_template"] == "TEMPLATE" and fields["general.file_type"] == 7
-    tokens = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(4))
-    assert rel_error(logits(load_model(dst)[0], tokens), logits(model, tokens)) < 3e-2
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    loaded, tokenizer, _ = load_model(dst)
+    assert rel_error(logits(loaded, tokens), logits(model, tokens)) < 3e-2
+    if HAS_TOKENIZER:
+        assert tokenizer.encode("abc") == [254, tokenizer.encode("c")[0]] and 255 in tokenizer.stop_ids
 
 
 # -- every block type the reader accepts ----------------------------------------------------------------------
@@ -286,13 +299,14 @@ def test_every_supported_block_type_dequantizes(tmp_path):
 
 
 # -- LLaMA 3.1 rope scaling as llama.cpp stores it ----------------------------------------------------------
-def test_rope_scaling_recovered_from_llama_cpp_rope_freqs():
-    """Real Llama 3.1 8B frequencies (theta 5e5, head 128): llama.cpp's divisors give back Meta's parameters."""
-    config = get_preset("llama-3.1-8b")
+@pytest.mark.parametrize(("name", "factor"), [("llama-3.1-8b", 8.0), ("llama-3.2-1b", 32.0)])
+def test_rope_scaling_recovered_from_llama_cpp_rope_freqs(name, factor):
+    """Real Llama 3.1/3.2 frequencies (theta 5e5, head 128/64): llama.cpp's divisors give back Meta's parameters."""
+    config = get_preset(name)
     divisors = _rope_divisors(config)
-    assert divisors.min() == 1.0 and math.isclose(float(divisors.max()), 8.0)
+    assert divisors.min() == 1.0 and math.isclose(float(divisors.max()), factor)
     fitted = _rope_scaling_from_divisors(divisors, config.replace(rope_scaling=None))
-    assert fitted == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert fitted == RopeScaling("llama3", factor, 1.0, 4.0, 8192)
 
 
 def test_rope_freqs_without_our_key_and_arbitrary_freqs(tmp_path):
@@ -395,6 +409,7 @@ def test_missing_path_and_wrong_arguments(tmp_path):
                       Checkpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TOKENIZER, reason="llamaworks.tokenizer not written yet")
 def test_tokenizer_and_template_round_trip(tmp_path, smollm2):
     _, tokenizer, ckpt = smollm2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import zipfile
 
@@ -68,6 +69,9 @@ def test_written_directory_loads_in_transformers(tmp_path, name):
     for k, v in ckpt.state_dict.items():
         assert torch.equal(v, original[k]), k
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp files all renamed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_sharded_round_trip(tmp_path):
@@ -122,6 +126,18 @@ def test_dtype_and_bin_weights(tmp_path):
     index = {"weight_map": {k: file for file, keys in parts.items() for k in keys}}
     (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     assert torch.equal(logits(load_model(bin_dir)[0], tokens), logits(model, tokens))
+
+
+def test_extra_entries_are_ignored_and_missing_ones_reported(tmp_path):
+    model = random_model("tiny-tied")
+    sd = dict(model.state_dict())
+    sd["layers.0.attention.wq.lora_A.weight"] = torch.zeros(4, 64)  # e.g. left over by an adapter
+    sd["output.weight"] = sd["tok_embeddings.weight"]  # a tied model's alias
+    save_hf(tmp_path / "ok", sd, model.config, None)
+    assert torch.equal(logits(load_model(tmp_path / "ok")[0], tokens_for(256)), logits(model, tokens_for(256)))
+    del sd["norm.weight"]
+    with pytest.raises(FormatError, match="norm.weight"):
+        save_hf(tmp_path / "bad", sd, model.config, None)
 
 
 def test_generation_config_and_chat_template(tmp_path):

@@ -170,3 +170,13 @@ def test_tokenizer_model_is_read(tmp_path, sentencepiece_model):
     assert tokenizer is not None and tokenizer.vocab_size == 32000
     assert tokenizer.decode(tokenizer.encode("Hello world", add_bos=False)) == "Hello world"
     assert ckpt.generation_config["bos_token_id"] == tokenizer.bos_id
+
+
+@pytest.mark.parametrize("name", ["tiny-llama2", "tiny-tied", "tiny-12m"])
+def test_expected_shapes_match_the_model(name):
+    """The readers validate against shapes computed from the config; they must be model.py's."""
+    from llamaworks.checkpoints import expected_shapes
+
+    config = get_preset(name).replace(head_dim=24)
+    model = Transformer(config)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_support import default_tokenizer, tiny_model
 
+from eval_support import default_tokenizer, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 from llamaworks.eval.scorer import LoglikelihoodScorer
 
 

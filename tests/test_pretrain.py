@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_helpers import build_tokenizer, grammar_corpus, unigram_entropy, write_corpus_files
 
 from llamaworks.cli import main as cli_main
 from llamaworks.data.prepare import load_prepared
+from train_helpers import build_tokenizer, grammar_corpus, unigram_entropy, write_corpus_files
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,8 @@ def test_pretrain_learns_grammar_below_unigram_entropy(corpus, tmp_path, capsys)
     assert h_unigram > 3.0  # ~30 words used with different frequencies
 
     out = tmp_path / "run"
-    code = cli_main(["pretrain", "--model-config", "tiny-llama2", "--data", str(data), "--out", str(out),
+    code = cli_main(["--threads", "1", "pretrain", "--model-config", "tiny-llama2", "--data", str(data),
+                     "--out", str(out),
                      "--seq-len", "64", "--batch-size", "16", "--max-steps", "150", "--lr", "3e-3",
                      "--warmup-steps", "10", "--eval-every", "50", "--eval-batches", "4", "--save-every", "75",
                      "--log-every", "25", "--no-progress"])

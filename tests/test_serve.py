@@ -75,6 +75,27 @@ def test_concurrent_greedy_equals_sequential_generate(model, tokenizer):
     model.clear_cache()
 
 
+def test_choices_of_one_request_share_one_prefill(model, tokenizer):
+    prompt = tokenizer.encode("Choices share the prompt")
+    engine = Engine(model, tokenizer, max_batch=4).start()
+    try:
+        q: queue.Queue = queue.Queue()
+        engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=8), q.put, n=3)
+        finishes = []
+        while len(finishes) < 3:
+            ev = q.get(timeout=60)
+            if isinstance(ev, FinishEvent):
+                finishes.append(ev)
+        prefills = engine.stats.prefills
+    finally:
+        engine.stop()
+    ref = generate(model, tokenizer, prompt, SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert prefills == 1
+    assert sorted(f.index for f in finishes) == [0, 1, 2]
+    assert all(f.token_ids == ref.token_ids for f in finishes)
+    model.clear_cache()
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer):
     prompt = tokenizer.encode("Once upon a time")
     engine = Engine(model, tokenizer, max_batch=4).start()

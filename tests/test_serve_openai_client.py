@@ -274,3 +274,13 @@ def test_real_model_end_to_end(smollm2_gguf):
             model="smollm2", temperature=0, max_tokens=16, stream=True,
             messages=[{"role": "user", "content": "Say hello."}]) if ch.choices)
         assert text.strip()
+
+
+def test_non_streaming_client_that_gives_up_is_cancelled(tokenizer):
+    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=2)
+    with running_server(create_app(engine, model_name=MODEL)) as url:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4000, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.5)
+        assert wait_until(lambda: engine.stats.cancelled == 1 and engine.stats.active == 0, timeout=10)
+        assert engine.stats.generated_tokens < 4000

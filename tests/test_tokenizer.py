@@ -130,6 +130,7 @@ def test_smollm2_gguf_matches_transformers(smollm2: Tokenizer, smollm2_ref, smol
     for text in CORPUS + SPECIAL_CORPUS["smollm2"]:
         ours = smollm2.encode(text, add_bos=False)
         assert ours == smollm2_ref.encode(text, add_special_tokens=False), text
+        assert smollm2.decode(ours) == smollm2_ref.decode(ours) == text
         if not any(c.isdigit() for c in text):  # transformers' GGUF loader differs only around digits
             assert ours == smollm2_ref_gguf.encode(text, add_special_tokens=False), text
     assert smollm2.encode("<|im_start|>")[-1] == smollm2.token_to_id("<|im_start|>") == 1
@@ -157,6 +158,7 @@ def test_llama3_tiktoken_matches_transformers_and_tiktoken(llama3: Tokenizer, ll
         ours = llama3.encode(text, add_bos=False)
         assert ours == llama3_ref.encode(text, add_special_tokens=False), text
         assert ours == native.encode(text, allowed_special="all"), text
+        assert llama3.decode(ours) == native.decode(ours) == llama3_ref.decode(ours) == text
     assert llama3.encode("hi")[0] == llama3.bos_id == 128000
     assert llama3.stop_ids >= {128001, 128008, 128009}
     assert llama3.token_to_id("<|start_header_id|>") == 128006
@@ -172,8 +174,12 @@ def test_sentencepiece_matches_transformers_and_sentencepiece(spm: Tokenizer, sp
         ours = spm.encode(text, add_bos=False)
         assert ours == native.encode(text), text  # SentencePiece itself is the ground truth
         assert ours == spm_ref.encode(text, add_special_tokens=False), text
+        assert spm.decode(ours) == native.decode(ours) == spm_ref.decode(ours) == text
     for text in SPECIAL_CORPUS["spm"]:
-        assert spm.encode(text, add_bos=False) == spm_ref.encode(text, add_special_tokens=False), text
+        ours = spm.encode(text, add_bos=False)
+        assert ours == spm_ref.encode(text, add_special_tokens=False), text
+        for skip in (False, True):
+            assert spm.decode(ours, skip_special_tokens=skip) == spm_ref.decode(ours, skip_special_tokens=skip)
     assert spm.encode("Hi")[0] == 1  # LLaMA adds BOS
 
 

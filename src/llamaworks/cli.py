@@ -331,6 +331,56 @@ def _add_merge_lora(sub: Subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _add_eval(sub: Subparsers) -> None:
+    p = sub.add_parser("eval", help="benchmarks scored like lm-evaluation-harness (ARC, HellaSwag, MMLU, TruthfulQA)",
+                       description="Multiple-choice benchmarks from local files, scored as EleutherAI's "
+                                   "lm-evaluation-harness does. See docs/eval.md.")
+    p.add_argument("--model", "-m", metavar="PATH", default=None, help="model (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--tasks", default=None, help="comma-separated: arc_challenge, arc_easy, hellaswag, mmlu, "
+                                                 "mmlu_<subject>, truthfulqa_mc1, truthfulqa_mc2")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the benchmark files")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default 0)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of each task")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234, as the harness)")
+    p.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--log-samples", action="store_true", help="store every item's prompt and scores in --out")
+    p.add_argument("--out", "-o", metavar="FILE", default=None, help="write the results JSON here")
+    p.add_argument("--leaderboard", action="store_true",
+                   help="Open LLM Leaderboard v1 set: ARC-c 25-shot, HellaSwag 10-shot, MMLU 5-shot, TruthfulQA mc2")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="print the differences between two results files (no model needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from .eval.runner import eval_main
+
+        print(eval_main(model=a.model, tasks=a.tasks, data_dir=a.data_dir, num_fewshot=a.num_fewshot,
+                        limit=a.limit, seed=a.seed, chat_template=a.chat_template, log_samples=a.log_samples,
+                        out=a.out, leaderboard=a.leaderboard, compare=a.compare, progress=not a.no_progress))
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_perplexity(sub: Subparsers) -> None:
+    p = sub.add_parser("perplexity", help="perplexity and bits per byte of text files (sliding window)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--model", "-m", metavar="PATH", default=None, help="model (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="tokens scored per window (default: half the window)")
+    p.add_argument("--out", "-o", metavar="FILE", default=None, help="also write the figures as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from .eval.perplexity import perplexity_main
+
+        print(perplexity_main(model=a.model, files=a.files, max_length=a.max_length, stride=a.stride, out=a.out,
+                              progress=not a.no_progress))
+        return 0
+
+    p.set_defaults(run=run)
+
+
 # One entry per verb, in the order `llamaworks --help` lists them.
 VERBS: list[Callable[[Subparsers], None]] = [
     _add_chat,
@@ -343,6 +393,8 @@ VERBS: list[Callable[[Subparsers], None]] = [
     _add_plan,
     _add_finetune,
     _add_merge_lora,
+    _add_eval,
+    _add_perplexity,
 ]
 
 

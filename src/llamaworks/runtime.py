@@ -218,14 +218,56 @@ def _decode_step(model: Transformer, tokens: Tensor, slot: Tensor, positions: Te
     return model.lm_head(model.norm(x))
 
 
+def _native_layer_args(model: Transformer) -> list[tuple[Any, ...]] | None:
+    """Per-layer arguments of the fused C++ decode layer, or None when the model cannot use it."""
+    if model.norm.weight.device.type != "cpu" or not kernels.native_available():
+        return None
+    names = (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w3", "w2")))
+    args = []
+    for layer in model.layers:
+        groups = []
+        for parent, children in names:
+            mods = [getattr(getattr(layer, parent), c) for c in children]
+            if not all(isinstance(m, GGMLLinear) for m in mods):
+                return None
+            groups.append(([m.raw for m in mods], [m.ggml_type for m in mods]))
+        (attn_w, attn_t), (ffn_w, ffn_t) = groups
+        args.append((layer.attention_norm.weight.float(), layer.ffn_norm.weight.float(), attn_w, attn_t,
+                     ffn_w, ffn_t, layer.attention))
+    if not isinstance(model.output, GGMLLinear) and model.output is not None:
+        return None
+    return args
+
+
+def _native_decode(model: Transformer, layer_args: list[tuple[Any, ...]], tokens: Tensor, slot: int,
+                   positions: Tensor, visible: Tensor) -> Tensor:
+    """The decode step with each transformer block one C++ call (no per-op Python/dispatcher overhead)."""
+    B = tokens.shape[0]
+    cfg = model.config
+    angles = positions.reshape(B, 1).float() * model.inv_freq  # (B, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    x = model.tok_embeddings(tokens).reshape(B, cfg.dim).float()
+    for attn_norm, ffn_norm, attn_w, attn_t, ffn_w, ffn_t, attention in layer_args:
+        cache = attention.cache
+        x = torch.ops.llamaworks.ggml_decode_layer(x, attn_norm, ffn_norm, cfg.norm_eps, attn_w, attn_t, ffn_w,
+                                                   ffn_t, cache.k, cache.v, cos, sin, visible, slot,
+                                                   attention.n_heads, attention.n_kv_heads)
+    return model.lm_head(model.norm(x.view(B, 1, cfg.dim)))
+
+
 class FastForward:
-    """Stands in for `Transformer.forward`: one-token cached steps take the static decode path."""
+    """Stands in for `Transformer.forward`: one-token cached steps take the static decode path.
+
+    With GGML weights on the CPU and the native kernels built, each block of a decode step is one fused C++ call;
+    otherwise the step is `_decode_step` in torch ops, compiled with torch.compile when `compile` is set.
+    """
 
     def __init__(self, model: Transformer, compile: bool) -> None:
         self.model = model
-        self.compiled = compile
+        self.layer_args = _native_layer_args(model)
+        self.compiled = compile and self.layer_args is None
         self.step = _decode_step
-        if compile:
+        if self.compiled:
             configure_compile_cache()
             self.step = torch.compile(_decode_step, dynamic=False)
 
@@ -249,6 +291,17 @@ class FastForward:
         if key_mask is not None:
             full_mask = torch.zeros(key_mask.shape[0], S, dtype=torch.bool, device=device)
             full_mask[:, : key_mask.shape[1]] = key_mask.bool()
+        cache = model.layers[0].attention.cache
+        if self.layer_args is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous():
+            k_pos = torch.arange(S, device=device)
+            visible = k_pos <= start_pos
+            window = model.config.sliding_window
+            if window is not None:
+                visible = visible & (start_pos - k_pos < window)
+            visible = visible.view(1, S).expand(B, S)
+            if full_mask is not None:
+                visible = (visible & full_mask) | (k_pos == start_pos)
+            return _native_decode(model, self.layer_args, tokens, start_pos, positions, visible)
         return self.step(model, tokens, slot, positions, full_mask, caches)
 
 

@@ -100,7 +100,9 @@ class Tokenizer:
         self.unk_token, self.unk_id = self._known(unk_token)
         if self.add_bos and self.bos_id is None:
             self.add_bos = False  # asking for a BOS the vocabulary lacks would only fail later
-        stops = {self.engine.token_to_id(t) for t in END_OF_TURN_TOKENS}
+        # Only added/special tokens count: a byte-level vocabulary may hold "</s>" as ordinary HTML text.
+        added = self.engine.get_added_tokens_decoder()
+        stops = {self.engine.token_to_id(t) for t in END_OF_TURN_TOKENS} & set(added)
         stops |= {int(i) for i in extra_stop_ids if 0 <= int(i) < self.vocab_size}
         if self.eos_id is not None:
             stops.add(self.eos_id)

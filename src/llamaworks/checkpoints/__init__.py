@@ -46,12 +46,21 @@ class Checkpoint:
 
 # -- shared helpers -----------------------------------------------------------------------------------
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape for a Transformer of this config, computed without allocating weights."""
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Parameter name -> shape of model.py's Transformer for this config (test_checkpoints_* check it matches)."""
+    d, f, v = config.dim, config.hidden_dim, config.vocab_size
+    q, kv = config.n_heads * config.head_size, config.kv_heads * config.head_size
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention_norm.weight": (d,), p + "attention.wq.weight": (q, d),
+                       p + "attention.wk.weight": (kv, d), p + "attention.wv.weight": (kv, d),
+                       p + "attention.wo.weight": (d, q), p + "ffn_norm.weight": (d,),
+                       p + "feed_forward.w1.weight": (f, d), p + "feed_forward.w2.weight": (d, f),
+                       p + "feed_forward.w3.weight": (f, d)})
+    shapes["norm.weight"] = (d,)
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (v, d)
+    return shapes
 
 
 def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source: Path | str) -> None:
@@ -64,6 +73,17 @@ def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source:
         if got != shape:
             raise FormatError(f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
                               f"for the model described by its config")
+
+
+def writable_tensors(state_dict: dict[str, Any], config: ModelConfig) -> dict[str, Tensor]:
+    """The model's weights in canonical order, for the writers: quantized entries dequantized, an `output`
+    of a tied model dropped, anything else (buffers, adapter leftovers) ignored, shapes validated."""
+    from .gguf import GGUFQuantTensor
+
+    expected = expected_shapes(config)
+    state = {k: v for k, v in state_dict.items() if k in expected}
+    validate_state_dict(state, config, "state_dict")
+    return {k: (state[k].dequantize() if isinstance(state[k], GGUFQuantTensor) else state[k]) for k in expected}
 
 
 def cast_floats(state_dict: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
@@ -81,6 +101,15 @@ def optional_tokenizer_module() -> Any | None:
     return tokenizer
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file next to `path`; it replaces `path` only if the block finishes without error."""
@@ -89,6 +118,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -103,6 +133,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

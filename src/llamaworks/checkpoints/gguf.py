@@ -37,6 +37,7 @@ from . import (
     cast_floats,
     optional_tokenizer_module,
     validate_state_dict,
+    writable_tensors,
 )
 
 ARCH = "llama"
@@ -522,10 +523,7 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
     if tensor_type not in WRITE_TYPES:
         raise ValueError(f"unsupported GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITE_TYPES)}")
     wanted = WRITE_TYPES[tensor_type]
-    state = {k: (v.dequantize() if isinstance(v, GGUFQuantTensor) else v) for k, v in state_dict.items()}
-    if config.tie_embeddings:
-        state.pop("output.weight", None)
-    validate_state_dict(state, config, "state_dict")
+    state = writable_tensors(state_dict, config)
 
     writer = gguf.GGUFWriter(None, ARCH)
     writer.add_type("model")
@@ -568,8 +566,6 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
     if scaling is not None and scaling.kind == "llama3":
         plan.append(("rope_freqs.weight", torch.from_numpy(_rope_divisors(config)), QType.F32))
     for ours, t in state.items():
-        if not ours.endswith(".weight"):
-            continue
         plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, wanted)))
     for gname, t, qtype in plan:
         shape = tuple(t.shape)

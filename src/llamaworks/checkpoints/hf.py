@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import FormatError
-from . import Checkpoint, atomic_write, atomic_write_with, cast_floats, optional_tokenizer_module, validate_state_dict
+from . import (
+    Checkpoint,
+    atomic_write,
+    atomic_write_with,
+    cast_floats,
+    optional_tokenizer_module,
+    validate_state_dict,
+    writable_tensors,
+)
 from .hf_names import config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
 
 SAFETENSORS = "model.safetensors"
@@ -181,14 +189,7 @@ def write_hf(directory: Path, state_dict: dict[str, Any], config: ModelConfig, t
              chat_template: str | None = None, dtype: torch.dtype | None = None,
              max_shard_size: int | str | None = None, generation_config: dict[str, Any] | None = None,
              progress: bool = False) -> Path:
-    from .gguf import GGUFQuantTensor
-
-    state = {k: (v.dequantize() if isinstance(v, GGUFQuantTensor) else v) for k, v in state_dict.items()}
-    if config.tie_embeddings:
-        state.pop("output.weight", None)
-    validate_state_dict(state, config, "state_dict")
-    state = {k: v for k, v in state.items() if k.endswith(".weight")}
-    state = cast_floats(state, dtype)
+    state = cast_floats(writable_tensors(state_dict, config), dtype)
     directory.mkdir(parents=True, exist_ok=True)
 
     hf_state = ours_to_hf(state, config)

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError
-from . import Checkpoint, atomic_write, atomic_write_with, cast_floats, optional_tokenizer_module, validate_state_dict
+from . import (
+    Checkpoint,
+    atomic_write,
+    atomic_write_with,
+    cast_floats,
+    optional_tokenizer_module,
+    validate_state_dict,
+    writable_tensors,
+)
 from .hf import load_torch_weights
 
 _COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
@@ -178,14 +186,8 @@ def write_meta(directory: Path, state_dict: dict[str, Any], config: ModelConfig,
                tokenizer_model: str | os.PathLike[str] | None = None, dtype: torch.dtype | None = None,
                progress: bool = False) -> Path:
     """Single-rank Meta checkpoint. Tied models get an explicit output matrix, as Meta's own files have."""
-    from .gguf import GGUFQuantTensor
-
     params = config_to_params(config)
-    state = {k: (v.dequantize() if isinstance(v, GGUFQuantTensor) else v) for k, v in state_dict.items()}
-    if config.tie_embeddings:
-        state.pop("output.weight", None)
-    validate_state_dict(state, config, "state_dict")
-    state = cast_floats({k: v for k, v in state.items() if k.endswith(".weight")}, dtype)
+    state = cast_floats(writable_tensors(state_dict, config), dtype)
     out = {k: v.detach().to("cpu").contiguous().clone()
            for k, v in tqdm(state.items(), desc="preparing", unit="tensor", disable=not progress)}
     if config.tie_embeddings:

@@ -29,7 +29,10 @@ def acc_norm(logprobs: Sequence[float], choices: Sequence[str], gold: int) -> fl
 
 
 def mc2(logprobs: Sequence[float], labels: Sequence[int]) -> float:
-    probs = np.exp(np.asarray(logprobs, dtype=np.float64))
+    # Shifting by the max changes nothing mathematically, but keeps exp() from underflowing to 0/0 on very
+    # long answers (where the harness's plain exp() would give NaN).
+    lls = np.asarray(logprobs, dtype=np.float64)
+    probs = np.exp(lls - lls.max())
     probs = probs / probs.sum()
     return float(probs[np.asarray(labels) == 1].sum())
 

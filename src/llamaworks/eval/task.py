@@ -14,7 +14,9 @@ generation prompt, and continuations lose their leading space (the harness drops
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,9 +158,15 @@ def field_of(record: dict[str, Any], key: str, path: Path, line: int, kind: type
 
 
 def find_files(data_dir: Path, patterns: Sequence[str]) -> list[Path]:
-    """Files under data_dir (any depth) matching the first glob pattern that matches anything, sorted."""
+    """Files under data_dir (any depth, symlinks followed) whose trailing path parts match the first pattern
+    that matches anything, e.g. "ARC-Challenge/test-*.parquet" matches .../ARC-Challenge/test-0000.parquet."""
+    files = []
+    for root, _, names in os.walk(data_dir, followlinks=True):
+        files.extend(Path(root) / name for name in names)
     for pattern in patterns:
-        hits = sorted(p for p in data_dir.rglob(pattern) if p.is_file())
+        parts = pattern.split("/")
+        hits = sorted(f for f in files if len(f.parts) >= len(parts)
+                      and all(fnmatch.fnmatchcase(a, b) for a, b in zip(f.parts[-len(parts):], parts)))
         if hits:
             return hits
     return []

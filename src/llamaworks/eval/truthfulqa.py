@@ -64,8 +64,8 @@ def read_mc_task(path: Path) -> list[tuple[int, dict]]:
 
 def load(name: str, data_dir: Path) -> Task:
     variant = name.rsplit("_", 1)[1]  # truthfulqa_mc1 / truthfulqa_mc2
-    paths = require_files(data_dir, ["mc_task.json", "multiple_choice/validation-*.parquet",
-                                     "truthful_qa/**/validation-*.parquet"], "TruthfulQA multiple-choice")
+    paths = require_files(data_dir, ["mc_task.json", "multiple_choice/validation-*.parquet"],
+                          "TruthfulQA multiple-choice")
     records = [(p, line, r) for p in paths
                for line, r in (read_mc_task(p) if p.suffix == ".json" else list(read_parquet(p)))]
     docs = [parse_record(r, p, line, variant) for p, line, r in records]

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -230,12 +231,118 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
   return y.to(x_in.scalar_type()).view(out_shape);
 }
 
+
+void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float scale = float(1.0 / std::sqrt(ss / n + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+// Rotate adjacent pairs (0,1), (2,3), ... of each head by the position's angles (Meta/GGUF rotary layout).
+void rope_inplace(float* v, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = v + h * d;
+    for (int64_t i = 0; i < d / 2; ++i) {
+      const float a = p[2 * i], b = p[2 * i + 1];
+      p[2 * i] = a * cos[i] - b * sin[i];
+      p[2 * i + 1] = a * sin[i] + b * cos[i];
+    }
+  }
+}
+
+// One transformer block for one new token per row, entirely in C++: x (B, dim) -> x (B, dim).
+// Keys/values are written at cache slot `slot`; a query sees the cache slots where `visible` (B, S) is true.
+at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& ffn_norm,
+                             double eps, at::TensorList attn_w, at::IntArrayRef attn_t, at::TensorList ffn_w,
+                             at::IntArrayRef ffn_t, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& visible, int64_t slot,
+                             int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(attn_w.size() == 4 && ffn_w.size() == 3, "llamaworks: expected wq, wk, wv, wo and w1, w3, w2");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "llamaworks: the fused decode layer needs contiguous float32 KV caches");
+  at::Tensor x = x_in.to(at::kFloat).contiguous().clone();
+  const int64_t B = x.size(0), dim = x.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  const int64_t G = n_heads / n_kv_heads, qdim = n_heads * D, kvdim = n_kv_heads * D;
+  TORCH_CHECK(slot >= 0 && slot < S, "llamaworks: cache slot out of range");
+  at::Tensor cosc = cos.to(at::kFloat).contiguous(), sinc = sin.to(at::kFloat).contiguous();
+  at::Tensor vis = visible.to(at::kBool).contiguous();
+  at::Tensor h = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  const float* anw = attn_norm.data_ptr<float>();
+  const float* fnw = ffn_norm.data_ptr<float>();
+
+  for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * dim, anw, hp + b * dim, dim, eps);
+  at::Tensor qkv = ggml_linear_group(h, {attn_w[0], attn_w[1], attn_w[2]}, {attn_t[0], attn_t[1], attn_t[2]}, dim);
+  const int64_t qkv_n = qkv.size(1);
+  float* qp = qkv.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qp + b * qkv_n;
+    rope_inplace(row, n_heads, D, cosc.data_ptr<float>() + b * (D / 2), sinc.data_ptr<float>() + b * (D / 2));
+    rope_inplace(row + qdim, n_kv_heads, D, cosc.data_ptr<float>() + b * (D / 2),
+                 sinc.data_ptr<float>() + b * (D / 2));
+    for (int64_t g = 0; g < n_kv_heads; ++g) {
+      std::memcpy(kc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + g * D, D * sizeof(float));
+      std::memcpy(vc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + kvdim + g * D, D * sizeof(float));
+    }
+  }
+
+  // Attention over slots [0, slot]: each query head reads its group's key/value head directly (no copies).
+  at::Tensor attn = at::empty({B, qdim}, x.options());
+  float* ap = attn.data_ptr<float>();
+  const bool* vp = vis.data_ptr<bool>();
+  const int64_t n_keys = slot + 1;
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(n_keys);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
+      const float* q = qp + b * qkv_n + head * D;
+      const float* keys = kc + (b * n_kv_heads + kvh) * S * D;
+      const float* vals = vc + (b * n_kv_heads + kvh) * S * D;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < n_keys; ++s) {
+        if (!vp[b * S + s]) { scores[s] = -INFINITY; continue; }
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * keys[s * D + d];
+        scores[s] = dot * scale;
+        mx = std::max(mx, scores[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < n_keys; ++s) {
+        scores[s] = scores[s] == -INFINITY ? 0.f : std::exp(scores[s] - mx);
+        total += scores[s];
+      }
+      float* out = ap + b * qdim + head * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+      for (int64_t s = 0; s < n_keys; ++s) {
+        const float p = scores[s] / total;
+        if (p == 0.f) continue;
+        for (int64_t d = 0; d < D; ++d) out[d] += p * vals[s * D + d];
+      }
+    }
+  });
+
+  at::Tensor o = ggml_linear_group(attn, {attn_w[3]}, {attn_t[3]}, qdim);
+  x.add_(o);
+  for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * dim, fnw, hp + b * dim, dim, eps);
+  at::Tensor act = ggml_swiglu(h, ffn_w[0], ffn_t[0], ffn_w[1], ffn_t[1], dim);
+  x.add_(ggml_linear_group(act, {ffn_w[2]}, {ffn_t[2]}, act.size(1)));
+  return x.to(x_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaworks, lib) {
   lib.def("ggml_linear(Tensor x, Tensor raw, int ggml_type, int in_features) -> Tensor");
   lib.def("ggml_dequantize(Tensor raw, int ggml_type, int in_features) -> Tensor");
   lib.def("ggml_linear_group(Tensor x, Tensor[] raws, int[] ggml_types, int in_features) -> Tensor");
+  lib.def("ggml_decode_layer(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] attn_w, "
+          "int[] attn_t, Tensor[] ffn_w, int[] ffn_t, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
+          "Tensor sin, Tensor visible, int slot, int n_heads, int n_kv_heads) -> Tensor");
   lib.def("ggml_swiglu(Tensor x, Tensor gate, int gate_type, Tensor up, int up_type, int in_features) -> Tensor");
 }
 
@@ -244,4 +351,5 @@ TORCH_LIBRARY_IMPL(llamaworks, CPU, lib) {
   lib.impl("ggml_dequantize", &ggml_dequantize);
   lib.impl("ggml_linear_group", &ggml_linear_group);
   lib.impl("ggml_swiglu", &ggml_swiglu);
+  lib.impl("ggml_decode_layer", &ggml_decode_layer);
 }

@@ -112,6 +112,10 @@ def _register_fakes() -> None:
     def _swiglu_fake(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], gate.shape[0]))
 
+    @torch.library.register_fake("llamaworks::ggml_decode_layer")
+    def _layer_fake(x: Tensor, *args: object) -> Tensor:
+        return torch.empty_like(x)
+
     @torch.library.register_fake("llamaworks::ggml_dequantize")
     def _dequantize_fake(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
         return raw.new_empty((raw.shape[0], in_features), dtype=torch.float32)

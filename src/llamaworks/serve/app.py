@@ -30,6 +30,7 @@ from .engine import Engine, FinishEvent, QueueFullError, TokenEvent, TokenInfo
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 FINGERPRINT = f"llamaworks-{__version__}"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 # How a template without its own tool support is told about tools (Hermes / SmolLM2 / Qwen style).
@@ -230,13 +231,17 @@ class _Choice:
 async def _collect(request: Request, queue: asyncio.Queue, handles: list, total: int) -> list[_Choice]:
     choices = [_Choice() for _ in range(total)]
     done = 0
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     try:
         while done < total:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            # Look for a departed client every DISCONNECT_POLL_S, whether or not tokens keep arriving.
+            if time.monotonic() >= next_check:
                 if await request.is_disconnected():
-                    raise APIError(499, "client disconnected") from None
+                    raise APIError(499, "client disconnected")
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if isinstance(event, TokenEvent):
                 choices[event.index].tokens.extend(event.tokens)

@@ -220,6 +220,14 @@ def token_strings(tokenizer) -> list[str]:
     return strings
 
 
+def _prefix_ok(state: JsonState, prefix: str) -> bool:
+    for ch in prefix:
+        state = step(state, ch)
+        if state is None:
+            return False
+    return True
+
+
 class JsonGrammar:
     """Token-level view of the JSON automaton for one tokenizer (masks cached per state)."""
 
@@ -232,6 +240,29 @@ class JsonGrammar:
         self.vocab_size = vocab_size or len(self.strings)
         self._masks: dict[JsonState, Tensor] = {}
         self._max_cached = 4096
+        # Most tokens are "plain" inside a string (no quote, backslash or control character): they leave a
+        # string state unchanged, so string states only simulate the few others.
+        plain = [bool(t) and '"' not in t and "\\" not in t and all(ord(c) >= 0x20 for c in t) for t in self.strings]
+        self._plain = torch.tensor(plain, dtype=torch.bool)
+        self._not_plain = [i for i, p in enumerate(plain) if not p and self.strings[i]]
+        # Outside strings most tokens fail within their first two characters (" the" fails on "t"): test
+        # each distinct two-character prefix once, and only then the tokens that start with it.
+        self._by_prefix: dict[str, list[int]] = {}
+        for i, t in enumerate(self.strings):
+            if t:
+                self._by_prefix.setdefault(t[:2], []).append(i)
+
+    def _compute(self, state: JsonState) -> Tensor:
+        if state.mode in (STR, KEY_STR):
+            mask = self._plain.clone()
+            candidates = self._not_plain
+        else:
+            mask = torch.zeros(len(self.strings), dtype=torch.bool)
+            candidates = [i for prefix, ids in self._by_prefix.items() if _prefix_ok(state, prefix) for i in ids]
+        ok = [i for i in candidates if accepts(state, self.strings[i]) is not None]
+        if ok:
+            mask[ok] = True
+        return mask
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> JsonGrammar:
@@ -257,9 +288,7 @@ class JsonGrammar:
             return mask
         cached = self._masks.get(state)
         if cached is None:
-            ids = [i for i, text in enumerate(self.strings) if accepts(state, text) is not None]
-            cached = torch.zeros(len(self.strings), dtype=torch.bool)
-            cached[ids] = True
+            cached = self._compute(state)
             if len(self._masks) >= self._max_cached:
                 self._masks.clear()
             self._masks[state] = cached

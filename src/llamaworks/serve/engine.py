@@ -180,6 +180,7 @@ class Engine:
         self._end = 0
         self._json_grammar = None
         self._token_texts: list[str] | None = None
+        self._last_prefill: tuple[Request, _Sequence, Tensor] | None = None  # (request, seq, last logits)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -382,20 +383,33 @@ class Engine:
             self._end = P
         row = len(self._active)
         start = self._end - P
-        tokens = torch.tensor([prompt], dtype=torch.long, device=self._device)
-        key_mask = None
-        if start:
-            key_mask = torch.arange(self._end, device=self._device).unsqueeze(0) >= start
-        self._rows.rows = slice(row, row + 1)
-        logits = self.model(tokens, start, key_mask=key_mask,
-                            positions=torch.arange(P, device=self._device).unsqueeze(0), last_only=True)
+        sibling = self._last_prefill
+        if (sibling is not None and sibling[0] is seq.request and sibling[1] in self._active
+                and sibling[1].start == start):
+            # Another choice of the same request, admitted before any decode step: copy its prompt's keys
+            # and values and reuse its logits instead of running the prompt again.
+            src = sibling[1].row
+            for c in self._caches:
+                c.k[row, :, start:self._end] = c.k[src, :, start:self._end]
+                c.v[row, :, start:self._end] = c.v[src, :, start:self._end]
+            logits = sibling[2]
+        else:
+            tokens = torch.tensor([prompt], dtype=torch.long, device=self._device)
+            key_mask = None
+            if start:
+                key_mask = torch.arange(self._end, device=self._device).unsqueeze(0) >= start
+            self._rows.rows = slice(row, row + 1)
+            logits = self.model(tokens, start, key_mask=key_mask,
+                                positions=torch.arange(P, device=self._device).unsqueeze(0), last_only=True)[:, -1]
+            self.stats.prefills += 1
         seq.row, seq.start = row, start
         self._active.append(seq)
-        self.stats.prefills += 1
+        self._last_prefill = (seq.request, seq, logits)
         self.stats.active = len(self._active)
-        self._sample_and_emit([seq], logits[:, -1])
+        self._sample_and_emit([seq], logits)
 
     def _decode_step(self) -> None:
+        self._last_prefill = None
         n = len(self._active)
         self._ensure_room(self._end + 1)
         end = self._end
@@ -423,8 +437,8 @@ class Engine:
             logits = logits.float().clone()
             for i, s in enumerate(seqs):
                 if s.json_state is not None:
-                    allowed = self.json_grammar.allowed(s.json_state, s.stop_ids).to(logits.device)
-                    logits[i].masked_fill_(~allowed, float("-inf"))
+                    allowed = self.json_grammar.allowed(s.json_state, s.stop_ids, logits.shape[-1])
+                    logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
         params = [s.params for s in seqs]
         histories = [s.history for s in seqs]
         want_lp = [s.request.logprobs is not None for s in seqs]

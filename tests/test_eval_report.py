@@ -1,0 +1,101 @@
+"""End to end on the fixtures with a tiny random model: results JSON, samples, table, --compare, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval_support import FIXTURES, default_tokenizer, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from llamaworks import cli
+from llamaworks.eval import EvalSettings, run_eval
+from llamaworks.eval import report as report_mod
+from llamaworks.eval.scorer import LoglikelihoodScorer
+
+
+@pytest.fixture(scope="module")
+def results_doc(tmp_path_factory):
+    model, tokenizer = tiny_model(), default_tokenizer()
+    data = tmp_path_factory.mktemp("data")
+    for sub in ("arc", "mmlu", "truthfulqa"):
+        (data / sub).symlink_to(FIXTURES / sub)
+    settings = EvalSettings(tasks=["arc_challenge", "mmlu", "truthfulqa_mc2"], data_dir=data, num_fewshot=1,
+                            limit=2, log_samples=True)
+    info = {"path": "tiny", "fingerprint": report_mod.model_fingerprint(None, model.config.to_dict())}
+    doc = report_mod.finalize(run_eval(model, tokenizer, settings, model_info=info, progress=False))
+    return doc, model, tokenizer
+
+
+def test_results_have_metrics_stderr_settings_and_samples(results_doc):
+    doc, model, tokenizer = results_doc
+    r = doc["results"]
+    assert set(r) == {"arc_challenge", "mmlu_astronomy", "mmlu_college_physics", "truthfulqa_mc2"}
+    assert r["arc_challenge"]["n"] == 2 and r["arc_challenge"]["num_fewshot"] == 1
+    assert set(r["arc_challenge"]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert "acc_norm" not in r["mmlu_astronomy"]
+    assert r["mmlu_college_physics"]["n"] == 1  # the fixture has one test item
+    g = doc["groups"]["mmlu"]
+    assert g["n"] == 3 and g["subtasks"] == 2
+    assert g["acc"] == pytest.approx((2 * r["mmlu_astronomy"]["acc"] + r["mmlu_college_physics"]["acc"]) / 3)
+    assert doc["settings"]["seed"] == 1234 and doc["settings"]["limit"] == 2
+    assert doc["version"] == 1 and doc["model"]["fingerprint"]["config_sha256"]
+
+    # Every logged sample is consistent with its metrics and with a fresh scorer on the same strings.
+    scorer = LoglikelihoodScorer(model, tokenizer)
+    for task, samples in doc["samples"].items():
+        values = [s["acc"] for s in samples]
+        assert r[task]["acc"] == pytest.approx(sum(values) / len(values))
+        for s in samples:
+            lls = [c.logprob for c in scorer.score(s["context"], s["continuations"])]
+            assert lls == pytest.approx(s["loglikelihoods"], abs=1e-5)
+            assert s["pred"] == max(range(len(lls)), key=lambda i: (lls[i], -i))
+    tqa = doc["samples"]["truthfulqa_mc2"][0]
+    assert 0.0 <= tqa["acc"] <= 1.0 and tqa["labels"] == [1, 1, 0, 0]
+    arc0 = doc["samples"]["arc_challenge"][0]
+    assert arc0["context"].endswith("Question: Which gas do plants take in from the air?\nAnswer:")
+    assert arc0["context"].count("Question:") == 2  # one shot
+
+
+def test_json_roundtrip_table_and_compare(results_doc, tmp_path):
+    doc, _, _ = results_doc
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    report_mod.write_json(doc, a)
+    changed = json.loads(json.dumps(doc))
+    changed["results"]["arc_challenge"]["acc"] = doc["results"]["arc_challenge"]["acc"] + 0.5
+    report_mod.write_json(changed, b)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
+    loaded = report_mod.read_json(a)
+    assert loaded["results"]["arc_challenge"]["acc"] == doc["results"]["arc_challenge"]["acc"]
+
+    table = report_mod.markdown_table(loaded)
+    assert table.splitlines()[0] == "| task | shots | metric | value (%) | ± stderr | n |"
+    assert "| arc_challenge | 1 | acc_norm |" in table
+    assert "| mmlu | 1 | acc |" in table and "mmlu_astronomy" not in table  # subjects fold into the group
+
+    text = report_mod.compare(loaded, report_mod.read_json(b), "a.json", "b.json")
+    row = next(line for line in text.splitlines() if line.startswith("| arc_challenge | acc |"))
+    assert "+50.00" in row
+    same = next(line for line in text.splitlines() if line.startswith("| arc_challenge | acc_norm |"))
+    assert "+0.00" in same
+
+
+def test_cli_compare_and_one_line_errors(results_doc, tmp_path, capsys):
+    doc, _, _ = results_doc
+    report_mod.write_json(doc, tmp_path / "a.json")
+    assert cli.main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    assert "| arc_challenge | acc |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{\n  oops")
+    assert cli.main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.json:2: not valid JSON" in err and err.count("\n") == 1
+    assert cli.main(["eval", "--tasks", "arc_challenge,nope", "--data-dir", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli.main(["eval", "--tasks", "hellaswag", "--data-dir", str(tmp_path)]) == 2
+    assert "no HellaSwag validation file found" in capsys.readouterr().err
+
+
+def test_fingerprint_hashes_small_files(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"abc")
+    fp = report_mod.model_fingerprint(f, {"dim": 1})
+    assert fp == {"sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "size": 3}
