@@ -136,7 +136,7 @@ def test_extra_entries_are_ignored_and_missing_ones_reported(tmp_path):
     save_hf(tmp_path / "ok", sd, model.config, None)
     assert torch.equal(logits(load_model(tmp_path / "ok")[0], tokens_for(256)), logits(model, tokens_for(256)))
     del sd["norm.weight"]
-    with pytest.raises(FormatError, match="norm.weight"):
+    with pytest.raises(FormatError, match=r"norm\.weight"):
         save_hf(tmp_path / "bad", sd, model.config, None)
 
 

@@ -37,8 +37,13 @@ def test_every_verb_has_threads_and_a_runner():
         assert callable(args.run)
     assert parser.parse_args(["--threads", "3", "models"]).threads == 3
     assert parser.parse_args(["models", "--threads", "2"]).threads == 2
+    assert parser.parse_args(["chat"]).threads is None  # resolved to physical cores in main()
+    for action in parser._subparsers._group_actions[0].choices.values():  # every verb, nested ones too
+        assert "--threads" in action.format_help(), action.prog
     args = parser.parse_args(["chat", "--temperature", "0", "--max-tokens", "5", "--stop", "a", "--stop", "b"])
     assert cli.sampling_kwargs(args) == {"temperature": 0.0, "max_new_tokens": 5, "stop": ["a", "b"]}
+    args = parser.parse_args(["generate", "-p", "x", "--stop", "\\n\\n", "--top-p", "0.9"])
+    assert cli.sampling_kwargs(args) == {"top_p": 0.9, "max_new_tokens": 128, "stop": ["\n\n"]}
 
 
 def test_physical_cores_is_positive():

@@ -99,3 +99,19 @@ def test_fingerprint_hashes_small_files(tmp_path):
     f.write_bytes(b"abc")
     fp = report_mod.model_fingerprint(f, {"dim": 1})
     assert fp == {"sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "size": 3}
+
+
+def test_chat_template_mode_wraps_prompts_and_drops_the_space(results_doc):
+    _, model, tokenizer = results_doc
+    if not getattr(tokenizer, "chat_template", None):
+        pytest.skip("tokenizer without a chat template")
+    settings = EvalSettings(tasks=["mmlu_astronomy"], data_dir=FIXTURES / "mmlu", limit=1, chat_template=True,
+                            log_samples=True)
+    doc = run_eval(model, tokenizer, settings, progress=False)
+    (sample,) = doc["samples"]["mmlu_astronomy"]
+    # SmolLM2's ChatML template: the MMLU description is the system turn, the question the user turn.
+    assert sample["context"] == (
+        "<|im_start|>system\nThe following are multiple choice questions (with answers) about astronomy.\n\n"
+        "<|im_end|>\n<|im_start|>user\nWhat is the Milky Way?\nA. A star\nB. A galaxy\nC. A planet\nD. A comet\n"
+        "Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert sample["continuations"] == ["A", "B", "C", "D"]

@@ -176,7 +176,7 @@ def test_smollm2_learns_its_korean_name_and_keeps_it_in_gguf(tmp_path, smollm2_g
     data = write_name_data(tmp_path / "name.jsonl")
     out = tmp_path / "ramabot"
     cfg = FinetuneConfig(method="lora", model=str(smollm2_gguf), data=[str(data)], out=str(out), lora_rank=16,
-                         lora_alpha=32, lora_dropout=0.0, seq_len=256, micro_batch_size=2, max_steps=12, lr=2e-3,
+                         lora_alpha=32, lora_dropout=0.0, seq_len=256, micro_batch_size=1, max_steps=8, lr=2e-3,
                          warmup_steps=0, log_every=1, progress=False, tensorboard=False, plot=False, seed=0)
     result = finetune(cfg)
     assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]

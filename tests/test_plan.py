@@ -57,8 +57,12 @@ def test_inference_aware_is_smaller_same_loss_and_cheaper(serve_tokens):
 
 
 def test_measured_step_gives_a_time_estimate():
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    m = measure_training_flops("tiny-llama2", seq_len=32, batch=2, steps=1)
+    try:
+        m = measure_training_flops("tiny-llama2", seq_len=32, batch=2, steps=1)
+    finally:
+        torch.set_num_threads(old)
     assert m["flops_per_s"] > 1e6 and m["tokens_per_s"] > 0 and m["device"] == "cpu"
 
 

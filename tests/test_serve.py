@@ -145,6 +145,20 @@ def test_cancel_frees_the_slot_and_queue_full_is_raised(model, tokenizer):
         engine.stop()
 
 
+def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2).start()
+    try:
+        running = _submit(engine, tokenizer.encode("still fine"), max_new_tokens=30)
+        _, bad = _drain(_submit(engine, [model.config.vocab_size + 5]))  # out of the embedding's range
+        assert bad.reason == "error" and "IndexError" in bad.error
+        _, after = _drain(_submit(engine, tokenizer.encode("Hello"), max_new_tokens=3))
+        assert after.reason == "length" and after.completion_tokens == 3
+        assert _drain(running)[1].reason in ("error", "length")  # in flight when the step failed: answered
+        assert engine.stats.errors == 1
+    finally:
+        engine.stop()
+
+
 def test_prompt_must_fit_the_context(model, tokenizer):
     engine = Engine(model, tokenizer, max_context=64)
     with pytest.raises(ValueError, match="context"):

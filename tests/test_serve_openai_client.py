@@ -76,8 +76,9 @@ def test_chat_usage_and_logprobs(client, tokenizer):
         lps = [t.logprob for t in e.top_logprobs]
         assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
         assert e.token == e.top_logprobs[0].token and e.logprob == pytest.approx(lps[0])  # greedy = best token
-    if choice.finish_reason == "length":
-        assert choice.message.content == "".join(e.token for e in entries)
+    joined = "".join(e.token for e in entries)
+    if choice.finish_reason == "length" and "\ufffd" not in joined:  # (a token may be part of a character)
+        assert choice.message.content == joined
 
 
 def test_completion_usage_and_logprobs(client, tokenizer):
@@ -88,7 +89,9 @@ def test_completion_usage_and_logprobs(client, tokenizer):
     assert r.usage.completion_tokens == len(c.logprobs.tokens) == len(c.logprobs.token_logprobs)
     assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
     if c.finish_reason == "length":
-        assert r.usage.completion_tokens == 6 and c.text == "".join(c.logprobs.tokens)
+        assert r.usage.completion_tokens == 6
+        if "\ufffd" not in "".join(c.logprobs.tokens):
+            assert c.text == "".join(c.logprobs.tokens)
 
 
 def test_streaming_matches_non_streaming(client):
@@ -108,7 +111,7 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_n_choices_and_seed(client):
-    kwargs = dict(model=MODEL, messages=USER, max_tokens=8, temperature=1.0, seed=42, n=2)
+    kwargs = dict(model=MODEL, messages=USER, max_tokens=8, temperature=1.0, seed=42, n=2, logprobs=True)
     a = client.chat.completions.create(**kwargs)
     b = client.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1]
@@ -117,7 +120,7 @@ def test_n_choices_and_seed(client):
     assert texts[0] != texts[1]  # the two choices are different draws
     other = client.chat.completions.create(**{**kwargs, "seed": 43})
     assert [c.message.content for c in other.choices] != texts
-    assert a.usage.completion_tokens == 16 or a.usage.completion_tokens <= 16
+    assert a.usage.completion_tokens == sum(len(c.logprobs.content) for c in a.choices)  # summed over choices
 
 
 def test_stop_strings(client):
@@ -186,10 +189,11 @@ def test_api_key_required(tokenizer):
 
 
 def test_queue_full_answers_503_with_retry_after(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer, max_batch=1, queue_size=1)
+    # A long context so the running request cannot finish before the queue is tested.
+    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=1, queue_size=1)
     with running_server(create_app(engine, model_name=MODEL)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        long = dict(model=MODEL, prompt="Hi", max_tokens=240, temperature=0)
+        long = dict(model=MODEL, prompt="Hi", max_tokens=4000, temperature=0)
         first = c.completions.create(**long, stream=True)   # occupies the only slot
         second = c.completions.create(**long, stream=True)  # waits in the queue
         with pytest.raises(openai.APIStatusError) as e:
@@ -236,21 +240,22 @@ def test_continuous_batching_concurrent_equals_sequential(client, server):
     assert steps < 8 * 23  # far fewer model calls than serving the 8 streams one after another
 
 
-def test_disconnecting_client_frees_its_slot(client, server):
-    engine = server[1]
-    cancelled = engine.stats.cancelled
-    stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=240, temperature=0, stream=True)
-    got = 0
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            got += 1
-            if got == 3:
-                break
-    stream.close()
-    assert wait_until(lambda: engine.stats.cancelled == cancelled + 1 and engine.stats.active == 0, timeout=15)
-    generated = engine.stats.generated_tokens
-    time.sleep(0.3)
-    assert engine.stats.generated_tokens == generated  # nothing runs for the departed client
+def test_disconnecting_client_frees_its_slot(tokenizer):
+    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=2)
+    with running_server(create_app(engine, model_name=MODEL)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=4000, temperature=0, stream=True)
+        got = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got += 1
+                if got == 3:
+                    break
+        stream.close()
+        assert wait_until(lambda: engine.stats.cancelled == 1 and engine.stats.active == 0, timeout=15)
+        generated = engine.stats.generated_tokens
+        time.sleep(0.3)
+        assert engine.stats.generated_tokens == generated < 4000  # nothing runs for the departed client
 
 
 @pytest.mark.slow

@@ -294,7 +294,7 @@ def test_gguf_metadata_written_with_gguf_writer_reads_back(spm: Tokenizer, tmp_p
 
 
 # ---- streaming -------------------------------------------------------------------------------------------------
-STREAM_TEXTS = ["한국어 문장입니다. 안녕하세요! 👍🏽 ㄱㄴㄷ ㅏㅑ", "Hello  world,\n\tcode 12345 🦙 끝."]
+STREAM_TEXTS = ["한국어 문장입니다. 안녕하세요! 👍🏽 ㄱㄴㄷ ㅏㅑ", "Hello  world,\n\tcode 12345 🦙 끝.", "뷁똠햏 😀"]
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama3", "spm"])
@@ -307,10 +307,12 @@ def test_stream_decoder_emits_whole_characters(name: str, request: pytest.Fixtur
         chunks.append(stream.flush())
         assert "".join(chunks) == tok.decode(ids)
         assert not any("\ufffd" in c for c in chunks), chunks
-    # Korean splits into several pieces per character in these vocabularies, so something was held back.
-    korean = tok.encode("한국어", add_bos=False)
+    # Rare syllables are split into bytes (<0xEB><0xB7><0x81> or byte-level pieces): held back until whole.
+    rare = tok.encode("뷁똠햏", add_bos=False)
     stream = StreamDecoder(tok)
-    assert "" in [stream.push(i) for i in korean] or len(korean) <= 3
+    chunks = [stream.push(i) for i in rare]
+    assert len(rare) > 3 and "" in chunks
+    assert [c for c in chunks if c] in (["뷁", "똠", "햏"], ["뷁", "똠햏"])
 
 
 def test_stream_decoder_keeps_sentencepiece_continuation_spaces(spm: Tokenizer) -> None:

@@ -38,7 +38,8 @@ def server(smollm2_gguf):
     from llamaworks.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_gguf)
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer, max_batch=4)
+    # A long context so that a reply can outlast the stop button's click.
+    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=4)
     with running_server(create_app(engine, model_name="tiny-serve")) as url:
         yield url, engine
 
@@ -101,6 +102,8 @@ def test_message_streams_a_reply_and_persists(page, server):
 
 
 def test_korean_ime_enter_does_not_send_while_composing(page):
+    page.click("#toggle-settings")
+    page.fill("#max-tokens", "24")
     cdp = page.context.new_cdp_session(page)
     page.focus("#input")
     # A real IME composition (compositionstart/update events) of a Hangul syllable in progress.
@@ -125,13 +128,13 @@ def test_stop_button_aborts_and_frees_the_slot(page, server):
     engine = server[1]
     cancelled = engine.stats.cancelled
     page.click("#toggle-settings")
-    page.fill("#max-tokens", "230")
+    page.fill("#max-tokens", "4000")
     page.fill("#input", "Tell me a very long story.")
     page.click("#send")
     page.wait_for_function("Number(document.querySelector('.msg.assistant')?.dataset.chunks || 0) >= 2")
     page.click("#stop")
     _, chunks, _ = _last_reply(page)
-    assert chunks < 230
+    assert chunks < 4000
     assert page.is_visible("#send") and not page.is_visible("#stop")
     assert wait_until(lambda: engine.stats.cancelled > cancelled and engine.stats.active == 0, timeout=15)
 

@@ -164,7 +164,7 @@ class _Terminal:
 
     def note(self, text: str, style: str = "dim") -> None:
         if self.err_console is not None:
-            self.err_console.print(text, style=style, markup=False)
+            self.err_console.print(text, style=style, markup=False, soft_wrap=True)
         else:
             print(text, file=self.stderr, flush=True)
 

@@ -56,13 +56,16 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, dest="max_new_tokens",
                    help=f"maximum tokens per reply (default {max_tokens})")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when TEXT is generated (repeatable)")
+                   help="stop when TEXT is generated (repeatable; \\n and \\t are understood)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed", "max_new_tokens", "stop")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if "stop" in out:  # shells make a literal newline awkward to type
+        out["stop"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in out["stop"]]
+    return out
 
 
 # -- verbs -------------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def _add_convert(sub: Subparsers) -> None:
     def run(a: argparse.Namespace) -> int:
         from .checkpoints.convert import convert
 
-        convert(a.src, a.dst, a.to, dtype=a.dtype, quant=a.quant)
+        print(f"wrote {convert(a.src, a.dst, a.to, dtype=a.dtype, quant=a.quant)}")
         return 0
 
     p.set_defaults(run=run)
@@ -426,10 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<verb>")
     for add in VERBS:
         add(sub)
-    for verb_parser in sub.choices.values():  # --threads also after the verb; SUPPRESS keeps a global value
-        verb_parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                                 help="CPU threads for torch (default: number of physical cores)")
+    _add_threads_everywhere(sub)
     return parser
+
+
+def _add_threads_everywhere(sub: Subparsers) -> None:
+    """--threads also after the verb (and after nested sub-verbs); SUPPRESS keeps a value given before it."""
+    for verb_parser in sub.choices.values():
+        if "--threads" not in verb_parser._option_string_actions:
+            verb_parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                                     help="CPU threads for torch (default: number of physical cores)")
+        for action in verb_parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_threads_everywhere(action)
 
 
 def _one_line(e: BaseException) -> str:

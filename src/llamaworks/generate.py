@@ -276,7 +276,11 @@ class GenerationResult:
 def context_size(model: Any, max_context: int | None = None) -> int:
     """Usable context: the model's max_seq_len, or a smaller user limit."""
     limit = int(model.config.max_seq_len)
-    return min(limit, int(max_context)) if max_context else limit
+    if max_context is None:
+        return limit
+    if int(max_context) < 2:
+        raise ConfigError(f"max_context={max_context} is too small, expected at least 2 positions")
+    return min(limit, int(max_context))
 
 
 def model_device(model: Any) -> torch.device:

@@ -39,7 +39,6 @@ from llamaworks.tokenizer_engines import (
     read_tiktoken_ranks,
     scores_from_merges,
 )
-from llamaworks.tokenizer_gguf import read_gguf_metadata
 
 __all__ = ["END_OF_TURN_TOKENS", "StreamDecoder", "Tokenizer", "load_tokenizer", "read_gguf_tokenizer_metadata"]
 
@@ -490,7 +489,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     """The `tokenizer.*` keys (and `general.architecture`) of a GGUF file as plain Python values."""
-    meta = read_gguf_metadata(path)
+    from llamaworks.checkpoints.gguf import parse_gguf  # the one GGUF header parser
+
+    meta, _ = parse_gguf(Path(path))
     return {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
 
 

@@ -292,7 +292,9 @@ class Engine:
                 for seq in list(self._active):
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
                 self._active.clear()
+                self.stats.active = 0
                 self._end = 0
+                self._last_prefill = None
                 self._allocate(self._initial_capacity)
 
     def _drop_cancelled(self) -> None:
@@ -311,7 +313,12 @@ class Engine:
                     return
                 seq = self._waiting.popleft()
                 self.stats.waiting = len(self._waiting)
-            self._prefill(seq)
+            try:
+                self._prefill(seq)
+            except Exception as exc:
+                if seq not in self._active:  # never leave a popped request without an answer
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                raise
 
     # -- cache management ---------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
