@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pretrain_learns_grammar_below_unigram_entropy(corpus, tmp_path, capsys):
+def test_pretrain_learns_grammar_below_unigram_entropy(corpus, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     assert cli_main(["data", "prepare", str(corpus / "corpus"), "--tokenizer", str(corpus / "tok"), "--out",
                      str(data), "--val-fraction", "0.1"]) == 0
@@ -66,6 +67,11 @@ def test_pretrain_learns_grammar_below_unigram_entropy(corpus, tmp_path, capsys)
             ids.append(nxt)
     assert tok.decode(ids).startswith("anna paints the red wall")
     assert (out / "loss.png").exists() and (out / "run.json").exists()
+    # `llamaworks chat --model OUT/final` opens it (piped stdin: one user turn per line).
+    monkeypatch.setattr("sys.stdin", io.StringIO("anna eats\n"))
+    capsys.readouterr()
+    assert cli_main(["--threads", "1", "chat", "--model", str(out / "final"), "--temperature", "0", "-n", "4"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_pretrain_python_api_resume_and_vocab(corpus, tmp_path):

@@ -384,6 +384,41 @@ def _add_perplexity(sub: Subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _add_bench(sub: Subparsers) -> None:
+    p = sub.add_parser("bench", help="measure prefill/decode speed, time to first token and peak memory")
+    p.add_argument("--model", "-m", metavar="PATH", default=None, help="GGUF file or checkpoint (default: bundled)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill figure")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated for the decode figure")
+    p.add_argument("--ctx", type=int, default=1024, help="KV cache length")
+    p.add_argument("--runs", type=int, default=3, help="repetitions (the median is reported)")
+    p.add_argument("--weights", default="q8_0", help="format for float weights of non-GGUF checkpoints")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step where it applies")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def run(a: argparse.Namespace) -> int:
+        from .bench import main as bench_main
+
+        return bench_main(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, ctx=a.ctx, runs=a.runs,
+                          threads=a.threads, compile=a.compile, weights=a.weights, as_json=a.json)
+
+    p.set_defaults(run=run)
+
+
+def _add_quantize(sub: Subparsers) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint (e.g. your fine-tuned HF model) into one GGUF file")
+    p.add_argument("src", help="Hugging Face or Meta directory, or a GGUF file")
+    p.add_argument("dst", help="output .gguf file")
+    p.add_argument("--to", default="q8_0", choices=["q8_0", "q4_0", "int8", "int4"],
+                   help="q8_0 (=int8, near-lossless), q4_0, int4 (=Q4_1, 4-bit with per-block minimum)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .quantize import main as quantize_main
+
+        return quantize_main(a.src, a.dst, a.to)
+
+    p.set_defaults(run=run)
+
+
 # One entry per verb, in the order `llamaworks --help` lists them.
 VERBS: list[Callable[[Subparsers], None]] = [
     _add_chat,
@@ -398,6 +433,8 @@ VERBS: list[Callable[[Subparsers], None]] = [
     _add_merge_lora,
     _add_eval,
     _add_perplexity,
+    _add_bench,
+    _add_quantize,
 ]
 
 

@@ -357,7 +357,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
                                      "(at least one more is needed for the reply)")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a cache allocated here must stay writable by later callers
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
               max_context: int | None) -> Iterator[tuple[int, str] | list[GenerationResult]]:
     """Core loop: yields (row, text chunk) as text is released, and finally the list of results."""

@@ -266,7 +266,6 @@ def run_training(model: nn.Module, *, train_data: Any, val_data: Any = None, los
         raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.train()
 
-
     # Wrap for multi-process training. FSDP keeps an unsharded CPU copy on rank 0 for save_fn.
     fsdp = world > 1 and cfg.strategy == "fsdp"
     shadow: nn.Module | None = None

@@ -1,0 +1,229 @@
+"""llamaworks vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF, same threads, same token ids.
+
+    python benchmarks/vs_peers.py [--model FILE.gguf] [--threads 2] [--runs 3] [--json out.json]
+
+Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine), and the engines alternate
+run by run (A B C A B C ...) so drifting machine load hits them alike. Figures per engine: load time, time to
+first token of a short chat prompt, prefill tok/s (--prompt-tokens in one batch), decode tok/s (--gen-tokens
+greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians.
+llama-cpp-python and transformers are optional: an engine that is not installed is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FIGURES = [("load_s", "load (s)", False), ("ttft_s", "time to first token (s)", False),
+           ("prefill_tok_s", "prefill (tok/s)", True), ("decode_tok_s", "decode (tok/s)", True),
+           ("peak_rss_mib", "peak RSS (MiB)", False)]
+ENGINES = ["llamaworks", "llama.cpp", "transformers"]
+SHORT_CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _token_ids(model: str, prompt_tokens: int) -> tuple[list[int], list[int]]:
+    """(short chat prompt ids, long pseudo-random prompt ids) from llamaworks' tokenizer and bench prompt."""
+    from llamaworks.bench import bench_prompt
+    from llamaworks.checkpoints.gguf import read_gguf
+
+    ckpt = read_gguf(model, dequantize=False)
+    vocab = ckpt.config.vocab_size
+    short = ckpt.tokenizer.encode(SHORT_CHAT) if ckpt.tokenizer is not None else bench_prompt(vocab, 24, 1)
+    return short, bench_prompt(vocab, prompt_tokens)
+
+
+# -- workers (one engine, one run, in its own process) -----------------------------------------------------
+def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    import torch
+
+    from llamaworks.runtime import load_quantized_model
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, _, _ = load_quantized_model(a.model)
+    model.setup_cache(1, a.ctx)
+    load_s = time.perf_counter() - t0
+
+    def step(ids: list[int], pos: int) -> int:
+        with torch.inference_mode():
+            return int(model(torch.tensor([ids]), start_pos=pos, last_only=True)[0, -1].argmax())
+
+    t0 = time.perf_counter()
+    step([step(short, 0)], len(short))
+    ttft_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok = step(prompt, 0)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(a.gen_tokens - 1):
+        tok = step([tok], len(prompt) + i)
+    decode = time.perf_counter() - t0
+    return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
+            "decode_tok_s": (a.gen_tokens - 1) / decode}
+
+
+def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=a.model, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads,
+                n_batch=max(512, len(prompt)), n_ubatch=max(512, len(prompt)), verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def step(ids: list[int]) -> int:
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    t0 = time.perf_counter()
+    step([step(short)])
+    ttft_s = time.perf_counter() - t0
+    llm.reset()
+    t0 = time.perf_counter()
+    tok = step(prompt)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(a.gen_tokens - 1):
+        tok = step([tok])
+    decode = time.perf_counter() - t0
+    return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
+            "decode_tok_s": (a.gen_tokens - 1) / decode}
+
+
+def work_transformers(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    path = Path(a.model)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def run(ids: list[int], n_new: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True)
+        tok = out.logits[0, -1].argmax()
+        first = time.perf_counter() - t0
+        past = out.past_key_values
+        t0 = time.perf_counter()
+        for _ in range(n_new - 1):
+            out = model(tok.view(1, 1), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        return first, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run(short, 2)
+    ttft_s = time.perf_counter() - t0
+    prefill, decode = run(prompt, a.gen_tokens)
+    return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
+            "decode_tok_s": (a.gen_tokens - 1) / decode}
+
+
+WORKERS = {"llamaworks": work_llamaworks, "llama.cpp": work_llamacpp, "transformers": work_transformers}
+MODULES = {"llamaworks": "llamaworks", "llama.cpp": "llama_cpp", "transformers": "transformers"}
+
+
+# -- driver --------------------------------------------------------------------------------------------------
+def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
+    cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
+           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for engine, runs in results.items():
+        if runs:
+            table[engine] = {key: {"min": min(r[key] for r in runs), "median": statistics.median(r[key] for r in runs),
+                                   "max": max(r[key] for r in runs)} for key, _, _ in FIGURES}
+    return table
+
+
+def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str, str]) -> None:
+    print(f"\nmodel: {a.model}\nthreads: {a.threads}, prompt {a.prompt_tokens} tokens, decode {a.gen_tokens} tokens, "
+          f"ctx {a.ctx}, {a.runs} alternating runs per engine\n")
+    engines = list(table)
+    print("| figure | " + " | ".join(f"{e} (min / median / max)" for e in engines) + " |")
+    print("|---|" + "---|" * len(engines))
+    for key, label, _ in FIGURES:
+        cells = [f"{table[e][key]['min']:.3g} / **{table[e][key]['median']:.4g}** / {table[e][key]['max']:.3g}"
+                 for e in engines]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if "llamaworks" in table:
+        for peer in [e for e in engines if e != "llamaworks"]:
+            print(f"\nllamaworks / {peer} (medians; >1 is better for llamaworks on speed, <1 on time and memory):")
+            for key, label, _ in FIGURES:
+                ratio = table["llamaworks"][key]["median"] / table[peer][key]["median"]
+                print(f"  {label:26s} {ratio:6.2f}x")
+    for engine, message in errors.items():
+        print(f"\n{engine}: skipped ({message})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
+    p.add_argument("--json", default=None, help="also write the raw runs and the summary here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.model is None:
+        from llamaworks.assets import default_model_path
+
+        a.model = str(default_model_path())
+    if a.worker:
+        short, prompt = _token_ids(a.model, a.prompt_tokens)
+        result = WORKERS[a.worker](a, short, prompt)
+        result["peak_rss_mib"] = _peak_rss_mib()
+        print(json.dumps(result))
+        return 0
+
+    import importlib.util
+
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}
+    engines = [e for e in engines if e not in errors]
+    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    for r in range(a.runs):
+        for engine in engines:
+            if engine in errors:
+                continue
+            out = _run_worker(a, engine)
+            if isinstance(out, str):
+                errors[engine] = out
+                continue
+            results[engine].append(out)
+            print(f"run {r + 1} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), file=sys.stderr)
+    table = summarize(results)
+    print_report(a, table, errors)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results, "summary": table, "errors": errors},
+                                           indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
