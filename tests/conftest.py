@@ -64,3 +64,21 @@ def llama3_tiktoken_model() -> Path:
 def sentencepiece_model() -> Path:
     """A LLaMA-style SentencePiece model (Mistral's v1 tokenizer: 32000 pieces, byte fallback)."""
     return package_file("mistral_common==1.13.1", "mistral_common/data/tokenizer.model.v1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ours(smollm2_gguf):
+    """(model, tokenizer, checkpoint) of the default model on our engine, loaded once per session."""
+    from llamaworks.checkpoints import load_model
+
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' LlamaForCausalLM on the same GGUF (float32): the reference. Loading costs ~1 min, so once."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

@@ -66,15 +66,8 @@ def one_line(excinfo: pytest.ExceptionInfo, path) -> str:
 
 # -- the real default model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def smollm2(smollm2_gguf):
-    return load_model(smollm2_gguf)
-
-
-@pytest.fixture(scope="session")
-def smollm2_transformers(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+def smollm2(smollm2_ours):
+    return smollm2_ours
 
 
 def test_smollm2_config_and_metadata(smollm2):

@@ -91,6 +91,19 @@ def test_prepare_reports_malformed_records(tmp_path, tiny_tok_dir):
     assert m["splits"]["train"]["documents"] == 2 and len(m["skipped_records"]) == 3
 
 
+def test_cli_data_prepare_stops_on_bad_records(tmp_path, tiny_tok_dir, capsys):
+    from llamaworks.cli import main as cli_main
+
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "anna eats the red apple ."}\n{"text": null}\n')
+    args = ["data", "prepare", str(src), "--tokenizer", str(tiny_tok_dir), "--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {src}:2: field 'text' must be a string, it is a NoneType (--skip-bad skips it)" in err
+    assert cli_main([*args, "--skip-bad", "--val-fraction", "0"]) == 0
+    assert load_prepared(tmp_path / "o").tokens("train") > 5
+
+
 def test_token_dtype_by_vocab_size():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32 and token_dtype(128256) == np.uint32
 

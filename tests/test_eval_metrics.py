@@ -48,6 +48,8 @@ def test_pooled_and_unweighted_group_stderr():
     # two subtasks: n=4, se=0.25 and n=2, se=0.5 -> pooled var = (3*0.0625*4 + 1*0.25*2) / (6-2) = 1.25/4
     assert metrics.pooled_stderr([0.25, 0.5], [4, 2]) == pytest.approx(math.sqrt(1.25 / 4 / 6))
     assert metrics.unweighted_stderr([0.3, 0.4]) == pytest.approx(0.25)  # sqrt(0.09 + 0.16) / 2
+    # a one-item subtask (stderr undefined) adds no variance term but counts in the sizes
+    assert metrics.pooled_stderr([0.25, float("nan")], [4, 1]) == pytest.approx(math.sqrt(3 * 0.0625 * 4 / 3 / 5))
 
 
 def test_mmlu_group_is_size_weighted_and_leaderboard_uses_subject_mean():

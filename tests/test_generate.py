@@ -331,16 +331,13 @@ def test_korean_stream_with_real_byte_level_bpe(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_on_default_model(smollm2_gguf):
+def test_greedy_matches_transformers_on_default_model(smollm2_ours, smollm2_transformers):
     """32 greedy tokens (or up to the shared end-of-turn token) equal transformers' greedy generate."""
-    transformers = pytest.importorskip("transformers")
     from llamaworks.chat_template import template_for
-    from llamaworks.checkpoints import load_model
 
-    model, tok, _ = load_model(smollm2_gguf)
+    model, tok, _ = smollm2_ours
     template = template_for(tok)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                           torch_dtype=torch.float32).eval()
+    hf = smollm2_transformers
     compared = 0
     for question in ["Write a haiku about llamas.", "List three prime numbers.", "Explain what a rainbow is."]:
         text = template.render([{"role": "user", "content": question}], add_generation_prompt=True)

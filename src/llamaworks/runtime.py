@@ -84,8 +84,8 @@ def quantize_model(model: Transformer, state: dict[str, Any] | None = None, *,
         entry = state.get(f"{name}.weight")
         if entry is not None and _is_quant_entry(entry):
             return entry
-        if target is not None and isinstance(module, (nn.Linear, nn.Embedding)):
-            return module.weight.detach()
+        if target is not None and isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[1] % 32 == 0:
+            return module.weight.detach()  # rows that do not fill whole 32-blocks stay float
         return None
 
     names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in _LINEARS]

@@ -213,8 +213,9 @@ def prepare_corpus(sources: Sequence[str | Path], tokenizer: Any, out_dir: str |
     files = _files(sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("train-*.bin")) + list(out.glob("val-*.bin")):
-        stale.unlink()
+    # A previous run's manifest must not survive a failed run and describe the new shards.
+    for stale in [*out.glob("train-*.bin"), *out.glob("val-*.bin"), out / MANIFEST]:
+        stale.unlink(missing_ok=True)
     dtype = token_dtype(tok.vocab_size)
     bos = tok.bos_id if (tok.add_bos if add_bos is None else add_bos) else None
     eos = tok.eos_id if add_eos else None

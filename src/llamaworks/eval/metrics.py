@@ -53,10 +53,11 @@ def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
     """Stderr of the size-weighted mean of subtasks, from their stderrs (the harness's group formula)."""
     if sum(sizes) - len(sizes) <= 0:
         return float("nan")
-    var = sum((n - 1) * s**2 * n for s, n in zip(stderrs, sizes)) / (sum(sizes) - len(sizes))
+    # A one-item subtask has no stderr (NaN) but also no weight here: (n - 1) = 0.
+    var = sum((n - 1) * s**2 * n for s, n in zip(stderrs, sizes) if n > 1) / (sum(sizes) - len(sizes))
     return math.sqrt(var / sum(sizes))
 
 
 def unweighted_stderr(stderrs: Sequence[float]) -> float:
-    """Stderr of the plain mean of k independent subtask means: sqrt(sum se_i^2) / k."""
+    """Stderr of the plain mean of k independent subtask means: sqrt(sum se_i^2) / k (NaN if any is unknown)."""
     return math.sqrt(sum(s**2 for s in stderrs)) / len(stderrs) if stderrs else float("nan")

@@ -401,7 +401,11 @@ def run_training(model: nn.Module, *, train_data: Any, val_data: Any = None, los
                 tps = window_tokens / window_time if window_time > 0 else 0.0
                 if seq_len_seen not in fpt_cache:
                     fpt_cache[seq_len_seen] = flops_per_token(raw_model if shadow is None else shadow, seq_len_seen)
-                mfu = tps * fpt_cache[seq_len_seen] / peak if peak > 0 else None
+                achieved = tps * fpt_cache[seq_len_seen]
+                # A peak measured while other jobs held the cores can be below what the run later achieves:
+                # the best rate seen is then the better estimate of what this machine can do (MFU <= 100%).
+                peak = max(peak, achieved) if main else peak
+                mfu = achieved / peak if peak > 0 else None
                 row = {"step": done, "lr": lr, "loss": window_loss / max(1, window_steps), "grad_norm": grad_norm,
                        "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
                        "val_loss": val[0] if val else "", "val_ppl": val[1] if val else "",

@@ -116,10 +116,16 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
 
 def run_pretrain_cli(model_config: str, data: str, out: str, **kwargs: Any) -> int:
     """CLI entry: prints where the result is and how to chat with it."""
-    result = pretrain(model_config, data, out, **kwargs)
-    rank, _ = init_distributed()
-    if rank == 0:
-        val = f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})" if result.val_loss is not None else ""
-        print(f"done: {result.step} steps{val}. Model: {result.final_dir}  Metrics: {result.out_dir}/metrics.csv, "
-              f"{result.out_dir}/loss.png\nchat with it: llamaworks chat --model {result.final_dir}")
+    import torch.distributed as dist
+
+    try:
+        result = pretrain(model_config, data, out, **kwargs)
+        rank, _ = init_distributed()
+        if rank == 0:
+            val = f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})" if result.val_loss is not None else ""
+            print(f"done: {result.step} steps{val}. Model: {result.final_dir}  Metrics: {result.out_dir}/metrics.csv, "
+                  f"{result.out_dir}/loss.png\nchat with it: llamaworks chat --model {result.final_dir}")
+    finally:
+        if dist.is_available() and dist.is_initialized():  # torchrun: leave cleanly
+            dist.destroy_process_group()
     return 0
