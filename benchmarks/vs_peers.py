@@ -75,6 +75,9 @@ def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) 
 
 
 def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    """llama.cpp through llama-cpp-python's C API (the high-level wrapper keeps an n_ctx x vocab scores array,
+    which would inflate its memory figure)."""
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -82,15 +85,21 @@ def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) ->
     llm = Llama(model_path=a.model, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads,
                 n_batch=max(512, len(prompt)), n_ubatch=max(512, len(prompt)), verbose=False)
     load_s = time.perf_counter() - t0
+    ctx, n_vocab = llm.ctx, llm.n_vocab()
 
     def step(ids: list[int]) -> int:
-        llm.eval(ids)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)  # kept alive: the batch only points at it
+        batch = llama_cpp.llama_batch_get_one(tokens, len(ids))
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {len(ids)} tokens")
+        logits = llama_cpp.llama_get_logits_ith(ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
 
     t0 = time.perf_counter()
     step([step(short)])
     ttft_s = time.perf_counter() - t0
-    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     t0 = time.perf_counter()
     tok = step(prompt)
     prefill = time.perf_counter() - t0
@@ -140,7 +149,8 @@ MODULES = {"llamaworks": "llamaworks", "llama.cpp": "llama_cpp", "transformers":
 # -- driver --------------------------------------------------------------------------------------------------
 def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
     cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
-           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx)]
+           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
+           "--ids-file", a.ids_file]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     if proc.returncode != 0:
@@ -189,13 +199,19 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--json", default=None, help="also write the raw runs and the summary here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.model is None:
         from llamaworks.assets import default_model_path
 
         a.model = str(default_model_path())
     if a.worker:
-        short, prompt = _token_ids(a.model, a.prompt_tokens)
+        # Token ids come from the driver, so no worker imports llamaworks/torch unless it is that engine.
+        if a.ids_file:
+            ids = json.loads(Path(a.ids_file).read_text())
+            short, prompt = ids["short"], ids["prompt"]
+        else:
+            short, prompt = _token_ids(a.model, a.prompt_tokens)
         result = WORKERS[a.worker](a, short, prompt)
         result["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(result))
@@ -207,6 +223,12 @@ def main() -> int:
     errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}
     engines = [e for e in engines if e not in errors]
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    import tempfile
+
+    short, prompt = _token_ids(a.model, a.prompt_tokens)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"short": short, "prompt": prompt}, f)
+    a.ids_file = f.name
     for r in range(a.runs):
         for engine in engines:
             if engine in errors:

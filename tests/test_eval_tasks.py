@@ -3,7 +3,8 @@
 Expected strings are written out by hand from the harness's task definitions (arc_challenge.yaml, hellaswag
 utils.preprocess, mmlu _default_template_yaml, truthfulqa_mc1.yaml) and its rules: target_delimiter " ",
 fewshot_delimiter "\\n\\n", description first, few-shot from a random.Random(seed) drawn once per eval doc in
-order (ARC/HellaSwag/TruthfulQA) or the first k dev items (MMLU).
+order (ARC; HellaSwag/TruthfulQA draw k + 1 and drop the eval doc, having no test split) or the first k dev
+items (MMLU).
 """
 
 from __future__ import annotations
@@ -86,13 +87,19 @@ def test_hellaswag_preprocessing_and_prompts():
     assert [d.gold for d in task.docs] == [3, 0]
 
 
-def test_hellaswag_fewshot_from_train_split():
+def test_hellaswag_fewshot_from_train_split_drawing_k_plus_one():
+    # hellaswag has no test split, so the harness passes the eval doc to its sampler: sample(pool, k + 1),
+    # drop the eval doc (never in train), keep the first k. random.Random(7): [2, 0, 1] then [0, 3, 2].
     (task,) = load_tasks(["hellaswag"], FIXTURES / "hellaswag")
-    assert random.Random(7).sample(range(4), 2) == [2, 0]
+    rnd = random.Random(7)
+    assert [rnd.sample(range(4), 3) for _ in range(2)] == [[2, 0, 1], [0, 3, 2]]
     p = prompts(task, k=2, seed=7)
     assert p[0].context == ("Baking: Flour is poured into a bowl. Eggs are cracked into the flour.\n\n"
                             "Washing dishes: A woman fills a sink with water. She adds soap and scrubs the plates.\n\n"
                             "Roof shingle removal: A man is sitting on a roof. He")
+    assert p[1].context == ("Washing dishes: A woman fills a sink with water. She adds soap and scrubs the plates.\n\n"
+                            "Swimming: A girl stands by the pool. She dives into the water.\n\n"
+                            "Home and Garden: How to grow basil. Pick a sunny spot. Then water the soil daily")
 
 
 # -- MMLU --------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Formats: the authors' `hellaswag_val.jsonl` / `hellaswag_train.jsonl` (`activity
 `endings`, `label`) and the Hugging Face `Rowan/hellaswag` Parquet export (`validation-*.parquet`, same fields,
 `label` as a string). Harness preprocessing: query = clean(activity_label + ": " + ctx_a + " " +
 ctx_b.capitalize()), choices = clean(ending), where clean strips, turns " [title]" into ". ", deletes any
-"[...]" tag and folds double spaces once. No "Answer:" cue; few-shot examples come from the train split.
+"[...]" tag and folds double spaces once. No "Answer:" cue; few-shot examples come from the train split
+(k + 1 drawn per item, k kept, as the harness does for a task without a test split).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _patterns(jsonl_split: str, parquet_split: str) -> list[str]:
 def load(name: str, data_dir: Path) -> Task:
     val = require_files(data_dir, _patterns("val", "validation"), "HellaSwag validation")
     train = find_files(data_dir, _patterns("train", "train"))
+    # The harness's hellaswag has no test split, so its sampler is handed the eval doc to exclude: it draws
+    # k + 1 train docs per item and keeps k. That changes which shots later items get, so we do the same.
     return Task(name=name, docs=read_docs(val), fewshot_docs=read_docs(train) if train else None,
-                fewshot_sampler="random", metrics=("acc", "acc_norm"), source=str(val[0]),
-                fewshot_source=str(train[0]) if train else "")
+                fewshot_sampler="random", fewshot_excludes_eval_doc=True, metrics=("acc", "acc_norm"),
+                source=str(val[0]), fewshot_source=str(train[0]) if train else "")

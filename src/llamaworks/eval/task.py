@@ -51,7 +51,9 @@ class Task:
     description: str = ""
     default_fewshot: int = 0
     fewshot_sampler: str = "random"  # "random" (seeded random.sample per doc) or "first_n" (MMLU)
-    fewshot_excludes_eval_doc: bool = False  # pool is the eval split itself (TruthfulQA): drop the doc
+    # The harness hands its sampler the eval doc to exclude when the task has no test split (HellaSwag,
+    # TruthfulQA): it then draws k + 1 docs, drops the eval doc and keeps k, which shifts the random stream.
+    fewshot_excludes_eval_doc: bool = False
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     group: str | None = None  # e.g. "mmlu" for the 57 subject tasks
     source: str = ""  # file the docs came from, for messages and the report
