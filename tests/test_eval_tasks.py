@@ -133,12 +133,15 @@ def test_mmlu_prompts_zero_and_few_shot():
 def test_mmlu_single_subject_and_chat_layout():
     (astro,) = load_tasks(["mmlu_astronomy"], FIXTURES / "mmlu")
     p = prompts(astro, k=1, chat=lambda messages: json.dumps(messages))
-    # With a chat template: description -> system, few-shot + question -> one user turn, no space before choices.
+    # With a chat template (the harness's default fewshot_as_multiturn): description -> system, each shot a
+    # user turn + an assistant turn holding its answer, the question the last user turn; no space before choices.
     assert json.loads(p[0].context) == [
         {"role": "system", "content": MMLU_ASTRONOMY_HEADER},
         {"role": "user", "content": "What is the closest star to Earth?\nA. Sirius\nB. The Sun\nC. Proxima Centauri"
-                                    "\nD. Vega\nAnswer: B\n\nWhat is the Milky Way?\nA. A star\nB. A galaxy"
-                                    "\nC. A planet\nD. A comet\nAnswer:"}]
+                                    "\nD. Vega\nAnswer:"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "What is the Milky Way?\nA. A star\nB. A galaxy\nC. A planet\nD. A comet"
+                                    "\nAnswer:"}]
     assert p[0].continuations == ("A", "B", "C", "D")
 
 

@@ -67,6 +67,21 @@ def test_kv_cache_decoding_equals_full_forward(name):
     torch.testing.assert_close(torch.cat([prefix, *steps], 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-mistral"])
+def test_chunked_prefill_equals_full_forward(name):
+    """Several tokens appended after cached ones (start_pos > 0, T > 1) see the whole cached prefix."""
+    config = get_preset(name)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    model.reset_parameters(std=0.2)
+    tokens = torch.randint(0, config.vocab_size, (1, 21))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(1, 32)
+        chunks = [model(tokens[:, a:b], start_pos=a) for a, b in [(0, 7), (7, 15), (15, 21)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_batch_equals_unpadded_rows():
     config = get_preset("tiny-llama3")
     torch.manual_seed(0)

@@ -225,8 +225,11 @@ class Transformer(nn.Module):
         """Boolean (B|1, 1, T, S) mask, or None when plain causal attention (or none) is exact."""
         window = self.config.sliding_window
         S = start_pos + T
-        if key_mask is None and segment_ids is None and (window is None or S <= window):
-            return None  # is_causal (T > 1) or one query attending to every cached key (T == 1)
+        # SDPA's is_causal aligns the mask to the top-left corner, which is right only when queries and keys
+        # start together (start_pos == 0); one query (T == 1) may see every cached key.
+        plain = start_pos == 0 or T == 1
+        if plain and key_mask is None and segment_ids is None and (window is None or S <= window):
+            return None
         q_pos = torch.arange(start_pos, S, device=device).view(T, 1)
         k_pos = torch.arange(S, device=device).view(1, S)
         allowed = k_pos <= q_pos

@@ -8,8 +8,9 @@ harness's plain-text rules:
     context      = description + "".join(shot.query + " " + shot.answer + "\\n\\n" for shot in shots) + doc.query
     continuation = " " + choice                    (target_delimiter " ", fewshot_delimiter "\\n\\n")
 
-With a chat template the description becomes the system message, the rest one user message rendered with a
-generation prompt, and continuations lose their leading space (the harness drops target_delimiter then).
+With a chat template the description becomes the system message, each few-shot example a user/assistant turn
+pair and the question the last user turn, rendered with a generation prompt; continuations lose their leading
+space (the harness drops target_delimiter then).
 """
 
 from __future__ import annotations
@@ -104,12 +105,20 @@ class Prompt:
 
 def build_prompt(task: Task, doc: Doc, shots: Sequence[Doc],
                  chat: Callable[[list[dict[str, str]]], str] | None = None) -> Prompt:
-    """The context and continuation strings the harness scores for `doc` after `shots`."""
-    body = "".join(s.query + TARGET_DELIMITER + s.choices[s.gold] + FEWSHOT_DELIMITER for s in shots) + doc.query
+    """The context and continuation strings the harness scores for `doc` after `shots`.
+
+    With `chat` (a renderer of role/content messages that adds the generation prompt) the layout is the
+    harness's --apply_chat_template default (fewshot_as_multiturn): description as the system message, each
+    shot a user turn plus an assistant turn with its answer, the question a last user turn; continuations
+    then have no leading space.
+    """
     if chat is None:
-        return Prompt(task.description + body, tuple(TARGET_DELIMITER + c for c in doc.choices))
-    messages = ([{"role": "system", "content": task.description}] if task.description else [])
-    messages.append({"role": "user", "content": body})
+        body = "".join(s.query + TARGET_DELIMITER + s.choices[s.gold] + FEWSHOT_DELIMITER for s in shots)
+        return Prompt(task.description + body + doc.query, tuple(TARGET_DELIMITER + c for c in doc.choices))
+    messages = [{"role": "system", "content": task.description}] if task.description else []
+    for s in shots:
+        messages += [{"role": "user", "content": s.query}, {"role": "assistant", "content": s.choices[s.gold]}]
+    messages.append({"role": "user", "content": doc.query})
     return Prompt(chat(messages), tuple(doc.choices))
 
 
