@@ -32,9 +32,26 @@ inline float half_at(const uint8_t* p) {
   return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
-// Expand one block to 32 floats.
+// Expand one block to 32 floats (d * q + m rounded twice, exactly as ggml's reference dequantizers).
 inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
   const float d = half_at(blk);
+#if defined(__AVX512F__)
+  const __m512 vd = _mm512_set1_ps(d);
+  if (t == GGML_Q8_0) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    _mm512_storeu_ps(out, _mm512_mul_ps(vd, lo));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(vd, hi));
+    return;
+  }
+  const __m512 vm = _mm512_set1_ps(t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d);
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(vd, lo), vm));
+  _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(vd, hi), vm));
+#else
   if (t == GGML_Q8_0) {
     const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
     for (int j = 0; j < 32; ++j) out[j] = d * q[j];
@@ -46,6 +63,7 @@ inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
     out[j] = d * (q[j] & 15) + m;
     out[j + 16] = d * (q[j] >> 4) + m;
   }
+#endif
 }
 
 // Dot of one quantized row with one float vector; xsum holds each 32-block's sum of x (for the offset).
@@ -123,17 +141,18 @@ at::Tensor ggml_dequantize(const at::Tensor& raw, int64_t t, int64_t k) {
 }
 
 at::Tensor gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k) {
-  // Prefill: dequantize slabs of rows and let the BLAS gemm do the work; slabs bound the temporary memory.
+  // Prefill: dequantize cache-sized slabs of rows and let the BLAS gemm do the work; the slab stays in L2.
   const int64_t n = raw.size(0), m = x.size(0);
-  at::Tensor y = at::empty({m, n}, x.options());
-  const int64_t slab = std::max<int64_t>(256, (int64_t{1} << 24) / k);  // ~64 MiB of float32 per slab
+  at::Tensor yt = at::empty({n, m}, x.options());  // rows of W^T x: each slab's output is contiguous
+  const int64_t slab = std::max<int64_t>(64, (int64_t{1} << 18) / k);  // ~1 MiB of float32 per slab
+  const at::Tensor xt = x.t();
   for (int64_t r0 = 0; r0 < n; r0 += slab) {
     const int64_t r1 = std::min(n, r0 + slab);
     at::Tensor w = ggml_dequantize(raw.slice(0, r0, r1), t, k);
-    at::Tensor out = y.slice(1, r0, r1);
-    if (r0 == 0 && r1 == n) at::mm_out(out, x, w.t()); else out.copy_(at::mm(x, w.t()));
+    at::Tensor out = yt.slice(0, r0, r1);
+    at::mm_out(out, w, xt);
   }
-  return y;
+  return yt.t().contiguous();
 }
 
 // Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
@@ -232,6 +251,19 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
 }
 
 
+// Float dot product; vectorised explicitly because the compiler may not reorder a float reduction itself.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
 void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
@@ -306,8 +338,7 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
       float mx = -INFINITY;
       for (int64_t s = 0; s < n_keys; ++s) {
         if (!vp[b * S + s]) { scores[s] = -INFINITY; continue; }
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * keys[s * D + d];
+        const float dot = dot_f32(q, keys + s * D, D);
         scores[s] = dot * scale;
         mx = std::max(mx, scores[s]);
       }
