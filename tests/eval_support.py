@@ -10,7 +10,6 @@ import dataclasses
 import functools
 from pathlib import Path
 
-import pytest
 import torch
 
 from llamaworks.config import get_preset
@@ -64,10 +63,3 @@ def tiny_model(vocab_size: int = 49152, seed: int = 0, **overrides) -> Transform
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine, two threads can be 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from eval_support import tiny_model
 from llamaworks.errors import ConfigError
 from llamaworks.eval.perplexity import perplexity, perplexity_of_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import FIXTURES, one_thread  # noqa: F401 (autouse fixture)
+from eval_support import FIXTURES
 from llamaworks.eval import EvalSettings, FewshotSampler, build_prompt, load_tasks, run_eval
 from llamaworks.eval.scorer import LoglikelihoodScorer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,13 @@ import json
 
 import pytest
 
-from eval_support import FIXTURES, default_tokenizer, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from eval_support import FIXTURES, default_tokenizer, tiny_model
 from llamaworks import cli
 from llamaworks.eval import EvalSettings, run_eval
 from llamaworks.eval import report as report_mod
 from llamaworks.eval.scorer import LoglikelihoodScorer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import default_tokenizer, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from eval_support import default_tokenizer, tiny_model
 from llamaworks.eval.scorer import LoglikelihoodScorer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from llamaworks.cli import main as cli_main
 from llamaworks.data.prepare import load_prepared
 from train_helpers import build_tokenizer, grammar_corpus, unigram_entropy, write_corpus_files
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared CI cores: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,13 @@ import queue
 import random
 
 import pytest
-import torch
 
 from llamaworks.generate import SamplingParams, generate
 from llamaworks.serve.constrained import JsonState, closing_text, step
 from llamaworks.serve.engine import Engine, FinishEvent, QueueFullError, TokenEvent
 from serve_testutil import tiny_model, wait_until
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from llamaworks.serve.app import create_app
 from llamaworks.serve.engine import Engine
@@ -19,12 +18,8 @@ MODEL = "tiny-serve"
 USER = [{"role": "user", "content": "Tell me about llamas."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from llamaworks.train.metrics import flops_per_token, matmul_params
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, vocab: int = 64) -> Transformer:

@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from llamaworks.serve.app import create_app
 from llamaworks.serve.engine import Engine
@@ -25,12 +24,8 @@ SETUP_HINT = ("run the browser test setup: `apt-get update && apt-get install -y
 SCREENSHOT = "/tmp/llamaworks-webchat.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -106,8 +106,10 @@ PRESETS: dict[str, ModelConfig] = {
         ModelConfig(4096, 32, 32, 32000, 11008, max_seq_len=4096, name="llama-2-7b"),
         ModelConfig(5120, 40, 40, 32000, 13824, max_seq_len=4096, name="llama-2-13b"),
         ModelConfig(8192, 80, 64, 32000, 28672, n_kv_heads=8, max_seq_len=4096, name="llama-2-70b"),
-        ModelConfig(4096, 32, 32, 128256, 14336, n_kv_heads=8, rope_theta=500000.0, max_seq_len=8192, name="llama-3-8b"),
-        ModelConfig(8192, 80, 64, 128256, 28672, n_kv_heads=8, rope_theta=500000.0, max_seq_len=8192, name="llama-3-70b"),
+        ModelConfig(4096, 32, 32, 128256, 14336, n_kv_heads=8, rope_theta=500000.0, max_seq_len=8192,
+                    name="llama-3-8b"),
+        ModelConfig(8192, 80, 64, 128256, 28672, n_kv_heads=8, rope_theta=500000.0, max_seq_len=8192,
+                    name="llama-3-70b"),
         ModelConfig(4096, 32, 32, 128256, 14336, n_kv_heads=8, rope_theta=500000.0, max_seq_len=131072,
                     rope_scaling=_llama3_scaling(8.0), name="llama-3.1-8b"),
         ModelConfig(8192, 80, 64, 128256, 28672, n_kv_heads=8, rope_theta=500000.0, max_seq_len=131072,
@@ -143,4 +145,4 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["ModelConfig", "RopeScaling", "PRESETS", "get_preset"]
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "get_preset"]

@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         segment_ids: (B, T) for packed training sequences: attention stays inside a segment.
         last_only:   compute logits for the last position only (prefill needs nothing else).
         """
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if not self.has_cache and start_pos:
             raise ValueError("start_pos needs a KV cache: call setup_cache() first")
         device = tokens.device
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         # SDPA's is_causal aligns the mask to the top-left corner, which is right only when queries and keys
         # start together (start_pos == 0); one query (T == 1) may see every cached key.
         plain = start_pos == 0 or T == 1
-        if plain and key_mask is None and segment_ids is None and (window is None or S <= window):
+        if plain and key_mask is None and segment_ids is None and (window is None or window >= S):
             return None
         q_pos = torch.arange(start_pos, S, device=device).view(T, 1)
         k_pos = torch.arange(S, device=device).view(1, S)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 
-def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+def rank_and_world_for(rank: int | None, world: int | None) -> tuple[int, int]:
+    """The given (rank, world size), else the initialised process group's, else (0, 1)."""
     if rank is not None and world is not None:
         return rank, world
     import torch.distributed as dist
@@ -79,7 +80,7 @@ class TokenWindowSource:
         return np.asarray(self.arrays[shard][start:start + self.seq_len + 1], dtype=np.int64)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        rank, world = _rank_world(self._rank, self._world)
+        rank, world = rank_and_world_for(self._rank, self._world)
         B = self.micro_batch_size
         if not self.shuffle:
             self.batches = 0
@@ -208,7 +209,7 @@ class ExampleBatchSource:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        rank, world = _rank_world(self._rank, self._world)
+        rank, world = rank_and_world_for(self._rank, self._world)
         B = self.micro_batch_size
         if not self.shuffle:
             self.batches = 0

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.loader import rank_and_world_for
 from ..errors import FormatError
 from .lora import lora_disabled, lora_modules
 
@@ -104,15 +105,6 @@ def frozen_reference(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return ref
 
-
-def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
-    if rank is not None and world is not None:
-        return rank, world
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -248,7 +240,7 @@ class PreferenceBatchSource:
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         B, n = self.micro_batch_size, len(self.pairs)
-        rank, world = _rank_world(self._rank, self._world)
+        rank, world = rank_and_world_for(self._rank, self._world)
         if not self.shuffle:  # validation: every pair once, rank r takes every world-th batch
             for k, start in enumerate(range(0, n, B)):
                 if k % world == rank:
