@@ -129,6 +129,23 @@ def test_load_default_model_and_chat(default_llm):
     assert isinstance(llm.generate("The capital of France is", temperature=0, max_tokens=5), str)
 
 
+@pytest.mark.slow
+def test_gguf_loads_on_the_quantized_fast_path_unless_asked_not_to(default_llm):
+    """A GGUF on the CPU keeps its blocks quantized (no float copy of the weights); fast=False is the reference."""
+    from llamaworks.quant.linear import GGMLLinear
+    from llamaworks.runtime import FastForward
+
+    fast = default_llm
+    assert isinstance(fast.model.forward, FastForward)
+    assert isinstance(fast.model.layers[0].attention.wq, GGMLLinear)
+    ref = llamaworks.load(fast=False)
+    assert not isinstance(ref.model.forward, FastForward)
+    assert isinstance(ref.model.layers[0].attention.wq, torch.nn.Linear)
+    prompt = "List three colours:"
+    assert (fast.generate(prompt, temperature=0, max_tokens=16)
+            == ref.generate(prompt, temperature=0, max_tokens=16))
+
+
 def test_load_errors_are_one_line():
     with pytest.raises(FileNotFoundError, match="/nonexistent"):
         llamaworks.load("/nonexistent/model.gguf")

@@ -67,6 +67,25 @@ def test_concurrent_greedy_equals_sequential_generate(model, tokenizer):
     model.clear_cache()
 
 
+@pytest.mark.slow
+def test_engine_on_the_quantized_default_model_equals_generate(smollm2_gguf):
+    """The server's per-slot cache takes the general attention path over the GGUF's quantized linears."""
+    import llamaworks
+
+    llm = llamaworks.load(smollm2_gguf)  # GGUF on the CPU: the quantized fast path
+    tok = llm.tokenizer
+    prompts = [tok.encode(p) for p in ["The capital of France is", "1, 2, 3, 4,", "A"]]
+    engine = Engine(llm.model, tok, max_batch=3).start()
+    try:
+        queues = [_submit(engine, p, max_new_tokens=10) for p in prompts]
+        results = [_drain(q) for q in queues]
+    finally:
+        engine.stop()
+    for prompt, (_, fin) in zip(prompts, results):
+        ref = generate(llm.model, tok, prompt, SamplingParams(temperature=0.0, max_new_tokens=10))
+        assert fin.token_ids == ref.token_ids
+
+
 def test_choices_of_one_request_share_one_prefill(model, tokenizer):
     prompt = tokenizer.encode("Choices share the prompt")
     engine = Engine(model, tokenizer, max_batch=4).start()

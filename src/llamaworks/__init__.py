@@ -159,18 +159,29 @@ class LLM:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, chat_template: str | None = None,
-         max_context: int | None = None) -> LLM:
+         max_context: int | None = None, fast: bool | None = None) -> LLM:
     """Load a checkpoint (GGUF file, Hugging Face or Meta directory; None = the bundled default model).
 
     device: "cpu", "cuda", ... (default: CUDA if available, else CPU). dtype: "float32", "bf16", ...
     chat_template: a built-in name ("chatml", "llama-3", ...) or a Jinja file, instead of the model's own.
     max_context: use fewer context positions than the model supports.
+    fast: keep a GGUF's quantized blocks in memory and decode with the native kernels (`runtime.py`).
+          Default: on for GGUF files on the CPU in float32; off elsewhere (the float reference path).
     """
     from .chat_template import template_for
     from .checkpoints import load_model
     from .generate import SamplingParams
 
-    model, tokenizer, checkpoint = load_model(path, dtype=resolve_dtype(dtype), device=resolve_device(device))
+    device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
+    if fast is None:
+        fast = device_.type == "cpu" and dtype_ in (None, _torch_float32()) and _is_gguf_file(path)
+    if fast:
+        from .runtime import load_quantized_model
+
+        # weights=None: float tensors of the file stay float; quantized blocks stay quantized (memory-mapped).
+        model, tokenizer, checkpoint = load_quantized_model(path, weights=None)
+    else:
+        model, tokenizer, checkpoint = load_model(path, dtype=dtype_, device=device_)
     model.eval()
     if tokenizer is None:
         from .errors import FormatError
@@ -179,6 +190,23 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     template = template_for(tokenizer, chat_template)
     return LLM(model, tokenizer, template, checkpoint=checkpoint, max_context=max_context,
                defaults=_defaults_from(getattr(checkpoint, "generation_config", None) or {}, SamplingParams))
+
+
+def _torch_float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def _is_gguf_file(path: str | Path | None) -> bool:
+    """True for the default model and any file that starts with the GGUF magic."""
+    if path is None:
+        return True
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _defaults_from(generation_config: dict[str, Any], params_cls: type) -> Any:

@@ -23,7 +23,7 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 
 # -- shared option groups ----------------------------------------------------------------------------
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --chat-template, --max-context."""
+    """--model, --device, --dtype, --chat-template, --max-context, --reference."""
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", metavar="PATH", default=None,
                    help="GGUF file, Hugging Face or Meta checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
@@ -35,11 +35,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "default: the model's own")
     g.add_argument("--max-context", type=int, metavar="N", default=None,
                    help="use at most N context positions (default: the model's maximum)")
+    g.add_argument("--reference", action="store_true",
+                   help="dequantize a GGUF to float and use the reference path instead of the quantized fast path")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "device": args.device, "dtype": args.dtype,
-            "chat_template": args.chat_template, "max_context": args.max_context}
+            "chat_template": args.chat_template, "max_context": args.max_context,
+            "fast": False if args.reference else None}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:

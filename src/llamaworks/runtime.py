@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import Transformer, apply_rope, rope_frequencies
+from .model import KVCache, Transformer, apply_rope, rope_frequencies
 from .quant import kernels
 from .quant.linear import TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
 
@@ -276,7 +276,10 @@ class FastForward:
                  return_hidden: bool = False) -> Tensor:
         model = self.model
         B, T = tokens.shape
-        if T != 1 or not model.has_cache or segment_ids is not None or return_hidden or model.training:
+        # Only the model's own KVCache has the layout the static step writes into; a server's per-slot cache
+        # (serve/engine.py) or any other stand-in takes the general path.
+        own_cache = type(model.layers[0].attention.cache) is KVCache
+        if T != 1 or not own_cache or segment_ids is not None or return_hidden or model.training:
             return Transformer.forward(model, tokens, start_pos, key_mask=key_mask, positions=positions,
                                        segment_ids=segment_ids, last_only=last_only, return_hidden=return_hidden)
         caches = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers]

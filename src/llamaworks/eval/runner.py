@@ -80,7 +80,7 @@ def _fewshot_for(task: Task, settings: EvalSettings) -> int:
 
 
 def _chat_renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
-    from ..chat_template import template_for  # the tokenizer helper's module; only needed with --chat-template
+    from ..chat_template import template_for  # only needed with --chat-template
 
     template = template_for(tokenizer)
     return lambda messages: template.render(messages, add_generation_prompt=True)
@@ -209,7 +209,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _load(model_path: str | None):
-    from ..checkpoints import load_model  # the checkpoint helper's loader (GGUF, HF dir, Meta dir)
+    from ..checkpoints import load_model  # GGUF, HF dir or Meta dir
 
     model, tokenizer, checkpoint = load_model(model_path)
     path = getattr(checkpoint, "path", None) or model_path

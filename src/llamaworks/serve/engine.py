@@ -271,7 +271,7 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.norm.weight.device
 
     def _loop(self) -> None:
         while True:
@@ -323,7 +323,7 @@ class Engine:
     # -- cache management ---------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
         cfg = self.model.config
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.norm.weight.dtype  # the embedding may be a quantized table
         if not dtype.is_floating_point:
             dtype = torch.float32
         shape = (self.max_batch, cfg.kv_heads, capacity, cfg.head_size)
