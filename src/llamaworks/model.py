@@ -140,7 +140,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied models (SmolLM2, LLaMA 3.2) read logits off the embedding matrix: no `output` weight.
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_frequencies(config).float(), persistent=False)
+        if torch.empty(0).is_meta:
+            # A skeleton whose tensors are adopted later (load_model, runtime): no values to compute, and
+            # arange on the meta device would import torch's reference decompositions (+60 MiB resident).
+            inv_freq = torch.empty(config.head_size // 2)
+        else:
+            inv_freq = rope_frequencies(config).float()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = False
 
     # -- set-up -------------------------------------------------------------------------------

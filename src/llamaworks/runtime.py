@@ -17,6 +17,7 @@ Prefill (several tokens) runs the model's own forward on the swapped modules: it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -106,6 +107,25 @@ def quantize_model(model: Transformer, state: dict[str, Any] | None = None, *,
     return model
 
 
+@contextlib.contextmanager
+def _meta_init_is_free() -> Any:
+    """Skip `nn.init.normal_` on meta tensors (nn.Embedding's init) while building the skeleton.
+
+    A meta tensor has no values, but its first `normal_` imports torch's decomposition tables (about 830
+    modules, +70 MiB of resident memory). Other tensors are initialised as usual.
+    """
+    original = nn.init.normal_
+
+    def normal_(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+    nn.init.normal_ = normal_
+    try:
+        yield
+    finally:
+        nn.init.normal_ = original
+
+
 def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None = None,
                           weights: str | None = "q8_0") -> Transformer:
     """A Transformer whose quantized checkpoint entries stay quantized (never expanded to float as a whole).
@@ -115,7 +135,7 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
     """
     config, state = checkpoint.config, checkpoint.state_dict
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.device("meta"):
+    with torch.device("meta"), _meta_init_is_free():
         model = Transformer(config)
     target = TYPE_BY_NAME[weights.lower()] if weights else None
     floats: dict[str, Tensor] = {}
@@ -158,6 +178,11 @@ def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights:
     checkpoint = load_checkpoint(path, dequantize=False)
     model = build_quantized_model(checkpoint, weights=weights)
     checkpoint.state_dict = {}  # the model holds the tensors now
+    if checkpoint.tokenizer is not None and checkpoint.metadata:
+        # The tokenizer has been built; the vocabulary/merges lists (tens of MiB of Python objects) are not
+        # needed by inference. `load_checkpoint` still returns them for conversion.
+        checkpoint.metadata = {k: v for k, v in checkpoint.metadata.items()
+                               if not (k.startswith("tokenizer.ggml.") and isinstance(v, list))}
     optimize_for_inference(model, compile=compile, threads=threads)
     return model, checkpoint.tokenizer, checkpoint
 

@@ -167,6 +167,82 @@ std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
   return sums;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLAMAWORKS_INT8_DOT 1
+// Decode with integer dot products, as ggml does: the activation rows are quantized once per matmul to
+// 32-element int8 blocks (scale = absmax / 127), and each weight block meets them in one VNNI dpbusd
+// without being expanded to float. The logits drift slightly from the float path (see tests/test_quant.py).
+struct QuantRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;  // per block: scale, scale * sum(q)
+  QuantRows(const float* x, int64_t m, int64_t k) : q(m * k), d(m * (k / QK)), s(m * (k / QK)) {
+    for (int64_t b = 0; b < m * (k / QK); ++b) {
+      const float* xb = x + b * QK;
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float scale = amax / 127.f;
+      const float inv = scale != 0.f ? 1.f / scale : 0.f;
+      int sum = 0;
+      for (int j = 0; j < QK; ++j) {
+        const int v = static_cast<int>(std::round(xb[j] * inv));
+        q[b * QK + j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      d[b] = scale;
+      s[b] = scale * static_cast<float>(sum);
+    }
+  }
+};
+
+inline float row_dot_q8(int64_t t, const uint8_t* row, const int8_t* xq, const float* xd, const float* xs,
+                        int64_t nb) {
+  const int64_t bb = block_bytes(t);
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+    const float d = half_at(blk);
+    __m256i dot;
+    if (t == GGML_Q8_0) {
+      // dpbusd multiplies unsigned by signed bytes: |w| times x carrying w's sign.
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(vx, w));
+    } else {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
+      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
+      dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, vx);
+      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xs[b];
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[b]), _mm256_cvtepi32_ps(dot), acc);
+  }
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_hadd_ps(r, r);
+  r = _mm_hadd_ps(r, r);
+  return _mm_cvtss_f32(r) + offset;
+}
+#endif
+
+// The activation rows of one decode matmul, prepared once: int8 blocks (VNNI) or per-block float sums.
+struct DecodeRows {
+  const float* x;
+  int64_t k, nb;
+  std::vector<float> sums;
+#ifdef LLAMAWORKS_INT8_DOT
+  QuantRows qx;
+  DecodeRows(const float* xp, int64_t m, int64_t k_) : x(xp), k(k_), nb(k_ / QK), qx(xp, m, k_) {}
+  float dot(int64_t t, const uint8_t* row, int64_t i) const {
+    return row_dot_q8(t, row, qx.q.data() + i * k, qx.d.data() + i * nb, qx.s.data() + i * nb, nb);
+  }
+#else
+  DecodeRows(const float* xp, int64_t m, int64_t k_) : x(xp), k(k_), nb(k_ / QK), sums(block_sums(xp, m, k_)) {}
+  float dot(int64_t t, const uint8_t* row, int64_t i) const {
+    return row_dot(t, row, x + i * k, sums.data() + i * nb, nb);
+  }
+#endif
+};
+
 constexpr int64_t kSmallBatch = 8;  // up to this many input rows the fused dequantize-dot kernel wins
 
 at::Tensor as_float_rows(const at::Tensor& x_in, int64_t k) {
@@ -186,7 +262,7 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = n_total;
   at::Tensor x = as_float_rows(x_in, k);
-  const int64_t m = x.size(0), nb = k / QK;
+  const int64_t m = x.size(0);
   at::Tensor y;
   if (m > kSmallBatch) {
     std::vector<at::Tensor> parts;
@@ -195,7 +271,7 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
   } else {
     y = at::empty({m, n_total}, x.options());
     const float* xp = x.data_ptr<float>();
-    const std::vector<float> sums = block_sums(xp, m, k);
+    const DecodeRows rows(xp, m, k);
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n_total, 32, [&](int64_t r0, int64_t r1) {
       size_t w = 0;
@@ -203,7 +279,7 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
         while (r >= offsets[w + 1]) ++w;
         const uint8_t* row = raws[w].data_ptr<uint8_t>() + (r - offsets[w]) * raws[w].stride(0);
         for (int64_t i = 0; i < m; ++i)
-          yp[i * n_total + r] = row_dot(types[w], row, xp + i * k, sums.data() + i * nb, nb);
+          yp[i * n_total + r] = rows.dot(types[w], row, i);
       }
     });
   }
@@ -227,22 +303,22 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = n;
   at::Tensor x = as_float_rows(x_in, k);
-  const int64_t m = x.size(0), nb = k / QK;
+  const int64_t m = x.size(0);
   at::Tensor y;
   if (m > kSmallBatch) {
     y = at::silu(gemm_path(x, gate, tg, k)).mul_(gemm_path(x, up, tu, k));
   } else {
     y = at::empty({m, n}, x.options());
     const float* xp = x.data_ptr<float>();
-    const std::vector<float> sums = block_sums(xp, m, k);
+    const DecodeRows rows(xp, m, k);
     float* yp = y.data_ptr<float>();
     const uint8_t* gp = gate.data_ptr<uint8_t>();
     const uint8_t* upp = up.data_ptr<uint8_t>();
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t i = 0; i < m; ++i) {
-          const float g = row_dot(tg, gp + r * gate.stride(0), xp + i * k, sums.data() + i * nb, nb);
-          const float u = row_dot(tu, upp + r * up.stride(0), xp + i * k, sums.data() + i * nb, nb);
+          const float g = rows.dot(tg, gp + r * gate.stride(0), i);
+          const float u = rows.dot(tu, upp + r * up.stride(0), i);
           yp[i * n + r] = silu(g) * u;
         }
     });

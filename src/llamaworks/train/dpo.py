@@ -15,7 +15,6 @@ ordinary {"input_ids", "labels", "attention_mask"} batch to the loop.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.instruct import BadRecord, read_json_records
 from ..data.loader import rank_and_world_for
 from ..errors import FormatError
 from .lora import lora_disabled, lora_modules
@@ -147,38 +147,34 @@ def load_preferences(path: str | os.PathLike, tokenizer: Any, chat_template: Any
         return chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
     records: list[tuple[int, list[dict], str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise FormatError(f"{path}:{lineno}: expected a JSON object with prompt, chosen, rejected")
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in rec:
-                    raise FormatError(f"{path}:{lineno}: missing field {key!r} (expected prompt, chosen, rejected)")
-            prompt = rec["prompt"]
-            if isinstance(prompt, str):
-                messages = [{"role": "user", "content": prompt}]
-            elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                  for m in prompt):
-                messages = list(prompt)
-            else:
-                raise FormatError(f"{path}:{lineno}: 'prompt' must be a string or a list of {{role, content}}")
-            if system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": system}, *messages]
-            responses = []
-            for key in ("chosen", "rejected"):
-                value = rec[key]
-                if isinstance(value, dict) and "content" in value:
-                    value = value["content"]
-                if not isinstance(value, str) or not value:
-                    raise FormatError(f"{path}:{lineno}: {key!r} must be a non-empty string")
-                responses.append(value)
-            records.append((lineno, messages, responses[0], responses[1]))
+    for item in read_json_records(path):  # JSONL or a JSON array; bad JSON names its line
+        if isinstance(item, BadRecord):
+            raise FormatError(str(item))
+        lineno, rec = item
+        if not isinstance(rec, dict):
+            raise FormatError(f"{path}:{lineno}: expected a JSON object with prompt, chosen, rejected")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in rec:
+                raise FormatError(f"{path}:{lineno}: missing field {key!r} (expected prompt, chosen, rejected)")
+        prompt = rec["prompt"]
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                              for m in prompt):
+            messages = list(prompt)
+        else:
+            raise FormatError(f"{path}:{lineno}: 'prompt' must be a string or a list of {{role, content}}")
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        responses = []
+        for key in ("chosen", "rejected"):
+            value = rec[key]
+            if isinstance(value, dict) and "content" in value:
+                value = value["content"]
+            if not isinstance(value, str) or not value:
+                raise FormatError(f"{path}:{lineno}: {key!r} must be a non-empty string")
+            responses.append(value)
+        records.append((lineno, messages, responses[0], responses[1]))
     if not records:
         raise FormatError(f"{path}: no preference records")
     # Render only once every record is known to be well formed.
