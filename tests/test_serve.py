@@ -271,3 +271,25 @@ def test_http_errors_have_the_openai_shape_and_no_500(model, tokenizer):
         assert page.status_code == 200 and "app.js" in page.text
         assert client.get("/static/app.js").status_code == 200
     model.clear_cache()
+
+
+def test_listen_socket_errors_are_one_line():
+    import socket
+
+    from llamaworks.errors import ConfigError
+    from llamaworks.serve.app import listen_socket
+
+    with pytest.raises(ConfigError, match=r"--port 99999: expected a port number from 0 to 65535"):
+        listen_socket("127.0.0.1", 99999)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port}: .*in use"):
+            listen_socket("127.0.0.1", port)
+    finally:
+        busy.close()
+    ok = listen_socket("127.0.0.1", 0)  # port 0: the OS picks a free one
+    assert ok.getsockname()[1] > 0
+    ok.close()

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -224,23 +225,40 @@ inline float row_dot_q8(int64_t t, const uint8_t* row, const int8_t* xq, const f
 }
 #endif
 
+// Whether decode uses the int8 path (when compiled in); `int8_decode(0)` switches back to the float kernels.
+std::atomic<bool> g_int8_decode{true};
+
+bool int8_decode(int64_t mode) {
+#ifdef LLAMAWORKS_INT8_DOT
+  if (mode >= 0) g_int8_decode = mode != 0;
+  return g_int8_decode;
+#else
+  (void)mode;
+  return false;
+#endif
+}
+
 // The activation rows of one decode matmul, prepared once: int8 blocks (VNNI) or per-block float sums.
 struct DecodeRows {
   const float* x;
   int64_t k, nb;
+  bool int8;
   std::vector<float> sums;
 #ifdef LLAMAWORKS_INT8_DOT
   QuantRows qx;
-  DecodeRows(const float* xp, int64_t m, int64_t k_) : x(xp), k(k_), nb(k_ / QK), qx(xp, m, k_) {}
-  float dot(int64_t t, const uint8_t* row, int64_t i) const {
-    return row_dot_q8(t, row, qx.q.data() + i * k, qx.d.data() + i * nb, qx.s.data() + i * nb, nb);
-  }
+  DecodeRows(const float* xp, int64_t m, int64_t k_)
+      : x(xp), k(k_), nb(k_ / QK), int8(g_int8_decode), sums(int8 ? std::vector<float>() : block_sums(xp, m, k_)),
+        qx(xp, int8 ? m : 0, k_) {}
 #else
-  DecodeRows(const float* xp, int64_t m, int64_t k_) : x(xp), k(k_), nb(k_ / QK), sums(block_sums(xp, m, k_)) {}
+  DecodeRows(const float* xp, int64_t m, int64_t k_)
+      : x(xp), k(k_), nb(k_ / QK), int8(false), sums(block_sums(xp, m, k_)) {}
+#endif
   float dot(int64_t t, const uint8_t* row, int64_t i) const {
+#ifdef LLAMAWORKS_INT8_DOT
+    if (int8) return row_dot_q8(t, row, qx.q.data() + i * k, qx.d.data() + i * nb, qx.s.data() + i * nb, nb);
+#endif
     return row_dot(t, row, x + i * k, sums.data() + i * nb, nb);
   }
-#endif
 };
 
 constexpr int64_t kSmallBatch = 8;  // up to this many input rows the fused dequantize-dot kernel wins
@@ -451,6 +469,7 @@ TORCH_LIBRARY(llamaworks, lib) {
           "int[] attn_t, Tensor[] ffn_w, int[] ffn_t, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
           "Tensor sin, Tensor visible, int slot, int n_heads, int n_kv_heads) -> Tensor");
   lib.def("ggml_swiglu(Tensor x, Tensor gate, int gate_type, Tensor up, int up_type, int in_features) -> Tensor");
+  lib.def("int8_decode(int mode) -> bool", &int8_decode);
 }
 
 TORCH_LIBRARY_IMPL(llamaworks, CPU, lib) {

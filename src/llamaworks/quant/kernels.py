@@ -95,7 +95,20 @@ def native_available() -> bool:
         log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error)
     if _native:
         _register_fakes()
+        if os.environ.get("LLAMAWORKS_FLOAT_DECODE"):
+            torch.ops.llamaworks.int8_decode(0)
     return _native
+
+
+def int8_decode(enable: bool | None = None) -> bool:
+    """Whether decode matmuls use int8 activations and VNNI dot products (built in on AVX-512 VNNI CPUs).
+
+    `enable=False` switches to the float dequantize-and-dot kernels (as does LLAMAWORKS_FLOAT_DECODE=1);
+    returns the state afterwards. False when the native kernels or VNNI are unavailable.
+    """
+    if not native_available():
+        return False
+    return bool(torch.ops.llamaworks.int8_decode(-1 if enable is None else int(enable)))
 
 
 def _register_fakes() -> None:

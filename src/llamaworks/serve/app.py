@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -539,6 +540,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
 
     from .. import load
 
+    sock = listen_socket(host, port)  # before loading: a busy port should fail in a second, not after the model
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
                fast=fast)
     name = model_name or _model_name(llm.checkpoint, llm.model)
@@ -546,8 +548,25 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     app = create_app(engine, api_key=api_key, model_name=name, chat_template=llm.template)
     print(f"llamaworks: serving {name} at http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket, or a one-line ConfigError (bad port, address in use, unknown host)."""
+    from ..errors import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number from 0 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def _model_name(checkpoint: Any, model: Any) -> str:
