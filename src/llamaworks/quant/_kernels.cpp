@@ -225,8 +225,9 @@ inline float row_dot_q8(int64_t t, const uint8_t* row, const int8_t* xq, const f
 }
 #endif
 
-// Whether decode uses the int8 path (when compiled in); `int8_decode(0)` switches back to the float kernels.
-std::atomic<bool> g_int8_decode{true};
+// Whether decode uses the int8 path (when compiled in). Off by default: its drift can change greedy text
+// (as llama.cpp's does); `int8_decode(1)` (Python: kernels.int8_decode(True)) switches it on.
+std::atomic<bool> g_int8_decode{false};
 
 bool int8_decode(int64_t mode) {
 #ifdef LLAMAWORKS_INT8_DOT
