@@ -301,10 +301,15 @@ class FastForward:
                  return_hidden: bool = False) -> Tensor:
         model = self.model
         B, T = tokens.shape
-        # Only the model's own KVCache has the layout the static step writes into; a server's per-slot cache
-        # (serve/engine.py) or any other stand-in takes the general path.
-        own_cache = type(model.layers[0].attention.cache) is KVCache
-        if T != 1 or not own_cache or segment_ids is not None or return_hidden or model.training:
+        general = T != 1 or not model.has_cache or segment_ids is not None or return_hidden or model.training
+        if not general and type(model.layers[0].attention.cache) is not KVCache:
+            # A stand-in cache (the server's per-slot cache) qualifies for the native step only when this call's
+            # rows are the first B rows of its buffer, which is where the C++ layer writes; else the general path.
+            cache = model.layers[0].attention.cache
+            rows = getattr(cache, "rows", None)
+            general = not (self.layer_args is not None and isinstance(rows, slice) and rows.start in (0, None)
+                           and rows.stop == B and cache.k.dtype == torch.float32 and cache.k.is_contiguous())
+        if general:
             return Transformer.forward(model, tokens, start_pos, key_mask=key_mask, positions=positions,
                                        segment_ids=segment_ids, last_only=last_only, return_hidden=return_hidden)
         caches = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers]

@@ -112,6 +112,11 @@ class SlotCache(torch.nn.Module):
         super().__init__()
         self._rows, self.k, self.v = rows, k, v
 
+    @property
+    def rows(self) -> slice:
+        """The rows of the shared buffer this forward call works on (the runtime's native step reads it)."""
+        return self._rows.rows
+
     def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         rows, end = self._rows.rows, start_pos + k.shape[2]
         if end > self.k.shape[2]:
