@@ -215,6 +215,16 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _stream_chunk(kind: str, rid: str, created: int, model_name: str, choices: list, include_usage: bool,
+                  usage: Any) -> str:
+    """One SSE chunk of a streamed chat or text completion (usage only when the client asked for it)."""
+    obj = {"id": rid, "object": kind, "created": created, "model": model_name,
+           "system_fingerprint": FINGERPRINT, "choices": choices}
+    if include_usage:
+        obj["usage"] = usage
+    return _sse(obj)
+
+
 def _chat_logprob_entry(t: TokenInfo) -> dict:
     return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode("utf-8")),
             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
@@ -380,11 +390,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
                            prompt_tokens: int, include_usage: bool, want_logprobs: bool,
                            tools_on: bool) -> AsyncIterator[str]:
         def chunk(choices: list, usage: Any = None) -> str:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": choices}
-            if include_usage:
-                obj["usage"] = usage
-            return _sse(obj)
+            return _stream_chunk("chat.completion.chunk", rid, created, model_name, choices, include_usage, usage)
 
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -451,11 +457,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
     async def _completion_stream(rid: str, created: int, queue: asyncio.Queue, total: int, prompt_tokens: int,
                                  include_usage: bool, logprobs: int | None) -> AsyncIterator[str]:
         def chunk(choices: list, usage: Any = None) -> str:
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": choices}
-            if include_usage:
-                obj["usage"] = usage
-            return _sse(obj)
+            return _stream_chunk("text_completion", rid, created, model_name, choices, include_usage, usage)
 
         offsets = [0] * total
         finished: list[FinishEvent] = []
