@@ -142,8 +142,13 @@ def test_gguf_loads_on_the_quantized_fast_path_unless_asked_not_to(default_llm):
     assert not isinstance(ref.model.forward, FastForward)
     assert isinstance(ref.model.layers[0].attention.wq, torch.nn.Linear)
     prompt = "List three colours:"
-    assert (fast.generate(prompt, temperature=0, max_tokens=16)
-            == ref.generate(prompt, temperature=0, max_tokens=16))
+    # Float32 activations: the same text exactly. With the defaults (int8 decode, bf16 prefill) the text may
+    # part at a near tie; tests/test_runtime.py bounds that drift.
+    from llamaworks.quant import kernels
+
+    with kernels.float_activations():
+        assert (fast.generate(prompt, temperature=0, max_tokens=16)
+                == ref.generate(prompt, temperature=0, max_tokens=16))
 
 
 def test_load_errors_are_one_line():

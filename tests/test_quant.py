@@ -2,8 +2,10 @@
 
 Tolerances: block (de)quantization must match gguf.quants bit for bit; a quantized linear must equal
 x @ dequantize(W)^T up to float32 summation order (|diff| <= 1e-4 * (1 + |ref|), with K <= 512).
-The int8 decode path (AVX-512 VNNI builds, up to 8 input rows) quantizes the activations to 32-element int8
-blocks as llama.cpp does: there ||out - ref|| / ||ref|| <= 2e-2 (measured about 6e-3 on random data).
+The int8 decode path (AVX-512 VNNI builds, up to 8 input rows; on by default) quantizes the activations to
+32-element int8 blocks as llama.cpp does: there ||out - ref|| / ||ref|| <= 2e-2 (measured about 6e-3 on random
+data). The bf16 prefill path (AVX-512 BF16 builds, more than 8 rows; on by default) rounds the gemm's inputs and
+outputs to bfloat16: ||out - ref|| / ||ref|| <= 1e-2 (measured about 3e-3). The "native" backend runs both off.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ TYPES = [(GGML_Q4_0, Q.Q4_0), (GGML_Q4_1, Q.Q4_1), (GGML_Q8_0, Q.Q8_0)]
 
 
 INT8_REL = 2e-2  # int8-activation decode vs the float reference, relative to the output's norm
+BF16_REL = 1e-2  # bf16 prefill gemm vs the float reference, relative to the output's norm
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
-    if rel == INT8_REL:
+    if rel in (INT8_REL, BF16_REL):
         err = ((a - b).norm() / b.norm()).item()
     else:
         err = ((a - b).abs() / (1 + b.abs())).max().item()
     assert err <= rel, f"max relative error {err:.2e} > {rel:.0e}"
 
 
-@pytest.fixture(params=["native", "native-int8", "torch-fallback"])
+@pytest.fixture(params=["native", "native-int8", "native-bf16", "torch-fallback"])
 def backend(request, monkeypatch):
     if request.param == "torch-fallback":
         monkeypatch.setattr(kernels, "_native", False)
@@ -49,17 +52,23 @@ def backend(request, monkeypatch):
         return
     if not kernels.native_available():
         pytest.skip("no C++ compiler: native kernels unavailable")
-    was = kernels.int8_decode()
-    if kernels.int8_decode(request.param == "native-int8") != (request.param == "native-int8"):
-        pytest.skip("native kernels built without AVX-512 VNNI: no int8 decode path")
+    was = kernels.int8_decode(), kernels.bf16_prefill()
+    want = request.param == "native-int8", request.param == "native-bf16"
+    if (kernels.int8_decode(want[0]), kernels.bf16_prefill(want[1])) != want:
+        pytest.skip(f"native kernels built without the instructions {request.param} needs (AVX-512 VNNI / BF16)")
     try:
         yield request.param
     finally:
-        kernels.int8_decode(was)
+        kernels.int8_decode(was[0])
+        kernels.bf16_prefill(was[1])
 
 
 def decode_tol(backend: str, m: int) -> float:
-    return INT8_REL if backend == "native-int8" and m <= 8 else 1e-4
+    if backend == "native-int8" and m <= 8:
+        return INT8_REL
+    if backend == "native-bf16" and m > 8:
+        return BF16_REL
+    return 1e-4
 
 
 @pytest.mark.parametrize(("ours", "theirs"), TYPES, ids=["q4_0", "q4_1", "q8_0"])

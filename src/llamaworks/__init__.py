@@ -159,7 +159,7 @@ class LLM:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, chat_template: str | None = None,
-         max_context: int | None = None, fast: bool | None = None) -> LLM:
+         max_context: int | None = None, fast: bool | None = None, mmap: bool | None = None) -> LLM:
     """Load a checkpoint (GGUF file, Hugging Face or Meta directory; None = the bundled default model).
 
     device: "cpu", "cuda", ... (default: CUDA if available, else CPU). dtype: "float32", "bf16", ...
@@ -167,6 +167,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     max_context: use fewer context positions than the model supports.
     fast: keep a GGUF's quantized blocks in memory and decode with the native kernels (`runtime.py`).
           Default: on for GGUF files on the CPU in float32; off elsewhere (the float reference path).
+    mmap: with `fast`, keep the blocks memory-mapped from the file instead of reading them into huge pages
+          (default: the LLAMAWORKS_MMAP environment variable, else off; see quant/memory.py).
     """
     from .chat_template import template_for
     from .checkpoints import load_model
@@ -178,8 +180,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     if fast:
         from .runtime import load_quantized_model
 
-        # weights=None: float tensors of the file stay float; quantized blocks stay quantized (memory-mapped).
-        model, tokenizer, checkpoint = load_quantized_model(path, weights=None)
+        # weights=None: float tensors of the file stay float; quantized blocks stay quantized.
+        model, tokenizer, checkpoint = load_quantized_model(path, weights=None, mmap=mmap)
     else:
         model, tokenizer, checkpoint = load_model(path, dtype=dtype_, device=device_)
     model.eval()

@@ -1,7 +1,7 @@
 """`llamaworks bench`: prefill and decode speed, time to first token and peak memory of the fast CPU path.
 
 Figures (one process, the model loaded once):
-- load_s:          checkpoint -> ready model (GGUF blocks memory-mapped, nothing expanded to float).
+- load_s:          checkpoint -> ready model (GGUF blocks read into huge pages or memory-mapped, never expanded).
 - ttft_s:          first token of a short chat prompt right after load (includes any first-call cost).
 - prefill_tok_s:   `prompt_tokens` tokens through the model in one call, median of `runs`.
 - decode_tok_s:    `gen_tokens` greedy one-token steps after that prompt, median of `runs`.
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .quant import kernels
 
 
 def peak_rss_mib() -> float:
@@ -59,7 +61,7 @@ def _prefill_decode(model: Any, prompt: list[int], gen_tokens: int) -> tuple[flo
 
 def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128,
               ctx: int = 1024, runs: int = 3, threads: int | None = None, compile: bool = False,
-              weights: str = "q8_0") -> dict[str, Any]:
+              weights: str = "q8_0", mmap: bool | None = None) -> dict[str, Any]:
     """Measure the fast path on one model; returns a JSON-able dict (see the module docstring)."""
     from .runtime import load_quantized_model, set_threads
 
@@ -68,7 +70,7 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
     threads = set_threads(threads) if threads else torch.get_num_threads()
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
-    model, tokenizer, checkpoint = load_quantized_model(model_path, weights=weights, compile=compile)
+    model, tokenizer, checkpoint = load_quantized_model(model_path, weights=weights, compile=compile, mmap=mmap)
     load_s = time.perf_counter() - t0
     model.setup_cache(1, ctx)
 
@@ -96,7 +98,10 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "model_name": cfg.name,
         "params_m": round(cfg.n_params / 1e6, 1),
         "threads": threads,
-        "native_kernels": __import__("llamaworks.quant", fromlist=["native_available"]).native_available(),
+        "native_kernels": kernels.native_available(),
+        "int8_decode": kernels.int8_decode(),
+        "bf16_prefill": kernels.bf16_prefill(),
+        "weights_in": "mmap" if _is_file_mapped(model) else "memory",
         "compile": compile,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -113,6 +118,24 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
     }
 
 
+def _is_file_mapped(model: torch.nn.Module) -> bool:
+    """Whether the first block tensor lies in a file mapping (else anonymous memory: huge pages or a copy)."""
+    raws = [b for n, b in model.named_buffers() if n.endswith("raw")]
+    if not raws:
+        return False
+    address = raws[0].data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, _, inode, *_ = [*line.split(), ""]
+                lo, hi = (int(v, 16) for v in span.split("-"))
+                if lo <= address < hi:
+                    return inode not in ("0", "")
+    except OSError:
+        pass
+    return False
+
+
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -121,7 +144,11 @@ def print_table(result: dict[str, Any]) -> None:
                         f"{result['threads']} threads)")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    kernels_used = ", ".join([f"activations: {'int8' if result['int8_decode'] else 'float32'} decode",
+                              f"{'bf16' if result['bf16_prefill'] else 'float32'} prefill",
+                              f"weights {result['weights_in']}"])
     rows = [
+        ("kernels", kernels_used),
         ("load", f"{result['load_s']:.2f} s"),
         ("time to first token (short chat prompt)", f"{result['ttft_s']:.3f} s"),
         (f"prefill ({result['prompt_tokens']} tokens), median", f"{result['prefill_tok_s']:.1f} tok/s"),
@@ -136,9 +163,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(model: str | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128, ctx: int = 1024,
          runs: int = 3, threads: int | None = None, compile: bool = False, weights: str = "q8_0",
-         as_json: bool = False) -> int:
+         as_json: bool = False, mmap: bool | None = None) -> int:
     result = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                       threads=threads, compile=compile, weights=weights)
+                       threads=threads, compile=compile, weights=weights, mmap=mmap)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

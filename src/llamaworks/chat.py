@@ -171,7 +171,7 @@ class _Terminal:
 
 def run_chat(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
              chat_template: str | None = None, system: str | None = None, max_context: int | None = None,
-             fast: bool | None = None,
+             fast: bool | None = None, mmap: bool | None = None,
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
              **sampling: Any) -> int:
     """`llamaworks chat`: load a model and talk to it until /exit or end of input. Returns an exit code."""
@@ -179,7 +179,7 @@ def run_chat(*, model: str | None = None, device: str | None = None, dtype: str 
 
     term = _Terminal(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast)
+               fast=fast, mmap=mmap)
     session = ChatSession(llm.model, llm.tokenizer, llm.template, system=system,
                           params=llm.sampling(**sampling), max_context=max_context)
     if term.interactive:

@@ -469,6 +469,7 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
 def run_generate(prompt: str, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  chat_template: str | None = None, chat: bool = False, system: str | None = None,
                  stream: bool = False, stats: bool = False, max_context: int | None = None, fast: bool | None = None,
+                 mmap: bool | None = None,
                  out: Any = None, err: Any = None, **sampling: Any) -> int:
     """Complete `prompt` (raw, or as one chat user turn with `chat`) and print the text. Returns an exit code."""
     import sys
@@ -477,7 +478,7 @@ def run_generate(prompt: str, *, model: str | None = None, device: str | None = 
 
     out, err = out or sys.stdout, err or sys.stderr
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast)
+               fast=fast, mmap=mmap)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = llm.encode_chat(messages)

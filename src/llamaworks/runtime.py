@@ -18,6 +18,7 @@ Prefill (several tokens) runs the model's own forward on the swapped modules: it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 
 from .model import KVCache, Transformer, apply_rope, rope_frequencies
 from .quant import kernels
-from .quant.linear import TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
+from .quant.linear import KERNEL_TYPES, TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
+from .quant.memory import huge_pages_available, read_into_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +128,35 @@ def _meta_init_is_free() -> Any:
         nn.init.normal_ = original
 
 
+def _blocks_in_huge_pages(checkpoint: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with the GGUF blocks used in place read into a huge-page buffer instead of mapped (quant/memory.py)."""
+    names = [name for name, entry in state.items()
+             if _is_quant_entry(entry) and int(entry.ggml_type) in KERNEL_TYPES
+             and getattr(entry, "file_offset", None) is not None]
+    path = getattr(checkpoint, "path", None)
+    if not names or path is None or not Path(path).is_file() or not huge_pages_available():
+        return state
+    spans = [(state[n].file_offset, state[n].raw.nbytes) for n in names]
+    arrays = read_into_huge_pages(path, spans)
+    state = dict(state)
+    for name, array in zip(names, arrays):
+        state[name] = dataclasses.replace(state[name], raw=array.reshape(state[name].raw.shape))
+    return state
+
+
 def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None = None,
-                          weights: str | None = "q8_0") -> Transformer:
+                          weights: str | None = "q8_0", mmap: bool = False) -> Transformer:
     """A Transformer whose quantized checkpoint entries stay quantized (never expanded to float as a whole).
 
     checkpoint: a `checkpoints.Checkpoint` read with dequantize=False (GGUF). Float linears in it are
     block-quantized to `weights` (None keeps them float32); norms stay float32.
+    mmap: keep the blocks memory-mapped from the file; by default (on the CPU, where transparent huge pages
+    exist) they are read into a huge-page buffer, which decodes faster (see quant/memory.py).
     """
     config, state = checkpoint.config, checkpoint.state_dict
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu" and not mmap:
+        state = _blocks_in_huge_pages(checkpoint, state)
     with torch.device("meta"), _meta_init_is_free():
         model = Transformer(config)
     target = TYPE_BY_NAME[weights.lower()] if weights else None
@@ -164,11 +186,15 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
 
 
 def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights: str | None = "q8_0",
-                         compile: bool = False, threads: int | None = None) -> tuple[Transformer, Any, Any]:
-    """(optimized model, tokenizer, checkpoint) with GGUF blocks memory-mapped; None = the default model.
+                         compile: bool = False, threads: int | None = None,
+                         mmap: bool | None = None) -> tuple[Transformer, Any, Any]:
+    """(optimized model, tokenizer, checkpoint) with GGUF blocks kept as blocks; None = the default model.
 
-    HF/Meta float checkpoints are loaded and block-quantized to `weights` per tensor.
+    HF/Meta float checkpoints are loaded and block-quantized to `weights` per tensor. mmap: keep the GGUF's
+    blocks memory-mapped instead of reading them into huge pages (default: LLAMAWORKS_MMAP=1, else False).
     """
+    if mmap is None:
+        mmap = os.environ.get("LLAMAWORKS_MMAP", "0") not in ("", "0")
     from .checkpoints import load_checkpoint
 
     if path is None:
@@ -176,7 +202,7 @@ def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights:
 
         path = default_model_path()
     checkpoint = load_checkpoint(path, dequantize=False)
-    model = build_quantized_model(checkpoint, weights=weights)
+    model = build_quantized_model(checkpoint, weights=weights, mmap=mmap)
     checkpoint.state_dict = {}  # the model holds the tensors now
     if checkpoint.tokenizer is not None and checkpoint.metadata:
         # The tokenizer has been built; the vocabulary/merges lists (tens of MiB of Python objects) are not

@@ -73,11 +73,13 @@ class GGUFQuantTensor:
     """A quantized GGUF weight kept as its blocks.
 
     shape: torch order (rows, cols); raw: uint8 array (rows, bytes_per_row), memory-mapped from the file.
+    file_offset: where `raw` starts in the file (lets a loader read the bytes itself instead of mapping them).
     """
 
     ggml_type: QType
     shape: tuple[int, ...]
     raw: np.ndarray
+    file_offset: int | None = None
 
     @property
     def block_size(self) -> int:
@@ -381,7 +383,7 @@ def _to_tensor(t: _RawTensor, source: Path, dequantize: bool) -> Tensor | GGUFQu
     if qtype == QType.BF16:
         return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).reshape(shape)
     if not dequantize:
-        return GGUFQuantTensor(qtype, shape, data)
+        return GGUFQuantTensor(qtype, shape, data, t.offset)
     return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype))).reshape(shape)
 
 

@@ -10,6 +10,7 @@ slower), so nothing else in the package needs to know which one it got.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -95,21 +97,50 @@ def native_available() -> bool:
         log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error)
     if _native:
         _register_fakes()
-        if os.environ.get("LLAMAWORKS_INT8_DECODE", "0") not in ("", "0"):
-            torch.ops.llamaworks.int8_decode(1)
+        for name, switch in (("LLAMAWORKS_INT8_DECODE", torch.ops.llamaworks.int8_decode),
+                             ("LLAMAWORKS_BF16_PREFILL", torch.ops.llamaworks.bf16_prefill)):
+            if name in os.environ:
+                switch(int(os.environ[name] not in ("", "0")))
     return _native
 
 
 def int8_decode(enable: bool | None = None) -> bool:
     """Whether decode matmuls (up to 8 rows) use int8 activations and VNNI dot products, as llama.cpp does.
 
-    Off by default: the activation rounding moves logits by up to about 1.3 on SmolLM2 and can change greedy
-    text at near ties. `enable=True` (or LLAMAWORKS_INT8_DECODE=1) switches it on, `False` off; returns the
-    state afterwards. Always False when the native kernels were built without AVX-512 VNNI.
+    On by default where the CPU has AVX-512 VNNI (about 1.3-1.5x faster decode than the float kernels). The
+    activation rounding moves SmolLM2's logits by up to about 1.3 and can change greedy text at near ties
+    (tests/test_runtime.py bounds it). `enable=False` (or LLAMAWORKS_INT8_DECODE=0) selects the float
+    dequantize-and-dot kernels, `True` the int8 ones; returns the state afterwards (always False without VNNI).
     """
     if not native_available():
         return False
     return bool(torch.ops.llamaworks.int8_decode(-1 if enable is None else int(enable)))
+
+
+def bf16_prefill(enable: bool | None = None) -> bool:
+    """Whether prefill matmuls (more than 8 rows) run the gemm in bfloat16 (dequantized bf16 weight slabs).
+
+    On by default where the CPU has AVX-512 BF16 (gemm ~2.4x the float32 rate). Inputs and outputs of each
+    matmul are rounded to bf16. `enable=False` (or LLAMAWORKS_BF16_PREFILL=0) selects float32; returns the
+    state afterwards (always False without native bf16).
+    """
+    if not native_available():
+        return False
+    return bool(torch.ops.llamaworks.bf16_prefill(-1 if enable is None else int(enable)))
+
+
+@contextlib.contextmanager
+def float_activations() -> Iterator[None]:
+    """Within the block, int8 decode and bf16 prefill are off: the kernels equal a float32 matmul with the
+    dequantized weights up to summation order (what the exactness tests compare)."""
+    was = int8_decode(), bf16_prefill()
+    int8_decode(False)
+    bf16_prefill(False)
+    try:
+        yield
+    finally:
+        int8_decode(was[0])
+        bf16_prefill(was[1])
 
 
 def _register_fakes() -> None:

@@ -536,7 +536,7 @@ def _stream_response(gen: AsyncIterator[str], handles: list) -> StreamingRespons
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, queue_size: int = 64, device: str | None = None, dtype: str | None = None,
           chat_template: str | None = None, max_context: int | None = None, model_name: str | None = None,
-          fast: bool | None = None) -> int:
+          fast: bool | None = None, mmap: bool | None = None) -> int:
     """`llamaworks serve`: load a model and serve it until interrupted. Returns an exit code."""
     import uvicorn
 
@@ -544,7 +544,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
 
     sock = listen_socket(host, port)  # before loading: a busy port should fail in a second, not after the model
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast)
+               fast=fast, mmap=mmap)
     name = model_name or _model_name(llm.checkpoint, llm.model)
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, queue_size=queue_size, max_context=max_context)
     app = create_app(engine, api_key=api_key, model_name=name, chat_template=llm.template)

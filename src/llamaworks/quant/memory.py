@@ -1,0 +1,58 @@
+"""Where quantized weights live in memory: the file's own page-cache mapping, or a huge-page buffer.
+
+Decode streams every weight once per token, so it runs at memory bandwidth. Mapped file pages are 4 KiB,
+and hardware prefetchers stop at every 4 KiB boundary and each page costs a TLB entry: on this project's
+machine the 1.1B model decodes 31 tok/s from the mapping and 38 tok/s from 2 MiB transparent huge pages.
+So by default (Linux with THP not set to "never") the block tensors are read from the file into one anonymous
+buffer advised MADV_HUGEPAGE. The file's pages are never mapped into the process, so resident memory holds
+one copy either way. `mmap=True` (CLI `--mmap`) keeps the mapping: it lets the kernel evict weights under
+memory pressure, at the cost of speed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+_ALIGN = 64  # each tensor starts on a cache line
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_available() -> bool:
+    """Transparent huge pages can back an madvise'd anonymous buffer (Linux, THP "always" or "madvise")."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in _THP_SETTING.read_text()
+    except OSError:
+        return False
+
+
+def read_into_huge_pages(path: str | os.PathLike[str], spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Read the byte ranges (offset, nbytes) of `path` into one huge-page-advised buffer; one uint8 array each.
+
+    The buffer is an anonymous private mapping (freed when the last array referring to it goes).
+    """
+    starts, total = [], 0
+    for _, nbytes in spans:
+        starts.append(total)
+        total += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+    buffer = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so faults allocate 2 MiB pages
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        for (offset, nbytes), start in zip(spans, starts):
+            f.seek(offset)
+            done = 0
+            while done < nbytes:
+                got = f.readinto(view[start + done:start + nbytes])
+                if not got:
+                    raise EOFError(f"{path}: file ended while reading {nbytes} bytes at offset {offset}")
+                done += got
+    whole = np.frombuffer(buffer, dtype=np.uint8)  # keeps `buffer` alive
+    return [whole[start:start + nbytes] for (_, nbytes), start in zip(spans, starts)]
