@@ -98,6 +98,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
+            if k.dtype != q.dtype:  # a float16 cache under float32 activations (the fast CPU path)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         # enable_gqa lets each group of query heads read its shared key/value head without copies.
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -162,16 +164,26 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None,
                     dtype: torch.dtype | None = None) -> None:
-        """Preallocate a KV cache; forward() then appends to it at `start_pos`."""
+        """Preallocate a KV cache; forward() then appends to it at `start_pos`.
+
+        dtype: default `kv_cache_dtype()` (the activation dtype, or float16 where the fast path set it).
+        """
         length = max_seq_len or self.config.max_seq_len
-        # The final norm's dtype is the activation dtype; the embedding may be a quantized (uint8) table.
-        dtype = dtype or self.norm.weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = dtype or self.kv_cache_dtype()
         device = self.inv_freq.device
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, length, self.config.kv_heads, self.config.head_size,
                                             dtype, device)
+
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type: `self.kv_dtype` when set (runtime.py sets float16 for the native CPU
+        decode, as llama.cpp does), else the activation dtype (the final norm's; the embedding may be a
+        quantized uint8 table)."""
+        explicit = getattr(self, "kv_dtype", None)
+        if explicit is not None:
+            return explicit
+        dtype = self.norm.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
 
     def clear_cache(self) -> None:
         for layer in self.layers:

@@ -306,6 +306,9 @@ def _native_decode(model: Transformer, layer_args: list[tuple[Any, ...]], tokens
     return model.lm_head(model.norm(x.view(B, 1, cfg.dim)))
 
 
+NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # the fused C++ layer reads and writes either
+
+
 class FastForward:
     """Stands in for `Transformer.forward`: one-token cached steps take the static decode path.
 
@@ -334,7 +337,7 @@ class FastForward:
             cache = model.layers[0].attention.cache
             rows = getattr(cache, "rows", None)
             general = not (self.layer_args is not None and isinstance(rows, slice) and rows.start in (0, None)
-                           and rows.stop == B and cache.k.dtype == torch.float32 and cache.k.is_contiguous())
+                           and rows.stop == B and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.is_contiguous())
         if general:
             return Transformer.forward(model, tokens, start_pos, key_mask=key_mask, positions=positions,
                                        segment_ids=segment_ids, last_only=last_only, return_hidden=return_hidden)
@@ -351,7 +354,7 @@ class FastForward:
             full_mask = torch.zeros(key_mask.shape[0], S, dtype=torch.bool, device=device)
             full_mask[:, : key_mask.shape[1]] = key_mask.bool()
         cache = model.layers[0].attention.cache
-        if self.layer_args is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous():
+        if self.layer_args is not None and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.is_contiguous():
             k_pos = torch.arange(S, device=device)
             visible = k_pos <= start_pos
             window = model.config.sliding_window
@@ -380,13 +383,16 @@ def configure_compile_cache(directory: str | os.PathLike[str] | None = None) -> 
 
 def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any] | None = None,
                            quantize: str | None = None, compile: bool = True,
-                           threads: int | None = None) -> Transformer:
+                           threads: int | None = None, kv_dtype: torch.dtype | str | None = "auto") -> Transformer:
     """Make `model` fast for generation, in place; the call signature `model(tokens, start_pos=...)` is kept.
 
     quantized_state: state dict with GGUF quantized entries to use as the model's weights (kept as blocks).
     quantize:        also block-quantize the remaining float linears: "q8_0" | "q4_0" | "q4_1" | "int8" | "int4".
     compile:         torch.compile the decode step (first call compiles; later processes hit the disk cache).
     threads:         intra-op threads on the CPU (default: leave torch's setting; the CLI sets physical cores).
+    kv_dtype:        element type of caches made by `setup_cache` afterwards. "auto": float16 where the native
+                     decode layer runs (half the memory, as llama.cpp; the attention math stays float32),
+                     else the activation dtype. None leaves the model's setting.
     """
     model.eval().requires_grad_(False)
     if quantized_state is not None or quantize is not None:
@@ -394,6 +400,11 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
     if threads is not None and model.norm.weight.device.type == "cpu":
         set_threads(threads)
     model.forward = FastForward(model, compile)  # instance attribute: nn.Module.__call__ finds it first
+    if kv_dtype == "auto":
+        native = model.forward.layer_args is not None and model.norm.weight.dtype == torch.float32
+        model.kv_dtype = torch.float16 if native else None
+    elif kv_dtype is not None:
+        model.kv_dtype = kv_dtype
     return model
 
 

@@ -515,8 +515,24 @@ inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 #endif
 
-// One query head against keys/values [0, n_keys) of its key/value head (rows of D floats), softmax in float32.
-void attend_one_head(const float* q, const float* keys, const float* vals, const bool* visible, int64_t n_keys,
+// KV cache elements: float32, or float16 (half the memory, as llama.cpp keeps it); math is float32 either way.
+inline float as_float(float v) { return v; }
+inline float as_float(c10::Half v) { return static_cast<float>(v); }
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(c10::Half* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+// One query head against keys/values [0, n_keys) of its key/value head (rows of D elements), softmax in float32.
+template <typename KV>
+void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool* visible, int64_t n_keys,
                      int64_t D, float scale, float* scores, float* out) {
   int64_t s = 0;
 #if defined(__AVX512F__)
@@ -528,15 +544,19 @@ void attend_one_head(const float* q, const float* keys, const float* vals, const
     for (; s + 4 <= n_keys; s += 4) {
       __m512 a[4];
       for (int j = 0; j < 4; ++j) {
-        const float* k = keys + (s + j) * D;
-        a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int64_t c = 1; c < nd; ++c) a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * 16), a[j]);
+        const KV* k = keys + (s + j) * D;
+        a[j] = _mm512_mul_ps(qv[0], load16(k));
+        for (int64_t c = 1; c < nd; ++c) a[j] = _mm512_fmadd_ps(qv[c], load16(k + c * 16), a[j]);
       }
       _mm_storeu_ps(scores + s, hsum4(a[0], a[1], a[2], a[3]));
     }
   }
 #endif
-  for (; s < n_keys; ++s) scores[s] = dot_f32(q, keys + s * D, D) * scale;
+  for (; s < n_keys; ++s) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * as_float(keys[s * D + d]);
+    scores[s] = dot * scale;
+  }
   float mx = -INFINITY;
   for (s = 0; s < n_keys; ++s) {
     if (!visible[s]) scores[s] = -INFINITY;
@@ -569,7 +589,7 @@ void attend_one_head(const float* q, const float* keys, const float* vals, const
     for (s = 0; s < n_keys; ++s) {
       if (scores[s] == 0.f) continue;
       const __m512 p = _mm512_set1_ps(scores[s]);
-      for (int64_t c = 0; c < nd; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vals + s * D + c * 16), acc[c]);
+      for (int64_t c = 0; c < nd; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vals + s * D + c * 16), acc[c]);
     }
     for (int64_t c = 0; c < nd; ++c) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv_total)));
     return;
@@ -578,10 +598,43 @@ void attend_one_head(const float* q, const float* keys, const float* vals, const
   for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
   for (s = 0; s < n_keys; ++s) {
     if (scores[s] == 0.f) continue;
-    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * vals[s * D + d];
+    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * as_float(vals[s * D + d]);
   }
   for (int64_t d = 0; d < D; ++d) out[d] *= inv_total;
 }
+
+// RoPE on the new q/k rows, the cache write at `slot`, and attention over slots [0, slot]: each query head
+// reads its group's key/value head directly (no copies).
+template <typename KV>
+void attention_step(float* qp, int64_t qkv_n, KV* kc, KV* vc, const at::Tensor& cosc, const at::Tensor& sinc,
+                    const at::Tensor& vis, int64_t B, int64_t S, int64_t D, int64_t slot, int64_t n_heads,
+                    int64_t n_kv_heads, float* ap) {
+  const int64_t G = n_heads / n_kv_heads, qdim = n_heads * D, kvdim = n_kv_heads * D;
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qp + b * qkv_n;
+    rope_inplace(row, n_heads, D, cosc.data_ptr<float>() + b * (D / 2), sinc.data_ptr<float>() + b * (D / 2));
+    rope_inplace(row + qdim, n_kv_heads, D, cosc.data_ptr<float>() + b * (D / 2),
+                 sinc.data_ptr<float>() + b * (D / 2));
+    for (int64_t g = 0; g < n_kv_heads; ++g) {
+      store_row(kc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + g * D, D);
+      store_row(vc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + kvdim + g * D, D);
+    }
+  }
+
+  const bool* vp = vis.data_ptr<bool>();
+  const int64_t n_keys = slot + 1;
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(n_keys);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
+      attend_one_head(qp + b * qkv_n + head * D, kc + (b * n_kv_heads + kvh) * S * D,
+                      vc + (b * n_kv_heads + kvh) * S * D, vp + b * S, n_keys, D, scale, scores.data(),
+                      ap + b * qdim + head * D);
+    }
+  });
+}
+
 
 // One transformer block for one new token per row, entirely in C++: x (B, dim) -> x (B, dim).
 // Keys/values are written at cache slot `slot`; a query sees the cache slots where `visible` (B, S) is true.
@@ -591,11 +644,12 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
                              const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& visible, int64_t slot,
                              int64_t n_heads, int64_t n_kv_heads) {
   TORCH_CHECK(attn_w.size() == 4 && ffn_w.size() == 3, "llamaworks: expected wq, wk, wv, wo and w1, w3, w2");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "llamaworks: the fused decode layer needs contiguous float32 KV caches");
+  const bool half_kv = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_kv || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+              k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "llamaworks: the fused decode layer needs contiguous float32 or float16 KV caches of one dtype");
   at::Tensor x = x_in.to(at::kFloat).contiguous().clone();
-  const int64_t B = x.size(0), dim = x.size(1), S = k_cache.size(2), D = k_cache.size(3);
-  const int64_t G = n_heads / n_kv_heads, qdim = n_heads * D, kvdim = n_kv_heads * D;
+  const int64_t B = x.size(0), dim = x.size(1), S = k_cache.size(2), D = k_cache.size(3), qdim = n_heads * D;
   TORCH_CHECK(slot >= 0 && slot < S, "llamaworks: cache slot out of range");
   at::Tensor cosc = cos.to(at::kFloat).contiguous(), sinc = sin.to(at::kFloat).contiguous();
   at::Tensor vis = visible.to(at::kBool).contiguous();
@@ -609,34 +663,13 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
   at::Tensor qkv = ggml_linear_group(h, {attn_w[0], attn_w[1], attn_w[2]}, {attn_t[0], attn_t[1], attn_t[2]}, dim);
   const int64_t qkv_n = qkv.size(1);
   float* qp = qkv.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float* row = qp + b * qkv_n;
-    rope_inplace(row, n_heads, D, cosc.data_ptr<float>() + b * (D / 2), sinc.data_ptr<float>() + b * (D / 2));
-    rope_inplace(row + qdim, n_kv_heads, D, cosc.data_ptr<float>() + b * (D / 2),
-                 sinc.data_ptr<float>() + b * (D / 2));
-    for (int64_t g = 0; g < n_kv_heads; ++g) {
-      std::memcpy(kc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + g * D, D * sizeof(float));
-      std::memcpy(vc + ((b * n_kv_heads + g) * S + slot) * D, row + qdim + kvdim + g * D, D * sizeof(float));
-    }
-  }
-
-  // Attention over slots [0, slot]: each query head reads its group's key/value head directly (no copies).
   at::Tensor attn = at::empty({B, qdim}, x.options());
-  float* ap = attn.data_ptr<float>();
-  const bool* vp = vis.data_ptr<bool>();
-  const int64_t n_keys = slot + 1;
-  const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(n_keys);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
-      attend_one_head(qp + b * qkv_n + head * D, kc + (b * n_kv_heads + kvh) * S * D,
-                      vc + (b * n_kv_heads + kvh) * S * D, vp + b * S, n_keys, D, scale, scores.data(),
-                      ap + b * qdim + head * D);
-    }
-  });
+  if (half_kv)
+    attention_step<c10::Half>(qp, qkv_n, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), cosc, sinc,
+                              vis, B, S, D, slot, n_heads, n_kv_heads, attn.data_ptr<float>());
+  else
+    attention_step<float>(qp, qkv_n, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), cosc, sinc, vis, B, S,
+                          D, slot, n_heads, n_kv_heads, attn.data_ptr<float>());
 
   at::Tensor o = ggml_linear_group(attn, {attn_w[3]}, {attn_t[3]}, qdim);
   x.add_(o);

@@ -56,3 +56,4 @@ def read_into_huge_pages(path: str | os.PathLike[str], spans: Sequence[tuple[int
                 done += got
     whole = np.frombuffer(buffer, dtype=np.uint8)  # keeps `buffer` alive
     return [whole[start:start + nbytes] for (_, nbytes), start in zip(spans, starts)]
+

@@ -328,9 +328,7 @@ class Engine:
     # -- cache management ---------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
         cfg = self.model.config
-        dtype = self.model.norm.weight.dtype  # the embedding may be a quantized table
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = self.model.kv_cache_dtype()
         shape = (self.max_batch, cfg.kv_heads, capacity, cfg.head_size)
         old = self._caches
         self._caches = []
