@@ -151,15 +151,20 @@ at::Tensor ggml_dequantize(const at::Tensor& raw, int64_t t, int64_t k) {
 // llama.cpp uses; tests/test_runtime.py bounds the logit drift. `bf16_prefill(0)` switches it off.
 std::atomic<bool> g_bf16_prefill{true};
 
-bool bf16_prefill(int64_t mode) {
-#if defined(__AVX512BF16__)
-  if (mode >= 0) g_bf16_prefill = mode != 0;
-  return g_bf16_prefill;
-#else
-  (void)mode;
-  return false;
-#endif
+// A switch's state after applying `mode` (-1: leave, 0: off, 1: on); always off when not compiled in.
+bool flip(std::atomic<bool>& flag, bool compiled_in, int64_t mode) {
+  if (!compiled_in) return false;
+  if (mode >= 0) flag = mode != 0;
+  return flag;
 }
+
+#if defined(__AVX512BF16__)
+constexpr bool kHaveBf16 = true;
+#else
+constexpr bool kHaveBf16 = false;
+#endif
+
+bool bf16_prefill(int64_t mode) { return flip(g_bf16_prefill, kHaveBf16, mode); }
 
 // (N, K) bfloat16 from (N, row_bytes) blocks (the float dequantization, rounded to nearest even).
 at::Tensor dequantize_bf16(const at::Tensor& raw, int64_t t, int64_t k) {
@@ -292,15 +297,13 @@ inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const floa
 // LLAMAWORKS_INT8_DECODE=0 selects the float dequantize-and-dot kernels.
 std::atomic<bool> g_int8_decode{true};
 
-bool int8_decode(int64_t mode) {
 #ifdef LLAMAWORKS_INT8_DOT
-  if (mode >= 0) g_int8_decode = mode != 0;
-  return g_int8_decode;
+constexpr bool kHaveInt8Dot = true;
 #else
-  (void)mode;
-  return false;
+constexpr bool kHaveInt8Dot = false;
 #endif
-}
+
+bool int8_decode(int64_t mode) { return flip(g_int8_decode, kHaveInt8Dot, mode); }
 
 constexpr int64_t kSmallBatch = 8;  // up to this many input rows the fused dequantize-dot kernel wins
 // Weight rows per decode kernel call: they share each activation block's loads. Measured on the 1.1B model:
