@@ -235,3 +235,34 @@ def test_compiled_decode_equals_eager(tmp_path, monkeypatch) -> None:
     assert model.forward.compiled and not eager_model.forward.compiled
     got, want = _batched_decode(model, prompts, 5), _batched_decode(eager_model, prompts, 5)
     assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("last_only", [True, False])
+def test_chunked_prefill_equals_one_pass(last_only: bool, float_decode) -> None:
+    """Long prompts are prefilled in chunks (less peak memory); logits and the cache equal one pass."""
+    model = _tiny("tiny-llama3")
+    optimize_for_inference(model, quantize="q8_0", compile=False, kv_dtype=torch.float32)
+    tokens = torch.randint(0, 256, (1, 23))
+    model.forward.prefill_chunk = 1000
+    model.setup_cache(1, 64)
+    with torch.inference_mode():
+        want = model(tokens, last_only=last_only)
+        want_next = model(tokens[:, :1], start_pos=23)
+        model.forward.prefill_chunk = 5  # 5 + 5 + 5 + 5 + 3
+        model.setup_cache(1, 64)
+        got = model(tokens, last_only=last_only)
+        got_next = model(tokens[:, :1], start_pos=23)
+    assert got.shape == want.shape == (1, 1 if last_only else 23, model.config.vocab_size)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (got_next - want_next).abs().max().item() < 1e-4  # the cache the chunks wrote is the same
+
+
+def test_chunked_prefill_keeps_left_padding_masks(float_decode) -> None:
+    prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30, 4, 4], [4, 4, 8]]
+    model = _tiny("tiny-mistral")  # sliding window 8: crossed inside the chunks
+    optimize_for_inference(model, quantize="q4_1", compile=False, kv_dtype=torch.float32)
+    model.forward.prefill_chunk = 1000
+    want = _batched_decode(model, prompts, 4)
+    model.forward.prefill_chunk = 5
+    got = _batched_decode(model, prompts, 4)
+    assert (got - want).abs().max().item() < 1e-4
