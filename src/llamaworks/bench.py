@@ -102,6 +102,7 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "int8_decode": kernels.int8_decode(),
         "bf16_prefill": kernels.bf16_prefill(),
         "weights_in": "mmap" if _is_file_mapped(model) else "memory",
+        "kv_dtype": str(model.kv_cache_dtype()).removeprefix("torch."),
         "compile": compile,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -144,9 +145,10 @@ def print_table(result: dict[str, Any]) -> None:
                         f"{result['threads']} threads)")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    kernels_used = ", ".join([f"activations: {'int8' if result['int8_decode'] else 'float32'} decode",
+    kernels_used = ", ".join([f"{'int8' if result['int8_decode'] else 'float32'} decode activations",
                               f"{'bf16' if result['bf16_prefill'] else 'float32'} prefill",
-                              f"weights {result['weights_in']}"])
+                              f"{result['kv_dtype']} KV cache",
+                              "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory"])
     rows = [
         ("kernels", kernels_used),
         ("load", f"{result['load_s']:.2f} s"),

@@ -1,0 +1,30 @@
+"""`llamaworks bench`: figures, the kernel/memory settings it ran with, and its JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llamaworks import bench
+from llamaworks.quant import kernels
+from llamaworks.quant.memory import huge_pages_available
+
+
+@pytest.mark.parametrize("mmap", [None, True])
+def test_bench_reports_figures_and_settings(mmap: bool | None) -> None:
+    r = bench.run_bench(None, prompt_tokens=24, gen_tokens=4, ctx=64, runs=2, mmap=mmap)
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and len(r["decode_tok_s_all"]) == 2
+    assert 0 < r["ttft_s"] < 60 and r["load_s"] > 0
+    assert r["peak_rss_mib"] >= r["rss_before_load_mib"] > 0  # peak: of the whole test process
+    assert r["int8_decode"] == kernels.int8_decode() and r["bf16_prefill"] == kernels.bf16_prefill()
+    assert r["kv_dtype"] == ("float16" if kernels.native_available() else "float32")
+    assert r["weights_in"] == ("mmap" if mmap or not huge_pages_available() else "memory")
+
+
+def test_bench_json_output_and_bad_sizes(capsys) -> None:
+    assert bench.main(None, prompt_tokens=16, gen_tokens=2, ctx=32, runs=1, as_json=True) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == "llamaworks" and result["prompt_tokens"] == 16
+    with pytest.raises(ValueError, match="exceed --ctx"):
+        bench.run_bench(None, prompt_tokens=30, gen_tokens=8, ctx=32)
