@@ -215,6 +215,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _sse_generation_error(event: Any) -> str:
+    """The stream's last event when generation failed mid-way (the status line has already gone out)."""
+    return _sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error", "param": None,
+                           "code": None}})
+
+
 def _stream_chunk(kind: str, rid: str, created: int, model_name: str, choices: list, include_usage: bool,
                   usage: Any) -> str:
     """One SSE chunk of a streamed chat or text completion (usage only when the client asked for it)."""
@@ -406,8 +412,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
                               "finish_reason": None}])
                 continue
             if event.reason == "error":
-                yield _sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                      "param": None, "code": None}})
+                yield _sse_generation_error(event)
                 return
             finished.append(event)
             reason = _finish_reason(event.reason)
@@ -471,8 +476,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
                 yield chunk([{"index": event.index, "text": event.text, "logprobs": lp, "finish_reason": None}])
                 continue
             if event.reason == "error":
-                yield _sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                      "param": None, "code": None}})
+                yield _sse_generation_error(event)
                 return
             finished.append(event)
             yield chunk([{"index": event.index, "text": "", "logprobs": None,
