@@ -306,3 +306,28 @@ def test_listen_socket_errors_are_one_line():
     ok = listen_socket("127.0.0.1", 0)  # port 0: the OS picks a free one
     assert ok.getsockname()[1] > 0
     ok.close()
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_that_fails_mid_way_ends_with_an_error_event(model, tokenizer, monkeypatch, route):
+    from fastapi.testclient import TestClient
+
+    from llamaworks.model import Transformer
+    from llamaworks.serve.app import create_app
+
+    def prefill_only(tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            raise RuntimeError("boom")  # every decode step fails; the prefill (first token) works
+        return Transformer.forward(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", prefill_only)
+    engine = Engine(model, tokenizer, max_batch=2, max_context=128)
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "Hello"})
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        r = client.post(route, json={"model": "tiny", "max_tokens": 8, "stream": True, **body})
+        assert r.status_code == 200  # the status line went out before the failure
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "[DONE]" not in events
+        error = json.loads(events[-1])["error"]
+        assert error["type"] == "server_error" and "RuntimeError: boom" in error["message"]
+        assert client.get("/health").json()["status"] == "ok"  # the server keeps serving
