@@ -20,6 +20,9 @@ def test_bench_reports_figures_and_settings(mmap: bool | None) -> None:
     assert r["int8_decode"] == kernels.int8_decode() and r["bf16_prefill"] == kernels.bf16_prefill()
     assert r["kv_dtype"] == ("float16" if kernels.native_available() else "float32")
     assert r["weights_in"] == ("mmap" if mmap or not huge_pages_available() else "memory")
+    # SmolLM2's 210 Q4_1 layer linears are regrouped when the weights are in owned memory; the tied output is not.
+    owned = r["weights_in"] == "memory" and kernels.can_interleave()
+    assert r["interleaved_linears"] == (pytest.approx(210 / 211, abs=1e-3) if owned else 0.0)
 
 
 def test_bench_json_output_and_bad_sizes(capsys) -> None:

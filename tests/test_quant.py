@@ -114,6 +114,84 @@ def test_grouped_and_swiglu_kernels(backend: str, m: int) -> None:
     close(got, torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T), decode_tol(backend, m))
 
 
+def _x8(layer: GGMLLinear) -> GGMLLinear:
+    """The layer with its rows interleaved: natively where this build can, else by the torch reference."""
+    if not layer.interleave_():
+        layer.raw = kernels.interleave_rows_torch(layer.raw, layer.ggml_type, layer.in_features)
+        layer.kernel_type = layer.ggml_type | kernels.INTERLEAVED
+    assert layer.interleaved
+    return layer
+
+
+@pytest.mark.parametrize(("ours", "rows", "cols"), [(GGML_Q4_0, 24, 64), (GGML_Q4_1, 24, 64), (GGML_Q4_0, 96, 512),
+                                                     (GGML_Q4_1, 40, 288)])
+def test_row_interleaving_is_a_lossless_regrouping(ours: int, rows: int, cols: int) -> None:
+    torch.manual_seed(4)
+    raw = quantize_blocks(torch.randn(rows, cols), ours)
+    x8 = kernels.interleave_rows_torch(raw, ours, cols)
+    assert not torch.equal(x8, raw) and x8.shape == raw.shape
+    assert torch.equal(kernels.deinterleave_rows_torch(x8, ours, cols), raw)
+    # Row 8g + i's scale sits at bytes 2i..2i+1 of its group's first block (Q4_1: minimums follow at 16 + 2i).
+    group_block = x8.reshape(-1)[: 8 * raw.shape[1] // (cols // 32)]
+    assert torch.equal(group_block[2 * 3:2 * 3 + 2], raw[3, :2])
+    dequantized = dequantize_blocks_torch(raw, ours, cols)
+    assert torch.equal(dequantize_blocks_torch(x8, ours | kernels.INTERLEAVED, cols), dequantized)
+    if kernels.can_interleave():  # the native regrouping (in place) and its dequantizers agree bit for bit
+        native = raw.clone()
+        assert kernels.interleave_(native, ours, cols) == ours | kernels.INTERLEAVED
+        assert torch.equal(native, x8)
+        assert torch.equal(dequantize_blocks(native, ours | kernels.INTERLEAVED, cols), dequantized)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("ours", [GGML_Q4_0, GGML_Q4_1], ids=["q4_0", "q4_1"])
+def test_interleaved_linear_equals_dequantized_matmul(backend: str, ours: int, m: int) -> None:
+    torch.manual_seed(5)
+    # 40 rows = 5 groups of 8: two threads split the rows at 20, inside a group.
+    for rows in (96, 40):
+        plain = GGMLLinear.from_float(torch.randn(rows, 256) * 0.05, ours)
+        ref_weight = plain.dequantize()
+        layer = _x8(GGMLLinear(plain.raw.clone(), ours, 256))
+        x = torch.randn(m, 256)
+        close(layer(x), x @ ref_weight.T, decode_tol(backend, m))
+        assert torch.equal(layer.dequantize(), ref_weight)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_interleaved_weights_in_grouped_and_swiglu_kernels(backend: str, m: int) -> None:
+    """q/k/v and gate/up mixing interleaved (Q4_*) and plain (Q8_0, or rows not a multiple of 8) weights."""
+    torch.manual_seed(6)
+    k = 128
+    wq, wk, wv = (GGMLLinear.from_float(torch.randn(n, k), t) for n, t in [(64, GGML_Q4_1), (20, GGML_Q4_0),
+                                                                             (32, GGML_Q4_0)])
+    refs = [x_w.dequantize() for x_w in (wq, wk, wv)]
+    _x8(wq), _x8(wv)  # wk (20 rows) stays plain: its 20-row offset shifts wv's groups off multiples of 8
+    x = torch.randn(m, k)
+    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type], k)
+    close(out, torch.cat([x @ w.T for w in refs], dim=-1), decode_tol(backend, m))
+    gate = GGMLLinear.from_float(torch.randn(80, k), GGML_Q4_0)
+    up = GGMLLinear.from_float(torch.randn(80, k), GGML_Q8_0)
+    want = torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T)
+    _x8(gate)
+    got = kernels.ggml_swiglu(x, gate.raw, gate.kernel_type, up.raw, up.kernel_type, k)
+    close(got, want, decode_tol(backend, m))
+
+
+def test_only_owned_q4_weights_are_interleaved() -> None:
+    if not kernels.can_interleave():
+        pytest.skip("this build has no AVX-512 VNNI: the x8 layout is not used")
+    assert not GGMLLinear.from_float(torch.randn(64, 64), GGML_Q8_0).interleave_()  # no x8 kernel for Q8_0
+    assert not GGMLLinear.from_float(torch.randn(12, 64), GGML_Q4_0).interleave_()  # not whole groups of 8
+    emb = GGMLEmbedding(quantize_blocks(torch.randn(64, 64), GGML_Q4_0), GGML_Q4_0, 64)
+    assert not emb.as_linear().interleave_()  # tied output: the embedding's row lookups need the plain rows
+    raw = quantize_blocks(torch.randn(16, 64), GGML_Q4_1).numpy()
+    raw.setflags(write=False)  # like a GGUF tensor mapped read-only from the file
+    mapped = GGMLLinear.from_entry(_Entry(Q.Q4_1, (16, 64), raw))
+    assert not mapped.interleave_() and mapped.kernel_type == GGML_Q4_1
+    owned = GGMLLinear.from_float(torch.randn(16, 64), GGML_Q4_1)
+    assert owned.interleave_() and "interleaved" in repr(owned)
+
+
 def test_embedding_rows_and_tied_output(backend: str) -> None:
     torch.manual_seed(3)
     table = torch.randn(300, 64)

@@ -152,6 +152,38 @@ def test_quantized_model_keeps_weights_as_blocks(default_models) -> None:
     assert float_bytes < 1_000_000  # only the norms are float
     assert 60e6 < block_bytes < 100e6  # Q4_1 layers + Q8_0 embedding, tied output shares the embedding's bytes
     assert fast.output.raw.data_ptr() == fast.tok_embeddings.raw.data_ptr()
+    # The Q4_1 layer weights (read into owned memory, not mapped) were regrouped for the x8 decode kernel; the
+    # tied output, which shares the embedding's rows, was not.
+    linears = [m for m in fast.layers.modules() if isinstance(m, GGMLLinear)]
+    assert len(linears) == 7 * len(fast.layers)
+    assert all(m.interleaved for m in linears) == kernels.can_interleave()
+    assert not fast.output.interleaved
+
+
+def test_mapped_weights_keep_the_file_layout(monkeypatch) -> None:
+    """--mmap: the blocks are the file's read-only pages, so nothing is regrouped (and nothing crashes)."""
+    monkeypatch.setenv("LLAMAWORKS_INTERLEAVE", "1")
+    model, _, _ = load_quantized_model(None, mmap=True)
+    linears = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    assert linears and not any(m.interleaved for m in linears)
+    assert all(m.layout_fixed for m in linears)
+
+
+@pytest.mark.parametrize("quantize", ["q4_0", "q4_1"])
+def test_interleaved_rows_decode_like_plain_rows(quantize: str) -> None:
+    """The x8 layout changes where bytes are, not results: same logits as the plain layout, for the int8 decode
+    default (same integer dot products; float sums in another order) and for float activations."""
+    prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30], [4, 4, 8]]
+    x8, plain = _tiny("tiny-llama2", seed=2), _tiny("tiny-llama2", seed=2)
+    optimize_for_inference(x8, quantize=quantize, compile=False, interleave=True)
+    optimize_for_inference(plain, quantize=quantize, compile=False, interleave=False)
+    assert any(isinstance(m, GGMLLinear) and m.interleaved for m in x8.modules()) == kernels.can_interleave()
+    assert not any(isinstance(m, GGMLLinear) and m.interleaved for m in plain.modules())
+    a, b = _batched_decode(x8, prompts, 8), _batched_decode(plain, prompts, 8)
+    assert (a - b).abs().max().item() < 1e-3
+    with kernels.float_activations():
+        a, b = _batched_decode(x8, prompts, 8), _batched_decode(plain, prompts, 8)
+    assert (a - b).abs().max().item() < 1e-4
 
 
 def _tiny(name: str, seed: int = 0) -> Transformer:

@@ -102,6 +102,7 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "int8_decode": kernels.int8_decode(),
         "bf16_prefill": kernels.bf16_prefill(),
         "weights_in": "mmap" if _is_file_mapped(model) else "memory",
+        "interleaved_linears": _interleaved_share(model),
         "kv_dtype": str(model.kv_cache_dtype()).removeprefix("torch."),
         "compile": compile,
         "prompt_tokens": prompt_tokens,
@@ -117,6 +118,14 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_before_load_mib": round(rss_before, 1),
     }
+
+
+def _interleaved_share(model: torch.nn.Module) -> float:
+    """Fraction of the quantized linears whose rows are regrouped for the x8 decode kernel."""
+    from .quant import GGMLLinear
+
+    linears = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    return round(sum(m.interleaved for m in linears) / len(linears), 3) if linears else 0.0
 
 
 def _is_file_mapped(model: torch.nn.Module) -> bool:
@@ -148,7 +157,8 @@ def print_table(result: dict[str, Any]) -> None:
     kernels_used = ", ".join([f"{'int8' if result['int8_decode'] else 'float32'} decode activations",
                               f"{'bf16' if result['bf16_prefill'] else 'float32'} prefill",
                               f"{result['kv_dtype']} KV cache",
-                              "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory"])
+                              "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory",
+                              f"{result['interleaved_linears']:.0%} of linears in x8 rows"])
     rows = [
         ("kernels", kernels_used),
         ("load", f"{result['load_s']:.2f} s"),

@@ -217,7 +217,7 @@ def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights:
 def _qkv(attention: nn.Module, h: Tensor) -> Tensor:
     wq, wk, wv = attention.wq, attention.wk, attention.wv
     if isinstance(wq, GGMLLinear) and isinstance(wk, GGMLLinear) and isinstance(wv, GGMLLinear):
-        return kernels.ggml_linear_group(h, [wq.raw, wk.raw, wv.raw], [wq.ggml_type, wk.ggml_type, wv.ggml_type],
+        return kernels.ggml_linear_group(h, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type],
                                          wq.in_features)
     return torch.cat([wq(h), wk(h), wv(h)], dim=-1)
 
@@ -225,7 +225,7 @@ def _qkv(attention: nn.Module, h: Tensor) -> Tensor:
 def _swiglu(ff: nn.Module, h: Tensor) -> Tensor:
     w1, w3 = ff.w1, ff.w3
     if isinstance(w1, GGMLLinear) and isinstance(w3, GGMLLinear):
-        return kernels.ggml_swiglu(h, w1.raw, w1.ggml_type, w3.raw, w3.ggml_type, w1.in_features)
+        return kernels.ggml_swiglu(h, w1.raw, w1.kernel_type, w3.raw, w3.kernel_type, w1.in_features)
     return F.silu(w1(h)) * w3(h)
 
 
@@ -281,7 +281,7 @@ def _native_layer_args(model: Transformer) -> list[tuple[Any, ...]] | None:
             mods = [getattr(getattr(layer, parent), c) for c in children]
             if not all(isinstance(m, GGMLLinear) for m in mods):
                 return None
-            groups.append(([m.raw for m in mods], [m.ggml_type for m in mods]))
+            groups.append(([m.raw for m in mods], [m.kernel_type for m in mods]))
         (attn_w, attn_t), (ffn_w, ffn_t) = groups
         args.append((layer.attention_norm.weight.float(), layer.ffn_norm.weight.float(), attn_w, attn_t,
                      ffn_w, ffn_t, layer.attention))
@@ -414,7 +414,8 @@ def configure_compile_cache(directory: str | os.PathLike[str] | None = None) -> 
 
 def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any] | None = None,
                            quantize: str | None = None, compile: bool = True,
-                           threads: int | None = None, kv_dtype: torch.dtype | str | None = "auto") -> Transformer:
+                           threads: int | None = None, kv_dtype: torch.dtype | str | None = "auto",
+                           interleave: bool | None = None) -> Transformer:
     """Make `model` fast for generation, in place; the call signature `model(tokens, start_pos=...)` is kept.
 
     quantized_state: state dict with GGUF quantized entries to use as the model's weights (kept as blocks).
@@ -424,12 +425,21 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
     kv_dtype:        element type of caches made by `setup_cache` afterwards. "auto": float16 where the native
                      decode layer runs (half the memory, as llama.cpp; the attention math stays float32),
                      else the activation dtype. None leaves the model's setting.
+    interleave:      regroup Q4_0/Q4_1 weight rows 8 at a time for the faster decode kernel, in place, where
+                     they are in writable CPU memory (GGMLLinear.interleave_). Default: LLAMAWORKS_INTERLEAVE
+                     ("0" turns it off), else on.
     """
     model.eval().requires_grad_(False)
     if quantized_state is not None or quantize is not None:
         quantize_model(model, quantized_state, weights=quantize)
     if threads is not None and model.norm.weight.device.type == "cpu":
         set_threads(threads)
+    if interleave is None:
+        interleave = os.environ.get("LLAMAWORKS_INTERLEAVE", "1") not in ("", "0")
+    if interleave:
+        for module in model.modules():
+            if isinstance(module, GGMLLinear):
+                module.interleave_()
     model.forward = FastForward(model, compile)  # instance attribute: nn.Module.__call__ finds it first
     if kv_dtype == "auto":
         native = model.forward.layer_args is not None and model.norm.weight.dtype == torch.float32

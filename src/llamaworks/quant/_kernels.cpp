@@ -1,7 +1,7 @@
 // Weight-only quantized matmuls that read GGUF/ggml blocks (Q4_0, Q4_1, Q8_0) in place.
 //
 // Weights stay in the file's own block layout (rows of `ceil(K/32)` blocks), so a memory-mapped GGUF is used
-// without copying. Small batches (decode) run a fused dequantize-and-dot kernel; larger ones (prefill)
+// without copying; weights held in writable memory may be regrouped 8 rows at a time at load (see "x8" below). Small batches (decode) run a fused dequantize-and-dot kernel; larger ones (prefill)
 // dequantize a slab of rows to float and hand it to the BLAS gemm, where compute, not bandwidth, dominates.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,7 +20,19 @@ namespace {
 constexpr int64_t QK = 32;  // elements per block for every type handled here
 constexpr int64_t GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
 
+// Row-interleaved ("x8") layout, made once at load for Q4_0/Q4_1 weights with a multiple of 8 rows. Per group
+// of 8 consecutive rows and per 32-column block: the 8 rows' scales (fp16), Q4_1's 8 minimums, then 128 quant
+// bytes arranged so that one 64-byte load and a nibble mask give, for all 8 rows at once, 4 consecutive
+// weights per 32-bit lane (rows 0-7 in lanes 0-7, the next 4 columns in lanes 8-15). A decode kernel then reads
+// one contiguous stream and finishes 8 rows x 32 columns with four dpbusd and no horizontal sums, instead of
+// interleaving 8 row streams (which defeats the prefetchers). Same bytes in total, so the tensor keeps its
+// (rows, row_bytes) shape; the ggml type code carries the flag.
+constexpr int64_t kInterleaved = 256;
+inline int64_t base_type(int64_t t) { return t & 255; }
+inline bool interleaved(int64_t t) { return (t & kInterleaved) != 0; }
+
 inline int64_t block_bytes(int64_t t) {
+  t = base_type(t);
   if (t == GGML_Q4_0) return 18;
   if (t == GGML_Q4_1) return 20;
   if (t == GGML_Q8_0) return 34;
@@ -129,18 +141,102 @@ void check_args(const at::Tensor& raw, int64_t t, int64_t k) {
   TORCH_CHECK(k % QK == 0, "llamaworks: in_features must be a multiple of 32, got ", k);
   TORCH_CHECK(raw.size(1) == (k / QK) * block_bytes(t), "llamaworks: raw row has ", raw.size(1),
               " bytes, expected ", (k / QK) * block_bytes(t));
+  TORCH_CHECK(!interleaved(t) || (raw.size(0) % 8 == 0 && raw.stride(0) == raw.size(1)),
+              "llamaworks: an interleaved weight must be whole contiguous groups of 8 rows");
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define LLAMAWORKS_INT8_DOT 1
+#endif
+
+#ifdef LLAMAWORKS_INT8_DOT
+// Dword order that puts row i's two dwords (lanes i and 8 + i) side by side in qword i, and its inverse.
+inline __m512i rows_to_qwords() { return _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); }
+inline __m512i qwords_to_rows() { return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15); }
+
+// One x8 group block -> the 8 rows' plain ggml blocks (row i's block at plain + i * row_stride).
+// The group block's quant bytes are two 64-byte halves: a holds columns 0-15, b columns 16-31. Within a half,
+// column c (of 16) of row i is in byte 4 * (8 * ((c % 8) / 4) + i) + c % 4, low nibble for c < 8, else high.
+// A plain ggml block's byte p holds column p (low nibble) and p + 16 (high nibble).
+inline void unpack_group_block(int64_t t, const uint8_t* gblk, uint8_t* plain, int64_t row_stride) {
+  const bool q4_1 = base_type(t) == GGML_Q4_1;
+  const int64_t qoff = q4_1 ? 4 : 2;
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(plain + i * row_stride, gblk + 2 * i, 2);
+    if (q4_1) std::memcpy(plain + i * row_stride + 2, gblk + 16 + 2 * i, 2);
+  }
+  const uint8_t* q = gblk + (q4_1 ? 32 : 16);
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const __m512i a = _mm512_permutexvar_epi32(rows_to_qwords(), _mm512_loadu_si512(q));
+  const __m512i b = _mm512_permutexvar_epi32(rows_to_qwords(), _mm512_loadu_si512(q + 64));
+  // qword i: row i's plain bytes 0-7 (lo) and 8-15 (hi).
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16(_mm512_and_si512(b, m4), 4));
+  const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(a, 4), m4), _mm512_andnot_si512(m4, b));
+  alignas(64) uint8_t rows[2][64];
+  _mm512_store_si512(rows[0], _mm512_unpacklo_epi64(lo, hi));  // rows 0, 2, 4, 6
+  _mm512_store_si512(rows[1], _mm512_unpackhi_epi64(lo, hi));  // rows 1, 3, 5, 7
+  for (int i = 0; i < 8; ++i) std::memcpy(plain + i * row_stride + qoff, rows[i & 1] + 16 * (i >> 1), 16);
+}
+
+// The inverse of unpack_group_block.
+inline void pack_group_block(int64_t t, const uint8_t* plain, int64_t row_stride, uint8_t* gblk) {
+  const bool q4_1 = base_type(t) == GGML_Q4_1;
+  const int64_t qoff = q4_1 ? 4 : 2;
+  alignas(64) uint8_t rows[2][64];
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(gblk + 2 * i, plain + i * row_stride, 2);
+    if (q4_1) std::memcpy(gblk + 16 + 2 * i, plain + i * row_stride + 2, 2);
+    std::memcpy(rows[i & 1] + 16 * (i >> 1), plain + i * row_stride + qoff, 16);
+  }
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const __m512i even = _mm512_load_si512(rows[0]), odd = _mm512_load_si512(rows[1]);
+  const __m512i lo = _mm512_unpacklo_epi64(even, odd), hi = _mm512_unpackhi_epi64(even, odd);
+  const __m512i a = _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_slli_epi16(_mm512_and_si512(hi, m4), 4));
+  const __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), _mm512_andnot_si512(m4, hi));
+  uint8_t* q = gblk + (q4_1 ? 32 : 16);
+  _mm512_storeu_si512(q, _mm512_permutexvar_epi32(qwords_to_rows(), a));
+  _mm512_storeu_si512(q + 64, _mm512_permutexvar_epi32(qwords_to_rows(), b));
+}
+
+// Rows 8g .. 8g + 7 of an x8 weight (`group` points at them) as plain ggml rows, into plain[8 * nb * bb].
+inline void unpack_group(int64_t t, const uint8_t* group, int64_t nb, uint8_t* plain) {
+  const int64_t bb = block_bytes(t);
+  for (int64_t b = 0; b < nb; ++b) unpack_group_block(t, group + b * 8 * bb, plain + b * bb, nb * bb);
+}
+#endif
+
+// Calls row_fn(r, row) for every row r of `raw` with `row` in plain ggml layout (x8 groups unpacked first).
+template <typename F>
+void for_each_plain_row(const at::Tensor& raw, int64_t t, int64_t k, const F& row_fn) {
+  const int64_t n = raw.size(0), stride = raw.stride(0);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  if (!interleaved(t)) {
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row_fn(r, src + r * stride);
+    });
+    return;
+  }
+#ifdef LLAMAWORKS_INT8_DOT
+  at::parallel_for(0, n / 8, 2, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> plain(8 * stride);
+    for (int64_t g = g0; g < g1; ++g) {
+      unpack_group(t, src + g * 8 * stride, k / QK, plain.data());
+      for (int64_t i = 0; i < 8; ++i) row_fn(8 * g + i, plain.data() + i * stride);
+    }
+  });
+#else
+  TORCH_CHECK(false, "llamaworks: interleaved weights need the AVX-512 VNNI kernels");
+#endif
 }
 
 // (N, K) float32 from (N, row_bytes) blocks.
 at::Tensor ggml_dequantize(const at::Tensor& raw, int64_t t, int64_t k) {
   check_args(raw, t, k);
-  const int64_t n = raw.size(0), nb = k / QK, bb = block_bytes(t), stride = raw.stride(0);
+  const int64_t n = raw.size(0), nb = k / QK, bb = block_bytes(t), bt = base_type(t);
   auto out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat).device(raw.device()));
-  const uint8_t* src = raw.data_ptr<uint8_t>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b < nb; ++b) dequant_block(t, src + r * stride + b * bb, dst + r * k + b * QK);
+  for_each_plain_row(raw, t, k, [&](int64_t r, const uint8_t* row) {
+    for (int64_t b = 0; b < nb; ++b) dequant_block(bt, row + b * bb, dst + r * k + b * QK);
   });
   return out;
 }
@@ -169,18 +265,16 @@ bool bf16_prefill(int64_t mode) { return flip(g_bf16_prefill, kHaveBf16, mode); 
 // (N, K) bfloat16 from (N, row_bytes) blocks (the float dequantization, rounded to nearest even).
 at::Tensor dequantize_bf16(const at::Tensor& raw, int64_t t, int64_t k) {
 #if defined(__AVX512BF16__)
-  const int64_t n = raw.size(0), nb = k / QK, bb = block_bytes(t), stride = raw.stride(0);
+  const int64_t n = raw.size(0), nb = k / QK, bb = block_bytes(t), bt = base_type(t);
   auto out = at::empty({n, k}, at::TensorOptions().dtype(at::kBFloat16).device(raw.device()));
-  const uint8_t* src = raw.data_ptr<uint8_t>();
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+  for_each_plain_row(raw, t, k, [&](int64_t r, const uint8_t* row) {
     alignas(64) float tmp[QK];
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b < nb; ++b) {
-        dequant_block(t, src + r * stride + b * bb, tmp);
-        const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_load_ps(tmp + 16), _mm512_load_ps(tmp));
-        _mm512_storeu_si512(dst + r * k + b * QK, reinterpret_cast<const __m512i&>(packed));
-      }
+    for (int64_t b = 0; b < nb; ++b) {
+      dequant_block(bt, row + b * bb, tmp);
+      const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_load_ps(tmp + 16), _mm512_load_ps(tmp));
+      _mm512_storeu_si512(dst + r * k + b * QK, reinterpret_cast<const __m512i&>(packed));
+    }
   });
   return out;
 #else
@@ -192,7 +286,7 @@ void gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k,
   // Prefill: dequantize cache-sized slabs of rows (to x's dtype: float32 or bf16) and let the BLAS gemm write
   // straight into the output's columns (a strided view: no transposed copy, no concatenation afterwards).
   const int64_t n = raw.size(0);
-  const int64_t slab = std::max<int64_t>(64, (int64_t{1} << 18) / k);  // ~1 MiB of float32 per slab
+  const int64_t slab = (std::max<int64_t>(64, (int64_t{1} << 18) / k) + 7) / 8 * 8;  // ~1 MiB of float32; whole x8 groups
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   for (int64_t r0 = 0; r0 < n; r0 += slab) {
     const int64_t r1 = std::min(n, r0 + slab);
@@ -214,8 +308,7 @@ std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
   return sums;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define LLAMAWORKS_INT8_DOT 1
+#ifdef LLAMAWORKS_INT8_DOT
 // Decode with integer dot products, as ggml does: the activation rows are quantized once per matmul to
 // 32-element int8 blocks (scale = absmax / 127), and each weight block meets them in one VNNI dpbusd
 // without being expanded to float. The logits drift slightly from the float path (see tests/test_quant.py).
@@ -223,8 +316,14 @@ struct QuantRows {
   std::vector<int8_t> q;
   std::vector<float> d, s;       // per block: scale, scale * sum(q)
   std::vector<int32_t> minus8;   // per block, 8 lanes: -8 * (sum of the lane's 4 bytes), Q4_0's offset in int32
+  std::vector<int32_t> qsum;     // per block: sum(q)
+  std::vector<int8_t> x8;        // per block, 4 x 64 bytes: the activation as the x8 kernel meets it (see there)
   QuantRows(const float* x, int64_t m, int64_t k)
-      : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8) {
+      : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8), qsum(m * (k / QK)),
+        x8(m * (k / QK) * 256) {
+    __m512i spread[4];  // step s: lanes 0-7 take the block's dword 2s (bytes 8s..8s+3), lanes 8-15 dword 2s + 1
+    for (int st = 0; st < 4; ++st)
+      spread[st] = _mm512_inserti64x4(_mm512_set1_epi32(2 * st), _mm256_set1_epi32(2 * st + 1), 1);
     const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < m * (k / QK); ++b) {
       const __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
@@ -237,8 +336,11 @@ struct QuantRows {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + b * QK), _mm512_cvtsepi32_epi8(qlo));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + b * QK + 16), _mm512_cvtsepi32_epi8(qhi));
       d[b] = scale;
-      s[b] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      qsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+      s[b] = scale * static_cast<float>(qsum[b]);
       const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + b * QK));
+      for (int st = 0; st < 4; ++st)
+        _mm512_storeu_si512(x8.data() + b * 256 + st * 64, _mm512_permutexvar_epi32(spread[st], _mm512_castsi256_si512(vx)));
       const __m256i sums8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), vx);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(minus8.data() + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), sums8));
     }
@@ -289,6 +391,37 @@ inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const floa
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + offset[r];
+}
+
+// One x8 group (8 rows) against one int8 activation row: out[0..8). Per block, lane L of the four nibble
+// vectors holds row L % 8's 4 weights for columns 8s + 4 (L / 8) + 0..3 (s = 0..3) and x8 holds the matching
+// activation bytes, so four dpbusd give each row's block dot split over two lanes (i and 8 + i); both halves
+// take the same per-row scale and are added once at the end.
+template <int64_t T>
+inline void group_dot_q8(const uint8_t* group, const int8_t* x8, const float* xd, const float* xs,
+                         const int32_t* qsum, int64_t nb, float* out) {
+  constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
+  const __m512i m4 = _mm512_set1_epi8(15);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * gb;
+    const int8_t* xb = x8 + b * 256;
+    const __m512i lo = _mm512_loadu_si512(blk + qoff), hi = _mm512_loadu_si512(blk + qoff + 64);
+    // Q4_0 stores w + 8: start each half at -4 * sum(x), so the two halves together subtract 8 * sum(x).
+    __m512i dot = T == GGML_Q4_0 ? _mm512_set1_epi32(-4 * qsum[b]) : _mm512_setzero_si512();
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(lo, m4), _mm512_loadu_si512(xb));
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), _mm512_loadu_si512(xb + 64));
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(hi, m4), _mm512_loadu_si512(xb + 128));
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4), _mm512_loadu_si512(xb + 192));
+    const __m512 d = _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[b])), acc);
+    if constexpr (T == GGML_Q4_1) {  // + min * sum(x), half in each lane half
+      const __m512 mn =
+          _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16))));
+      acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(0.5f * xs[b]), acc);
+    }
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
 }
 #endif
 
@@ -346,6 +479,47 @@ struct DecodeRows {
         out[i * ldo + j] = row_dot(w.type, w.data + (r0 + j) * w.stride, x + i * k, sums.data() + i * nb, nb);
   }
 
+  // Like dot_rows for any weight layout and n <= 8; for an x8 weight rows r0 .. r0 + n must be in one group.
+  void dot_range(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
+    if (!interleaved(w.type)) {
+      for (int64_t j = 0; j < n; j += kRows) dot_rows(w, r0 + j, std::min(kRows, n - j), out + j, ldo);
+      return;
+    }
+    const int64_t g = r0 / 8, within = r0 % 8;
+    if (within == 0 && n == 8) return dot_group(w, g, out, ldo);
+    float tmp[kSmallBatch * 8];
+    dot_group(w, g, tmp, 8);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) out[i * ldo + j] = tmp[i * 8 + within + j];
+  }
+
+  // out[i * ldo + j] = row 8g + j of the x8 weight w . input row i, for j < 8.
+  void dot_group(const WeightRef& w, int64_t g, float* out, int64_t ldo) const {
+#ifdef LLAMAWORKS_INT8_DOT
+    const uint8_t* group = w.data + g * 8 * w.stride;
+    const int64_t bt = base_type(w.type);
+    if (int8) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int8_t* x8 = qx.x8.data() + i * nb * 256;
+        const float *xd = qx.d.data() + i * nb, *xs = qx.s.data() + i * nb;
+        const int32_t* qs = qx.qsum.data() + i * nb;
+        if (bt == GGML_Q4_0) group_dot_q8<GGML_Q4_0>(group, x8, xd, xs, qs, nb, out + i * ldo);
+        else group_dot_q8<GGML_Q4_1>(group, x8, xd, xs, qs, nb, out + i * ldo);
+      }
+      return;
+    }
+    // Float activations: unpack the group to plain rows (in cache) and use the float kernel.
+    thread_local std::vector<uint8_t> plain;
+    plain.resize(8 * w.stride);
+    unpack_group(bt, group, nb, plain.data());
+    for (int64_t j = 0; j < 8; ++j)
+      for (int64_t i = 0; i < m; ++i)
+        out[i * ldo + j] = row_dot(bt, plain.data() + j * w.stride, x + i * k, sums.data() + i * nb, nb);
+#else
+    TORCH_CHECK(false, "llamaworks: interleaved weights need the AVX-512 VNNI kernels");
+#endif
+  }
+
 #ifdef LLAMAWORKS_INT8_DOT
   template <int64_t T>
   void q8_rows(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
@@ -380,8 +554,10 @@ void decode_columns(const DecodeRows& rows, const std::vector<WeightRef>& ws, co
   size_t w = 0;
   for (int64_t c = c0; c < c1;) {
     while (c >= offsets[w + 1]) ++w;
-    const int64_t n = std::min<int64_t>({kRows, c1 - c, offsets[w + 1] - c});
-    rows.dot_rows(ws[w], c - offsets[w], n, y + c, ldy);
+    const int64_t local = c - offsets[w];
+    const int64_t unit = interleaved(ws[w].type) ? 8 - local % 8 : kRows;  // x8: up to the group's end
+    const int64_t n = std::min<int64_t>({unit, c1 - c, offsets[w + 1] - c});
+    rows.dot_range(ws[w], local, n, y + c, ldy);
     c += n;
   }
 }
@@ -447,14 +623,16 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
     const DecodeRows rows(x.data_ptr<float>(), m, k);
     float* yp = y.data_ptr<float>();
     const WeightRef g = weight_ref(gate, tg), u = weight_ref(up, tu);
+    const bool x8 = interleaved(tg) || interleaved(tu);
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-      float gv[kSmallBatch * kRows], uv[kSmallBatch * kRows];
-      for (int64_t r = r0; r < r1; r += kRows) {
-        const int64_t c = std::min<int64_t>(kRows, r1 - r);
-        rows.dot_rows(g, r, c, gv, kRows);
-        rows.dot_rows(u, r, c, uv, kRows);
+      float gv[kSmallBatch * 8], uv[kSmallBatch * 8];
+      for (int64_t r = r0; r < r1;) {
+        const int64_t c = std::min<int64_t>(x8 ? 8 - r % 8 : kRows, r1 - r);
+        rows.dot_range(g, r, c, gv, 8);
+        rows.dot_range(u, r, c, uv, 8);
         for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < c; ++j) yp[i * n + r + j] = silu(gv[i * kRows + j]) * uv[i * kRows + j];
+          for (int64_t j = 0; j < c; ++j) yp[i * n + r + j] = silu(gv[i * 8 + j]) * uv[i * 8 + j];
+        r += c;
       }
     });
   }
@@ -686,6 +864,28 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
   return x.to(x_in.scalar_type());
 }
 
+// Whether this build can use the x8 layout (its decode kernel needs AVX-512 VNNI).
+bool can_interleave() { return kHaveInt8Dot; }
+
+// Regroup a Q4_0/Q4_1 weight's rows into the x8 layout, in place (at load, before any kernel reads it).
+void ggml_interleave_(at::Tensor raw, int64_t t, int64_t k) {
+  check_args(raw, t, k);
+  TORCH_CHECK(can_interleave() && (t == GGML_Q4_0 || t == GGML_Q4_1) && raw.size(0) % 8 == 0 && raw.is_contiguous(),
+              "llamaworks: only contiguous Q4_0/Q4_1 weights with a multiple of 8 rows can be interleaved here");
+#ifdef LLAMAWORKS_INT8_DOT
+  const int64_t nb = k / QK, bb = block_bytes(t), row_bytes = nb * bb;
+  uint8_t* base = raw.data_ptr<uint8_t>();
+  at::parallel_for(0, raw.size(0) / 8, 4, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> plain(8 * row_bytes);
+    for (int64_t g = g0; g < g1; ++g) {
+      uint8_t* group = base + g * 8 * row_bytes;
+      std::memcpy(plain.data(), group, 8 * row_bytes);
+      for (int64_t b = 0; b < nb; ++b) pack_group_block(t, plain.data() + b * bb, row_bytes, group + b * 8 * bb);
+    }
+  });
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaworks, lib) {
@@ -698,6 +898,8 @@ TORCH_LIBRARY(llamaworks, lib) {
   lib.def("ggml_swiglu(Tensor x, Tensor gate, int gate_type, Tensor up, int up_type, int in_features) -> Tensor");
   lib.def("int8_decode(int mode) -> bool", &int8_decode);
   lib.def("bf16_prefill(int mode) -> bool", &bf16_prefill);
+  lib.def("can_interleave() -> bool", &can_interleave);
+  lib.def("ggml_interleave_(Tensor(a!) raw, int ggml_type, int in_features) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(llamaworks, CPU, lib) {
@@ -706,4 +908,5 @@ TORCH_LIBRARY_IMPL(llamaworks, CPU, lib) {
   lib.impl("ggml_linear_group", &ggml_linear_group);
   lib.impl("ggml_swiglu", &ggml_swiglu);
   lib.impl("ggml_decode_layer", &ggml_decode_layer);
+  lib.impl("ggml_interleave_", &ggml_interleave_);
 }

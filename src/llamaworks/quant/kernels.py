@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
 BLOCK_ELEMS = 32
 BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
+# Flag on a ggml type code: the rows are regrouped 8 at a time ("x8" layout, see _kernels.cpp and interleave_).
+INTERLEAVED = 256
+INTERLEAVABLE = (GGML_Q4_0, GGML_Q4_1)
 SOURCE = Path(__file__).with_name("_kernels.cpp")
 
 _native: bool | None = None  # None: not tried yet
@@ -129,6 +132,24 @@ def bf16_prefill(enable: bool | None = None) -> bool:
     return bool(torch.ops.llamaworks.bf16_prefill(-1 if enable is None else int(enable)))
 
 
+def can_interleave() -> bool:
+    """Whether the native kernels can use the x8 row-interleaved layout (they need AVX-512 VNNI)."""
+    return native_available() and bool(torch.ops.llamaworks.can_interleave())
+
+
+def interleave_(raw: Tensor, ggml_type: int, in_features: int) -> int:
+    """Regroup a Q4_0/Q4_1 weight's rows 8 at a time, in place; returns the type code to pass to the kernels.
+
+    Decode then reads each group of 8 rows as one stream and needs no horizontal sums (about 1.2x faster on a
+    1.1B model here). `raw` must be writable memory (not a read-only file mapping), contiguous, with a multiple
+    of 8 rows. Every op of this module accepts the returned code, including the torch fallback.
+    """
+    if not can_interleave():
+        raise RuntimeError("the x8 layout needs the native kernels built with AVX-512 VNNI")
+    torch.ops.llamaworks.ggml_interleave_(raw, ggml_type, in_features)
+    return ggml_type | INTERLEAVED
+
+
 @contextlib.contextmanager
 def float_activations() -> Iterator[None]:
     """Within the block, int8 decode and bf16 prefill are off: the kernels equal a float32 matmul with the
@@ -168,8 +189,44 @@ def _register_fakes() -> None:
 
 
 # -- pure-torch reference / fallback ---------------------------------------------------------------
+def _fp16_fields(ggml_type: int) -> int:
+    """fp16 values at the start of each block: the scale, and Q4_1's minimum."""
+    return 2 if ggml_type == GGML_Q4_1 else 1
+
+
+def interleave_rows_torch(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    """Plain (N, row_bytes) Q4_0/Q4_1 rows -> the x8 layout (the reference for the native interleave_)."""
+    n, nb, bb = raw.shape[0], in_features // BLOCK_ELEMS, BLOCK_BYTES[ggml_type]
+    fields = _fp16_fields(ggml_type)
+    rows = raw.reshape(n // 8, 8, nb, bb)
+    scales = rows[..., :2 * fields].reshape(n // 8, 8, nb, fields, 2).permute(0, 2, 3, 1, 4)
+    # Plain byte p = 8s + 4h + j of a row: column p in the low nibble, p + 16 in the high one.
+    q = rows[..., 2 * fields:].reshape(n // 8, 8, nb, 2, 2, 4).permute(0, 2, 3, 4, 1, 5)  # g, b, s, h, i, j
+    lo, hi = q & 15, q >> 4
+    halves = torch.stack([lo[:, :, 0] | (lo[:, :, 1] << 4), hi[:, :, 0] | (hi[:, :, 1] << 4)], dim=2)
+    group = torch.cat([scales.reshape(n // 8, nb, -1), halves.reshape(n // 8, nb, -1)], dim=-1)
+    return group.reshape(n, nb * bb)
+
+
+def deinterleave_rows_torch(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    """The x8 layout -> plain (N, row_bytes) rows (inverse of interleave_rows_torch)."""
+    n, nb, bb = raw.shape[0], in_features // BLOCK_ELEMS, BLOCK_BYTES[ggml_type]
+    fields = _fp16_fields(ggml_type)
+    group = raw.reshape(n // 8, nb, 8 * bb)
+    scales = group[..., :16 * fields].reshape(n // 8, nb, fields, 8, 2).permute(0, 3, 1, 2, 4)
+    q = group[..., 16 * fields:].reshape(n // 8, nb, 2, 2, 8, 4)  # g, b, half (columns 0-15 | 16-31), h, i, j
+    lo, hi = q & 15, q >> 4
+    plain = torch.stack([lo[:, :, 0] | (lo[:, :, 1] << 4), hi[:, :, 0] | (hi[:, :, 1] << 4)], dim=2)
+    plain = plain.permute(0, 4, 1, 2, 3, 5).reshape(n // 8, 8, nb, 16)  # g, i, b, (s, h, j)
+    rows = torch.cat([scales.reshape(n // 8, 8, nb, 2 * fields), plain], dim=-1)
+    return rows.reshape(n, nb * bb)
+
+
 def dequantize_blocks_torch(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
-    """(N, K) float32 from (N, row_bytes) Q4_0/Q4_1/Q8_0 blocks, in plain torch ops."""
+    """(N, K) float32 from (N, row_bytes) Q4_0/Q4_1/Q8_0 blocks (plain or x8), in plain torch ops."""
+    if ggml_type & INTERLEAVED:
+        ggml_type &= ~INTERLEAVED
+        raw = deinterleave_rows_torch(raw, ggml_type, in_features)
     n = raw.shape[0]
     nb = in_features // BLOCK_ELEMS
     blocks = raw.reshape(n, nb, BLOCK_BYTES[ggml_type])

@@ -86,10 +86,22 @@ def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, i
     return quantize_blocks(w.reshape(rows, cols), target), target, (rows, cols)
 
 
-class GGMLLinear(nn.Module):
-    """y = x @ W^T with W kept as Q4_0/Q4_1/Q8_0 blocks (no bias: LLaMA linears have none)."""
+def _is_read_only(entry: Any) -> bool:
+    """Whether a checkpoint entry's blocks are used in place from read-only memory (a file mapping)."""
+    if isinstance(entry, Tensor) or int(QType(int(entry.ggml_type))) not in KERNEL_TYPES:
+        return False  # converted: fresh memory
+    return not np.asarray(entry.raw).flags.writeable
 
-    def __init__(self, raw: Tensor, ggml_type: int, in_features: int) -> None:
+
+class GGMLLinear(nn.Module):
+    """y = x @ W^T with W kept as Q4_0/Q4_1/Q8_0 blocks (no bias: LLaMA linears have none).
+
+    `ggml_type` is the blocks' type; `kernel_type` what the kernels are told, which also says whether the rows
+    have been regrouped for decode by `interleave_()`. layout_fixed: the bytes must stay as they are (a
+    read-only file mapping, or shared with the embedding table).
+    """
+
+    def __init__(self, raw: Tensor, ggml_type: int, in_features: int, *, layout_fixed: bool = False) -> None:
         super().__init__()
         if ggml_type not in KERNEL_TYPES:
             raise ValueError(f"GGMLLinear supports ggml types {sorted(KERNEL_TYPES)}, got {ggml_type}")
@@ -102,8 +114,28 @@ class GGMLLinear(nn.Module):
         # Not part of state_dict(): these bytes are not the float `weight` other code expects there.
         self.register_buffer("raw", raw, persistent=False)
         self.ggml_type = int(ggml_type)
+        self.kernel_type = int(ggml_type)
         self.in_features = int(in_features)
         self.out_features = int(raw.shape[0])
+        self.layout_fixed = layout_fixed
+
+    @property
+    def interleaved(self) -> bool:
+        return bool(self.kernel_type & kernels.INTERLEAVED)
+
+    def interleave_(self) -> bool:
+        """Regroup the rows in place for the faster decode kernel where possible (see kernels.interleave_).
+
+        Only CPU Q4_0/Q4_1 weights whose layout is not fixed, with a multiple of 8 rows, qualify; returns whether the
+        layout is interleaved afterwards. The weight's values, and every op on it, are unchanged.
+        """
+        if self.interleaved:
+            return True
+        if (self.layout_fixed or self.ggml_type not in kernels.INTERLEAVABLE or self.out_features % 8
+                or self.raw.device.type != "cpu" or not self.raw.is_contiguous() or not kernels.can_interleave()):
+            return False
+        self.kernel_type = kernels.interleave_(self.raw, self.ggml_type, self.in_features)
+        return True
 
     @classmethod
     def from_float(cls, linear: nn.Linear | Tensor, ggml_type: int = GGML_Q8_0) -> GGMLLinear:
@@ -113,16 +145,18 @@ class GGMLLinear(nn.Module):
     @classmethod
     def from_entry(cls, entry: Any, default_type: int = GGML_Q8_0) -> GGMLLinear:
         raw, qtype, (_, cols) = to_ggml_blocks(entry, default_type)
-        return cls(raw, qtype, cols)
+        return cls(raw, qtype, cols, layout_fixed=_is_read_only(entry))
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.ggml_linear(x, self.raw, self.ggml_type, self.in_features)
+        return kernels.ggml_linear(x, self.raw, self.kernel_type, self.in_features)
 
     def dequantize(self) -> Tensor:
-        return kernels.dequantize_blocks(self.raw, self.ggml_type, self.in_features)
+        return kernels.dequantize_blocks(self.raw, self.kernel_type, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {KERNEL_TYPES[self.ggml_type]}"
+        layout = ", rows interleaved x8" if self.interleaved else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{KERNEL_TYPES[self.ggml_type]}{layout}")
 
 
 class GGMLEmbedding(nn.Module):
@@ -146,8 +180,9 @@ class GGMLEmbedding(nn.Module):
         return out.view(*tokens.shape, self.embedding_dim)
 
     def as_linear(self) -> GGMLLinear:
-        """The tied output projection: the same bytes, read as a linear layer."""
-        return GGMLLinear(self.raw, self.ggml_type, self.embedding_dim)
+        """The tied output projection: the same bytes, read as a linear layer (never interleaved: the
+        embedding's row lookups need the plain layout)."""
+        return GGMLLinear(self.raw, self.ggml_type, self.embedding_dim, layout_fixed=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {KERNEL_TYPES[self.ggml_type]}"
