@@ -21,11 +21,10 @@ import time
 
 
 def measure(method: str, model_path: str | None, steps: int, tokens: int, rank: int) -> dict:
-    import resource
-
     import torch
 
     from llamaworks.checkpoints import load_model
+    from llamaworks.memory_stats import peak_rss_bytes
     from llamaworks.train.finetune import FinetuneConfig, prepare_model
     from llamaworks.train.loop import TrainConfig, build_optimizer
 
@@ -57,7 +56,7 @@ def measure(method: str, model_path: str | None, steps: int, tokens: int, rank: 
         "weights_mb": (nbytes(model.parameters()) + nbytes(model.buffers())) / 2**20,
         "grads_mb": nbytes(grads) / 2**20,
         "optim_mb": nbytes(optim) / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": (peak_rss_bytes() or 0) / 2**20,
         "steps_per_s": steps / seconds,
     }
 

@@ -30,6 +30,14 @@ SHORT_CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_s
 
 
 def _peak_rss_mib() -> float:
+    """This process's own peak resident memory (VmHWM). Not getrusage's ru_maxrss: that one survives exec, so a
+    worker spawned by a big driver (vfork + exec) would report at least the driver's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -205,6 +213,10 @@ def main() -> int:
         from llamaworks.assets import default_model_path
 
         a.model = str(default_model_path())
+    if a.worker == "ids":
+        short, prompt = _token_ids(a.model, a.prompt_tokens)
+        print(json.dumps({"short": short, "prompt": prompt}))
+        return 0
     if a.worker:
         # Token ids come from the driver, so no worker imports llamaworks/torch unless it is that engine.
         if a.ids_file:
@@ -225,9 +237,12 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
     import tempfile
 
-    short, prompt = _token_ids(a.model, a.prompt_tokens)
+    # The ids come from a subprocess too: the driver never maps torch's or llama.cpp's libraries, whose pages
+    # a worker would then share (a shared page counts in both processes' RSS and cannot be paged out by one).
+    ids = subprocess.run([sys.executable, __file__, "--worker", "ids", "--model", a.model,
+                          "--prompt-tokens", str(a.prompt_tokens)], capture_output=True, text=True, check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"short": short, "prompt": prompt}, f)
+        f.write(ids.stdout.strip().splitlines()[-1])
     a.ids_file = f.name
     for r in range(a.runs):
         for engine in engines:

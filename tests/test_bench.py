@@ -31,3 +31,20 @@ def test_bench_json_output_and_bad_sizes(capsys) -> None:
     assert result["engine"] == "llamaworks" and result["prompt_tokens"] == 16
     with pytest.raises(ValueError, match="exceed --ctx"):
         bench.run_bench(None, prompt_tokens=30, gen_tokens=8, ctx=32)
+
+
+def test_peak_rss_is_this_process_own() -> None:
+    """A child spawned by a big parent reports its own peak, not the parent's (ru_maxrss would: it survives
+    exec, which made every vs_peers worker report at least the driver's size)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from llamaworks.memory_stats import current_rss_bytes, peak_rss_bytes
+
+    ballast = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB, touched
+    assert peak_rss_bytes() >= current_rss_bytes() >= ballast.nbytes
+    code = "from llamaworks.memory_stats import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 150 * 2**20 < ballast.nbytes

@@ -20,6 +20,7 @@ from llamaworks.checkpoints import (
     read_gguf,
     save_gguf,
 )
+from llamaworks.checkpoints.ggml_types import QUANT_SIZES, GGMLType, GGUFValueType
 from llamaworks.checkpoints.gguf import READ_TYPES, _rope_divisors, _rope_scaling_from_divisors, ours_to_gguf_name
 from llamaworks.config import ModelConfig, RopeScaling, get_preset
 from llamaworks.errors import FormatError
@@ -427,3 +428,23 @@ def test_tokenizer_and_template_round_trip(tmp_path, smollm2):
     fields = gguf.GGUFReader(path).fields
     assert json.dumps(fields["tokenizer.ggml.tokens"].contents()[:5]) == json.dumps(
         ckpt.metadata["tokenizer.ggml.tokens"][:5])
+
+
+def test_type_tables_match_the_gguf_package() -> None:
+    """ggml_types.py restates gguf's type codes and block sizes so that loading a model never imports gguf."""
+    for ours in GGMLType:
+        theirs = gguf.GGMLQuantizationType[ours.name]
+        assert int(theirs) == int(ours) and gguf.GGML_QUANT_SIZES[theirs] == QUANT_SIZES[ours]
+    assert set(QUANT_SIZES) == set(GGMLType)
+    assert {m.name: int(m) for m in GGUFValueType} == {m.name: int(m) for m in gguf.GGUFValueType}
+    assert set(GGMLType) >= READ_TYPES
+
+
+def test_loading_a_model_does_not_import_gguf() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from llamaworks.runtime import load_quantized_model; load_quantized_model(None); "
+            "print(sorted(m for m in ('gguf', 'yaml', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

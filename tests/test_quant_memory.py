@@ -9,7 +9,7 @@ import torch
 from llamaworks.assets import default_model_path
 from llamaworks.bench import _is_file_mapped
 from llamaworks.checkpoints.gguf import read_gguf
-from llamaworks.quant import GGMLLinear
+from llamaworks.quant import GGMLLinear, kernels
 from llamaworks.quant.memory import huge_pages_available, read_into_huge_pages
 from llamaworks.runtime import load_quantized_model
 
@@ -39,10 +39,53 @@ def test_default_model_blocks_in_memory_or_mapped(mmap: bool) -> None:
     mapped = read_gguf(default_model_path(), dequantize=False).state_dict["layers.0.attention.wq.weight"]
     wq = model.layers[0].attention.wq
     assert isinstance(wq, GGMLLinear)
-    assert np.array_equal(wq.raw.numpy(), mapped.raw)  # same bytes either way
+    # Same bytes either way (in memory the rows are regrouped for the x8 kernel, unless --mmap).
+    assert wq.interleaved == (not _is_file_mapped(model) and kernels.can_interleave())
+    raw = kernels.deinterleave_rows_torch(wq.raw, wq.ggml_type, wq.in_features) if wq.interleaved else wq.raw
+    assert np.array_equal(raw.numpy(), mapped.raw)
     assert _is_file_mapped(model) == (mmap or not huge_pages_available())
     # Tied output still shares the embedding's bytes when they were read into memory.
     assert model.output.raw.data_ptr() == model.tok_embeddings.raw.data_ptr()
     with torch.inference_mode():
         model.setup_cache(1, 16)
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]]), last_only=True)).all()
+
+
+def test_torch_start_up_pages_are_released_and_come_back_on_use() -> None:
+    """page_out_library_code drops the clean pages libtorch touched at import (a fresh process, so no page is
+    already out); torch keeps working, faulting back the code it needs."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, sys
+from llamaworks.quant.memory import page_out_library_code
+def file_kib():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssFile:'))
+before = file_kib()
+advised = page_out_library_code()
+after = file_kib()
+x = torch.randn(64, 64)
+ok = torch.allclose((x @ torch.eye(64)).sum(), x.sum(), atol=1e-3)
+print(before, after, advised, int(ok))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after, advised, ok = (int(v) for v in out)
+    assert ok == 1
+    if advised == 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4) or this is not Linux")
+    assert advised > 100 * 2**20  # libtorch_cpu's read-only mappings alone are several hundred MiB of address space
+    assert before - after > 20 * 1024  # KiB: measured ~57 MiB of libtorch pages leave
+
+
+def test_load_pages_out_torch_only_when_enabled(monkeypatch) -> None:
+    from llamaworks import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "page_out_library_code", lambda: calls.append(1) or 0)
+    monkeypatch.setenv("LLAMAWORKS_PAGE_OUT_TORCH", "0")
+    load_quantized_model(None)
+    assert calls == []
+    monkeypatch.delenv("LLAMAWORKS_PAGE_OUT_TORCH")
+    load_quantized_model(None)
+    assert calls == [1]

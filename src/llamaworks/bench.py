@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -22,20 +21,18 @@ from typing import Any
 
 import torch
 
+from .memory_stats import current_rss_bytes, peak_rss_bytes
 from .quant import kernels
 
 
 def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+    peak = peak_rss_bytes()
+    return float("nan") if peak is None else peak / 2**20
 
 
 def current_rss_mib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
+    rss = current_rss_bytes()
+    return float("nan") if rss is None else rss / 2**20
 
 
 def bench_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:

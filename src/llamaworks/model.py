@@ -61,15 +61,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """torch.zeros, except that on the CPU the memory is fresh anonymous pages: the OS supplies them zeroed on
+    first write, so a cache costs resident memory only for the positions actually used (torch.zeros writes,
+    and so commits, every byte up front)."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < 1 << 16:  # small: not worth a mapping of its own
+        return torch.zeros(shape, dtype=dtype)
+    import mmap
+
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 class KVCache(nn.Module):
-    """Keys and values of every past position, preallocated for `max_seq_len` slots."""
+    """Keys and values of every past position, preallocated for `max_seq_len` slots (resident as they fill)."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", lazy_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", lazy_zeros(shape, dtype, device), persistent=False)
 
     def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = start_pos + k.shape[2]

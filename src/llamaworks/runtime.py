@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .model import KVCache, Transformer, apply_rope, rope_frequencies
 from .quant import kernels
 from .quant.linear import KERNEL_TYPES, TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
-from .quant.memory import huge_pages_available, read_into_huge_pages
+from .quant.memory import huge_pages_available, page_out_library_code, read_into_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,8 @@ def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights:
     """
     if mmap is None:
         mmap = os.environ.get("LLAMAWORKS_MMAP", "0") not in ("", "0")
+    if os.environ.get("LLAMAWORKS_PAGE_OUT_TORCH", "1") not in ("", "0"):
+        page_out_library_code()  # torch's one-time start-up code leaves memory before the weights arrive
     from .checkpoints import load_checkpoint
 
     if path is None:

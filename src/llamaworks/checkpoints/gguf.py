@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp, ollama): read and write the "llama" architecture.
 
-Tensors are memory-mapped by `gguf.GGUFReader`. Quantized blocks are either dequantized with
-`gguf.quants.dequantize` or handed out as `GGUFQuantTensor` for kernels that work on the blocks directly.
+The header is parsed with `struct` and tensors are numpy memory maps of the file. Quantized blocks are either
+dequantized with `gguf.quants.dequantize` (imported only then: ggml_types.py has the tables a model needs)
+or handed out as `GGUFQuantTensor` for kernels that work on the blocks directly; files are written with
+`gguf.GGUFWriter`.
 The q/k rows in a llama GGUF are already in our adjacent-pair rotary layout (llama.cpp's converter
 permutes Hugging Face weights into it), so no permutation happens here.
 
@@ -21,11 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
-from gguf import GGUFValueType
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -39,6 +38,8 @@ from . import (
     validate_state_dict,
     writable_tensors,
 )
+from .ggml_types import QUANT_SIZES, GGUFValueType
+from .ggml_types import GGMLType as QType
 
 ARCH = "llama"
 ROPE_SCALING_KEY = "llamaworks.rope_scaling"  # our exact RopeScaling, as JSON; llama.cpp ignores unknown keys
@@ -62,10 +63,8 @@ READ_TYPES = {QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4
               QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K}
 WRITE_TYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0,
                "q4_1": QType.Q4_1, "q5_0": QType.Q5_0, "q5_1": QType.Q5_1}
-_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-               "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,18 +82,20 @@ class GGUFQuantTensor:
 
     @property
     def block_size(self) -> int:
-        return gguf.GGML_QUANT_SIZES[self.ggml_type][0]
+        return QUANT_SIZES[self.ggml_type][0]
 
     @property
     def type_size(self) -> int:
-        return gguf.GGML_QUANT_SIZES[self.ggml_type][1]
+        return QUANT_SIZES[self.ggml_type][1]
 
     @property
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-        values = gguf.quants.dequantize(self.raw, self.ggml_type)
+        import gguf  # the reference dequantizers, for types without a native kernel
+
+        values = gguf.quants.dequantize(self.raw, gguf.GGMLQuantizationType(int(self.ggml_type)))
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype=dtype, device=device)
 
     def __repr__(self) -> str:
@@ -352,7 +353,7 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
             qtype = QType(raw_type)
         except ValueError:
             raise FormatError(f"{path}: tensor {name!r} has unknown type id {raw_type}") from None
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        block, type_size = QUANT_SIZES[qtype]
         n = math.prod(dims)
         if dims and dims[0] % block:
             raise FormatError(f"{path}: tensor {name!r} rows of {dims[0]} do not fill {qtype.name} blocks of {block}")
@@ -384,7 +385,10 @@ def _to_tensor(t: _RawTensor, source: Path, dequantize: bool) -> Tensor | GGUFQu
         return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).reshape(shape)
     if not dequantize:
         return GGUFQuantTensor(qtype, shape, data, t.offset)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype))).reshape(shape)
+    import gguf
+
+    values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(int(qtype)))
+    return torch.from_numpy(np.ascontiguousarray(values)).reshape(shape)
 
 
 def read_gguf(path: str | os.PathLike[str], dequantize: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -482,13 +486,16 @@ def _value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | No
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata key {key!r}")
 
 
-def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+def _add_kv(writer: Any, key: str, value: Any) -> None:
+    import gguf
+
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)) and not value:
         return
     vtype, sub = _value_type(key, value)
-    writer.add_key_value(key, list(value) if vtype == GGUFValueType.ARRAY else value, vtype, sub_type=sub)
+    writer.add_key_value(key, list(value) if vtype == GGUFValueType.ARRAY else value, gguf.GGUFValueType(vtype),
+                         sub_type=None if sub is None else gguf.GGUFValueType(sub))
 
 
 def _encode(t: Tensor, qtype: QType) -> np.ndarray:
@@ -500,7 +507,9 @@ def _encode(t: Tensor, qtype: QType) -> np.ndarray:
         return t.half().contiguous().numpy()
     if qtype == QType.BF16:  # torch rounds to bf16 the same way llama.cpp does (nearest even)
         return t.bfloat16().contiguous().view(torch.int16).numpy().view(np.uint8)
-    return gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
+    import gguf
+
+    return gguf.quants.quantize(t.float().contiguous().numpy(), gguf.GGMLQuantizationType(int(qtype)))
 
 
 def _tensor_type_for(name: str, t: Tensor, wanted: QType) -> QType:
@@ -508,12 +517,12 @@ def _tensor_type_for(name: str, t: Tensor, wanted: QType) -> QType:
         return QType.F32  # norms stay exact; llama.cpp expects F32 there
     if wanted in (QType.F32, QType.F16, QType.BF16):
         return wanted
-    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    block = QUANT_SIZES[wanted][0]
     return wanted if t.shape[-1] % block == 0 else QType.F16  # rows that don't fill whole blocks: keep F16
 
 
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    block, size = QUANT_SIZES[qtype]
     return math.prod(shape) // block * size
 
 
@@ -521,6 +530,7 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
                chat_template: str | None = None, tensor_type: str = "f16", name: str | None = None,
                tokenizer_metadata: dict[str, Any] | None = None, progress: bool = False) -> Path:
     """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory)."""
+    import gguf
     tensor_type = tensor_type.lower()
     if tensor_type not in WRITE_TYPES:
         raise ValueError(f"unsupported GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITE_TYPES)}")
@@ -543,7 +553,7 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(int(_FILE_TYPES[tensor_type]))
+    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[tensor_type]]))
     if wanted not in (QType.F32, QType.F16, QType.BF16):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if config.sliding_window is not None:
@@ -575,8 +585,9 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
             writer.add_tensor_info(gname, shape, np.dtype(np.float32 if qtype == QType.F32 else np.float16),
                                    _nbytes(shape, qtype))
         else:
-            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-            writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype)
+            theirs = gguf.GGMLQuantizationType(int(qtype))
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, theirs)
+            writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=theirs)
 
     def write(tmp: Path) -> None:
         try:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints.ggml_types import GGMLType as QType
 from . import kernels
 from .kernels import BLOCK_BYTES, BLOCK_ELEMS, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
 
-QType = gguf.GGMLQuantizationType
 KERNEL_TYPES = {GGML_Q4_0: "q4_0", GGML_Q4_1: "q4_1", GGML_Q8_0: "q8_0"}
 TYPE_BY_NAME = {"q4_0": GGML_Q4_0, "q4_1": GGML_Q4_1, "q8_0": GGML_Q8_0, "int8": GGML_Q8_0, "int4": GGML_Q4_1}
 # Where a GGUF type without a kernel goes: low-bit types to Q4_1 (a 4-bit K-quant sub-block is exactly a
@@ -82,7 +81,9 @@ def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, i
     if hasattr(entry, "dequantize"):
         w = entry.dequantize()
     else:
-        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(entry.raw, qtype)))
+        import gguf  # the reference dequantizers
+
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(entry.raw, gguf.GGMLQuantizationType(qtype))))
     return quantize_blocks(w.reshape(rows, cols), target), target, (rows, cols)
 
 

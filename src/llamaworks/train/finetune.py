@@ -283,15 +283,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
 
 def _peak_rss() -> int | None:
-    """Peak resident memory of this process in bytes (Linux/macOS), None elsewhere."""
-    try:
-        import resource
-        import sys
+    """Peak resident memory of this process in bytes (None where unknown)."""
+    from ..memory_stats import peak_rss_bytes
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
-    except (ImportError, OSError):
-        return None
+    return peak_rss_bytes()
 
 
 def run_finetune(**kwargs: Any) -> int:
