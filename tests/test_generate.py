@@ -350,3 +350,14 @@ def test_greedy_matches_transformers_on_default_model(smollm2_ours, smollm2_tran
         assert got.token_ids == expected.tolist(), question
         compared += len(got.token_ids)
     assert compared >= 64
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_filtered_token():
+    from llamaworks.generate import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.stack([draw(probs, g) for _ in range(20000)]), minlength=5).float() / 20000
+    assert counts[1] == 0 and counts[4] == 0  # zero probability: never drawn, even as the last index
+    assert torch.allclose(counts, probs, atol=0.015)  # 20k draws: standard error <= 0.0035
+    assert draw(torch.tensor([0.0, 0.0, 3.0]), g) == 2  # unnormalised weights are fine

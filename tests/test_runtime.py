@@ -174,11 +174,12 @@ def test_interleaved_rows_decode_like_plain_rows(quantize: str) -> None:
     """The x8 layout changes where bytes are, not results: same logits as the plain layout, for the int8 decode
     default (same integer dot products; float sums in another order) and for float activations."""
     prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30], [4, 4, 8]]
-    x8, plain = _tiny("tiny-llama2", seed=2), _tiny("tiny-llama2", seed=2)
+    x8, plain = _tiny("tiny-llama3", seed=2), _tiny("tiny-llama3", seed=2)
     optimize_for_inference(x8, quantize=quantize, compile=False, interleave=True)
     optimize_for_inference(plain, quantize=quantize, compile=False, interleave=False)
     assert any(isinstance(m, GGMLLinear) and m.interleaved for m in x8.modules()) == kernels.can_interleave()
     assert not any(isinstance(m, GGMLLinear) and m.interleaved for m in plain.modules())
+    assert (x8.forward.layer_args is not None) == kernels.native_available()  # through the fused native layer
     a, b = _batched_decode(x8, prompts, 8), _batched_decode(plain, prompts, 8)
     assert (a - b).abs().max().item() < 1e-3
     with kernels.float_activations():
@@ -298,3 +299,30 @@ def test_chunked_prefill_keeps_left_padding_masks(float_decode) -> None:
     model.forward.prefill_chunk = 5
     got = _batched_decode(model, prompts, 4)
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_decode_is_the_same_from_any_thread_pool_or_thread_count() -> None:
+    """Decode regions run on the kernels' spinning pool whatever thread calls (a server's engine thread, not
+    the one that loaded the model); OpenMP and other thread counts split the same work, so logits are equal."""
+    import threading
+
+    prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30], [4, 4, 8]]
+    model = _tiny("tiny-llama3", seed=3)
+    optimize_for_inference(model, quantize="q4_0", compile=False)
+    assert (model.forward.layer_args is not None) == kernels.native_available()  # the fused native layer
+    ref = _batched_decode(model, prompts, 6)
+    got: dict[str, torch.Tensor] = {}
+    worker = threading.Thread(target=lambda: got.update(thread=_batched_decode(model, prompts, 6)))
+    worker.start()
+    worker.join()
+    assert torch.equal(got["thread"], ref)
+    was_pool, was_threads = kernels.decode_pool(), torch.get_num_threads()
+    try:
+        kernels.decode_pool(False)
+        assert torch.equal(_batched_decode(model, prompts, 6), ref)  # OpenMP
+        kernels.decode_pool(True)
+        torch.set_num_threads(1)
+        assert torch.equal(_batched_decode(model, prompts, 6), ref)  # the pool remade for one thread
+    finally:
+        kernels.decode_pool(was_pool)
+        torch.set_num_threads(was_threads)

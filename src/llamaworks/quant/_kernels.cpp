@@ -6,10 +6,17 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -296,6 +303,112 @@ void gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k,
   }
 }
 
+// -- the decode thread pool ------------------------------------------------------------------------------
+// A decode step is ~6 parallel regions per layer, each tens of microseconds long, so what matters is how fast
+// idle workers pick up the next one. OpenMP (libgomp) keeps its workers spinning only while it manages no more
+// threads than there are CPUs; a second thread that runs regions (a server's engine thread, after the model
+// was loaded on the main thread) gets a second team, libgomp throttles spinning to ~1000 iterations, and every
+// region then waits for futex wake-ups: measured 74 against 212 tok/s for SmolLM2 decoding off the main thread.
+// Decode regions therefore run on this pool: workers spin for kSpin after each region (long enough to bridge
+// the Python between two layers), then sleep on a condition variable. Any calling thread gets the same speed.
+// `decode_pool(0)` (LLAMAWORKS_DECODE_POOL=0) sends them to OpenMP instead. Prefill stays on OpenMP, where
+// the BLAS gemm runs anyway.
+std::atomic<bool> g_decode_pool{true};
+
+inline void cpu_relax() {  // the spin-wait hint
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class SpinPool {
+ public:
+  explicit SpinPool(int workers) : pid_(getpid()) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { work(i + 1); });
+  }
+  int parts() const { return static_cast<int>(threads_.size()) + 1; }
+  pid_t pid() const { return pid_; }
+
+  // fn(part) for part in [0, parts()), part 0 on the calling thread; returns when all are done.
+  void run(const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> one_caller(run_mu_);
+    task_ = &fn;
+    remaining_.store(static_cast<int>(threads_.size()));
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait sees the new generation
+      cv_.notify_all();
+    }
+    fn(0);
+    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  void work(int part) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto spin_start = std::chrono::steady_clock::now();
+      uint64_t g;
+      for (int spins = 0; (g = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
+        cpu_relax();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - spin_start > kSpin) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lk, [&] { return generation_.load() != seen; });
+          sleepers_.fetch_sub(1);
+          spin_start = std::chrono::steady_clock::now();
+        }
+      }
+      seen = g;
+      (*task_)(part);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* task_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0}, sleepers_{0};
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  pid_t pid_;
+};
+
+// The pool for the current torch thread count, made on first use; remade after a fork or a set_num_threads.
+// Never destroyed: its threads sleep when idle and end with the process.
+SpinPool& decode_pool_instance() {
+  static std::mutex mu;
+  static SpinPool* pool = nullptr;
+  const int threads = std::max(1, at::get_num_threads());
+  std::lock_guard<std::mutex> lk(mu);
+  if (pool == nullptr || pool->parts() != threads || pool->pid() != getpid()) {
+    pool = new SpinPool(threads - 1);  // an old pool is left behind: joining threads of a forked parent would hang
+  }
+  return *pool;
+}
+
+// at::parallel_for's split (at most one chunk per thread, chunks of at least `grain`), on the decode pool.
+template <typename F>
+void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  if (!g_decode_pool.load(std::memory_order_relaxed) || at::in_parallel_region()) {
+    return at::parallel_for(begin, end, grain, f);
+  }
+  SpinPool& pool = decode_pool_instance();
+  const int64_t tasks = std::min<int64_t>(pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (tasks <= 1) return f(begin, end);
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  pool.run([&](int part) {
+    const int64_t lo = begin + part * chunk, hi = std::min(end, lo + chunk);
+    if (part < tasks && lo < hi) f(lo, hi);
+  });
+}
+
 // Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
 std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
   const int64_t nb = k / QK;
@@ -437,6 +550,8 @@ constexpr bool kHaveInt8Dot = false;
 #endif
 
 bool int8_decode(int64_t mode) { return flip(g_int8_decode, kHaveInt8Dot, mode); }
+
+bool decode_pool(int64_t mode) { return flip(g_decode_pool, true, mode); }
 
 constexpr int64_t kSmallBatch = 8;  // up to this many input rows the fused dequantize-dot kernel wins
 // Weight rows per decode kernel call: they share each activation block's loads. Measured on the 1.1B model:
@@ -587,7 +702,7 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
   } else {
     const DecodeRows rows(x.data_ptr<float>(), m, k);
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, n_total, 32, [&](int64_t c0, int64_t c1) { decode_columns(rows, ws, offsets, c0, c1, yp, n_total); });
+    decode_parallel_for(0, n_total, 32, [&](int64_t c0, int64_t c1) { decode_columns(rows, ws, offsets, c0, c1, yp, n_total); });
   }
   return y.to(x_in.scalar_type()).view(out_shape);
 }
@@ -624,7 +739,7 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
     float* yp = y.data_ptr<float>();
     const WeightRef g = weight_ref(gate, tg), u = weight_ref(up, tu);
     const bool x8 = interleaved(tg) || interleaved(tu);
-    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    decode_parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
       float gv[kSmallBatch * 8], uv[kSmallBatch * 8];
       for (int64_t r = r0; r < r1;) {
         const int64_t c = std::min<int64_t>(x8 ? 8 - r % 8 : kRows, r1 - r);
@@ -809,7 +924,7 @@ void attention_step(float* qp, int64_t qkv_n, KV* kc, KV* vc, const at::Tensor& 
   const bool* vp = vis.data_ptr<bool>();
   const int64_t n_keys = slot + 1;
   const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+  decode_parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(n_keys);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
@@ -899,6 +1014,7 @@ TORCH_LIBRARY(llamaworks, lib) {
   lib.def("int8_decode(int mode) -> bool", &int8_decode);
   lib.def("bf16_prefill(int mode) -> bool", &bf16_prefill);
   lib.def("can_interleave() -> bool", &can_interleave);
+  lib.def("decode_pool(int mode) -> bool", &decode_pool);
   lib.def("ggml_interleave_(Tensor(a!) raw, int ggml_type, int in_features) -> ()");
 }
 
