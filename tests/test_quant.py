@@ -2,9 +2,10 @@
 
 Tolerances: block (de)quantization must match gguf.quants bit for bit; a quantized linear must equal
 x @ dequantize(W)^T up to float32 summation order (|diff| <= 1e-4 * (1 + |ref|), with K <= 512).
-The int8 decode path (AVX-512 VNNI builds, up to 8 input rows; on by default) quantizes the activations to
+The int8 decode path (AVX-512 VNNI builds, up to 32 input rows; on by default) quantizes the activations to
 32-element int8 blocks as llama.cpp does: there ||out - ref|| / ||ref|| <= 2e-2 (measured about 6e-3 on random
-data). The bf16 prefill path (AVX-512 BF16 builds, more than 8 rows; on by default) rounds the gemm's inputs and
+data). The bf16 prefill path (AVX-512 BF16 builds, more rows than the decode kernels take: 8 with float
+activations; on by default) rounds the gemm's inputs and
 outputs to bfloat16: ||out - ref|| / ||ref|| <= 1e-2 (measured about 3e-3). The "native" backend runs both off.
 """
 
@@ -64,7 +65,7 @@ def backend(request, monkeypatch):
 
 
 def decode_tol(backend: str, m: int) -> float:
-    if backend == "native-int8" and m <= 8:
+    if backend == "native-int8" and m <= 32:
         return INT8_REL
     if backend == "native-bf16" and m > 8:
         return BF16_REL
@@ -84,7 +85,7 @@ def test_block_formats_match_gguf_reference(ours: int, theirs: Q) -> None:
     assert torch.equal(dequantize_blocks(raw, ours, 256), expected)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 40])
 @pytest.mark.parametrize(("ours", "theirs"), TYPES, ids=["q4_0", "q4_1", "q8_0"])
 def test_linear_equals_dequantized_matmul(backend: str, ours: int, theirs: Q, m: int) -> None:
     torch.manual_seed(1)

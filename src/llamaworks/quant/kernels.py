@@ -109,7 +109,8 @@ def native_available() -> bool:
 
 
 def int8_decode(enable: bool | None = None) -> bool:
-    """Whether decode matmuls (up to 8 rows) use int8 activations and VNNI dot products, as llama.cpp does.
+    """Whether decode matmuls (up to 32 rows; 8 with float activations) use int8 activations and VNNI dot
+    products, as llama.cpp does.
 
     On by default where the CPU has AVX-512 VNNI (about 1.3-1.5x faster decode than the float kernels). The
     activation rounding moves SmolLM2's logits by up to about 1.3 and can change greedy text at near ties
@@ -122,7 +123,8 @@ def int8_decode(enable: bool | None = None) -> bool:
 
 
 def bf16_prefill(enable: bool | None = None) -> bool:
-    """Whether prefill matmuls (more than 8 rows) run the gemm in bfloat16 (dequantized bf16 weight slabs).
+    """Whether prefill matmuls (more rows than the decode kernels take) run the gemm in bfloat16 (dequantized
+    bf16 weight slabs).
 
     On by default where the CPU has AVX-512 BF16 (gemm ~2.4x the float32 rate). Inputs and outputs of each
     matmul are rounded to bf16. `enable=False` (or LLAMAWORKS_BF16_PREFILL=0) selects float32; returns the
