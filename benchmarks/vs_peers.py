@@ -177,7 +177,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str, str]) -> None:
     print(f"\nmodel: {a.model}\nthreads: {a.threads}, prompt {a.prompt_tokens} tokens, decode {a.gen_tokens} tokens, "
-          f"ctx {a.ctx}, {a.runs} alternating runs per engine\n")
+          f"ctx {a.ctx}, {a.runs} alternating runs per engine after {a.warmup} warm-up\n")
     engines = list(table)
     print("| figure | " + " | ".join(f"{e} (min / median / max)" for e in engines) + " |")
     print("|---|" + "---|" * len(engines))
@@ -203,6 +203,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unreported runs of each engine first (the first process after a large file read can "
+                        "meet the kernel still compacting memory for huge pages, or a cold page cache)")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--json", default=None, help="also write the raw runs and the summary here")
@@ -244,7 +247,7 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(ids.stdout.strip().splitlines()[-1])
     a.ids_file = f.name
-    for r in range(a.runs):
+    for r in range(-a.warmup, a.runs):
         for engine in engines:
             if engine in errors:
                 continue
@@ -252,8 +255,10 @@ def main() -> int:
             if isinstance(out, str):
                 errors[engine] = out
                 continue
-            results[engine].append(out)
-            print(f"run {r + 1} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), file=sys.stderr)
+            label = f"run {r + 1}" if r >= 0 else "warm-up (not counted)"
+            print(f"{label} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), file=sys.stderr)
+            if r >= 0:
+                results[engine].append(out)
     table = summarize(results)
     print_report(a, table, errors)
     if a.json:

@@ -100,21 +100,6 @@ def test_linear_equals_dequantized_matmul(backend: str, ours: int, theirs: Q, m:
     assert rel < (0.01 if ours == GGML_Q8_0 else 0.2)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
-def test_grouped_and_swiglu_kernels(backend: str, m: int) -> None:
-    torch.manual_seed(2)
-    k = 128
-    wq, wk, wv = (GGMLLinear.from_float(torch.randn(n, k), t) for n, t in [(64, GGML_Q4_1), (32, GGML_Q4_0),
-                                                                             (32, GGML_Q8_0)])
-    x = torch.randn(m, k)
-    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.ggml_type, wk.ggml_type, wv.ggml_type], k)
-    close(out, torch.cat([x @ w.dequantize().T for w in (wq, wk, wv)], dim=-1), decode_tol(backend, m))
-    gate = GGMLLinear.from_float(torch.randn(80, k), GGML_Q4_1)
-    up = GGMLLinear.from_float(torch.randn(80, k), GGML_Q8_0)
-    got = kernels.ggml_swiglu(x, gate.raw, gate.ggml_type, up.raw, up.ggml_type, k)
-    close(got, torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T), decode_tol(backend, m))
-
-
 def _x8(layer: GGMLLinear) -> GGMLLinear:
     """The layer with its rows interleaved: natively where this build can, else by the torch reference."""
     if not layer.interleave_():
@@ -158,24 +143,26 @@ def test_interleaved_linear_equals_dequantized_matmul(backend: str, ours: int, m
         assert torch.equal(layer.dequantize(), ref_weight)
 
 
+@pytest.mark.parametrize("layout", ["plain", "x8"])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_interleaved_weights_in_grouped_and_swiglu_kernels(backend: str, m: int) -> None:
-    """q/k/v and gate/up mixing interleaved (Q4_*) and plain (Q8_0, or rows not a multiple of 8) weights."""
-    torch.manual_seed(6)
+def test_grouped_and_swiglu_kernels(backend: str, m: int, layout: str) -> None:
+    """q/k/v and gate/up of mixed types; with "x8" the Q4_* weights are interleaved and Q8_0 ones stay plain
+    (wk's 20 rows put wv's groups at a column offset that is not a multiple of 8)."""
+    torch.manual_seed(2)
     k = 128
-    wq, wk, wv = (GGMLLinear.from_float(torch.randn(n, k), t) for n, t in [(64, GGML_Q4_1), (20, GGML_Q4_0),
+    wq, wk, wv = (GGMLLinear.from_float(torch.randn(n, k), t) for n, t in [(64, GGML_Q4_1), (20, GGML_Q8_0),
                                                                              (32, GGML_Q4_0)])
-    refs = [x_w.dequantize() for x_w in (wq, wk, wv)]
-    _x8(wq), _x8(wv)  # wk (20 rows) stays plain: its 20-row offset shifts wv's groups off multiples of 8
-    x = torch.randn(m, k)
-    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type], k)
-    close(out, torch.cat([x @ w.T for w in refs], dim=-1), decode_tol(backend, m))
-    gate = GGMLLinear.from_float(torch.randn(80, k), GGML_Q4_0)
+    gate = GGMLLinear.from_float(torch.randn(80, k), GGML_Q4_1)
     up = GGMLLinear.from_float(torch.randn(80, k), GGML_Q8_0)
-    want = torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T)
-    _x8(gate)
+    x = torch.randn(m, k)
+    want_qkv = torch.cat([x @ w.dequantize().T for w in (wq, wk, wv)], dim=-1)
+    want_ffn = torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T)
+    if layout == "x8":
+        _x8(wq), _x8(wv), _x8(gate)
+    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type], k)
+    close(out, want_qkv, decode_tol(backend, m))
     got = kernels.ggml_swiglu(x, gate.raw, gate.kernel_type, up.raw, up.kernel_type, k)
-    close(got, want, decode_tol(backend, m))
+    close(got, want_ffn, decode_tol(backend, m))
 
 
 def test_only_owned_q4_weights_are_interleaved() -> None:
