@@ -299,13 +299,17 @@ def _native_decode(model: Transformer, layer_args: list[tuple[Any, ...]], tokens
     cfg = model.config
     angles = positions.reshape(B, 1).float() * model.inv_freq  # (B, D/2)
     cos, sin = angles.cos(), angles.sin()
-    x = model.tok_embeddings(tokens).reshape(B, cfg.dim).float()
-    for attn_norm, ffn_norm, attn_w, attn_t, ffn_w, ffn_t, attention in layer_args:
-        cache = attention.cache
-        x = torch.ops.llamaworks.ggml_decode_layer(x, attn_norm, ffn_norm, cfg.norm_eps, attn_w, attn_t, ffn_w,
-                                                   ffn_t, cache.k, cache.v, cos, sin, visible, slot,
-                                                   attention.n_heads, attention.n_kv_heads)
-    return model.lm_head(model.norm(x.view(B, 1, cfg.dim)))
+    ops = torch.ops.llamaworks
+    was = ops.decode_step_scope(True)  # every parallel region up to the logits runs on the decode pool
+    try:
+        x = model.tok_embeddings(tokens).reshape(B, cfg.dim).float()
+        for attn_norm, ffn_norm, attn_w, attn_t, ffn_w, ffn_t, attention in layer_args:
+            cache = attention.cache
+            x = ops.ggml_decode_layer(x, attn_norm, ffn_norm, cfg.norm_eps, attn_w, attn_t, ffn_w, ffn_t, cache.k,
+                                      cache.v, cos, sin, visible, slot, attention.n_heads, attention.n_kv_heads)
+        return model.lm_head(model.norm(x.view(B, 1, cfg.dim)))
+    finally:
+        ops.decode_step_scope(was)
 
 
 NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # the fused C++ layer reads and writes either

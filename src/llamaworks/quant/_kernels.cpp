@@ -312,9 +312,18 @@ void gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k,
 // region then waits for futex wake-ups: measured 74 against 212 tok/s for SmolLM2 decoding off the main thread.
 // Decode regions therefore run on this pool: workers spin for kSpin after each region (long enough to bridge
 // the Python between two layers), then sleep on a condition variable. Any calling thread gets the same speed.
-// `decode_pool(0)` (LLAMAWORKS_DECODE_POOL=0) sends them to OpenMP instead. Prefill stays on OpenMP, where
-// the BLAS gemm runs anyway.
+// Only inside a decode step (`DecodeScope`: the fused layer, and runtime.py's whole native step) where every
+// parallel region is ours: elsewhere (prefill, the torch-ops step) our regions alternate with torch's OpenMP
+// ones, and two sets of spinning workers on the same cores slowed a 16-token prefill 3x. `decode_pool(0)`
+// (LLAMAWORKS_DECODE_POOL=0) sends decode steps to OpenMP too.
 std::atomic<bool> g_decode_pool{true};
+thread_local bool t_in_decode_step = false;
+
+struct DecodeScope {  // marks this thread as running a decode step (nests)
+  bool was;
+  DecodeScope() : was(t_in_decode_step) { t_in_decode_step = true; }
+  ~DecodeScope() { t_in_decode_step = was; }
+};
 
 inline void cpu_relax() {  // the spin-wait hint
 #if defined(__x86_64__) || defined(__i386__)
@@ -397,7 +406,7 @@ template <typename F>
 void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  if (!g_decode_pool.load(std::memory_order_relaxed) || at::in_parallel_region()) {
+  if (!t_in_decode_step || !g_decode_pool.load(std::memory_order_relaxed) || at::in_parallel_region()) {
     return at::parallel_for(begin, end, grain, f);
   }
   SpinPool& pool = decode_pool_instance();
@@ -553,6 +562,14 @@ constexpr bool kHaveInt8Dot = false;
 bool int8_decode(int64_t mode) { return flip(g_int8_decode, kHaveInt8Dot, mode); }
 
 bool decode_pool(int64_t mode) { return flip(g_decode_pool, true, mode); }
+
+// Python's side of DecodeScope for a whole native step (its output projection included): returns the previous
+// state of this thread.
+bool decode_step_scope(bool on) {
+  const bool was = t_in_decode_step;
+  t_in_decode_step = on;
+  return was;
+}
 
 // Up to this many input rows the decode kernels (weights read once, every row dotted in cache) beat
 // dequantizing to a gemm: with int8 activations up to 32 (a 5632x2048 Q4_0 matmul of 16 rows: 1.6 against
@@ -949,6 +966,7 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
                              const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& visible, int64_t slot,
                              int64_t n_heads, int64_t n_kv_heads) {
   TORCH_CHECK(attn_w.size() == 4 && ffn_w.size() == 3, "llamaworks: expected wq, wk, wv, wo and w1, w3, w2");
+  const DecodeScope scope;
   const bool half_kv = k_cache.scalar_type() == at::kHalf;
   TORCH_CHECK((half_kv || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
               k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -1020,6 +1038,7 @@ TORCH_LIBRARY(llamaworks, lib) {
   lib.def("bf16_prefill(int mode) -> bool", &bf16_prefill);
   lib.def("can_interleave() -> bool", &can_interleave);
   lib.def("decode_pool(int mode) -> bool", &decode_pool);
+  lib.def("decode_step_scope(bool on) -> bool", &decode_step_scope);
   lib.def("ggml_interleave_(Tensor(a!) raw, int ggml_type, int in_features) -> ()");
 }
 
