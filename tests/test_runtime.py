@@ -316,6 +316,8 @@ def test_decode_is_the_same_from_any_thread_pool_or_thread_count() -> None:
     worker.start()
     worker.join()
     assert torch.equal(got["thread"], ref)
+    if kernels.native_available():  # the pool is used inside decode steps only; each step restores the mark
+        assert torch.ops.llamaworks.decode_step_scope(False) is False
     was_pool, was_threads = kernels.decode_pool(), torch.get_num_threads()
     try:
         kernels.decode_pool(False)
