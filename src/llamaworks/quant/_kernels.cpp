@@ -310,19 +310,25 @@ void gemm_path(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t k,
 // threads than there are CPUs; a second thread that runs regions (a server's engine thread, after the model
 // was loaded on the main thread) gets a second team, libgomp throttles spinning to ~1000 iterations, and every
 // region then waits for futex wake-ups: measured 74 against 212 tok/s for SmolLM2 decoding off the main thread.
-// Decode regions therefore run on this pool: workers spin for kSpin after each region (long enough to bridge
-// the Python between two layers), then sleep on a condition variable. Any calling thread gets the same speed.
-// Only inside a decode step (`DecodeScope`: the fused layer, and runtime.py's whole native step) where every
-// parallel region is ours: elsewhere (prefill, the torch-ops step) our regions alternate with torch's OpenMP
-// ones, and two sets of spinning workers on the same cores slowed a 16-token prefill 3x. `decode_pool(0)`
-// (LLAMAWORKS_DECODE_POOL=0) sends decode steps to OpenMP too.
+// Decode regions of such threads therefore run on this pool: workers spin between the regions of a step
+// (bridging the Python between two layers) and sleep on a condition variable as soon as the step ends, so
+// they never spin against torch's own OpenMP regions (sampling, prefill) in between: two sets of spinning
+// workers on two cores slowed `generate` from 185 to 65 tok/s and a 16-token prefill 3x. Only inside a decode
+// step (`DecodeScope`: the fused layer, and runtime.py's whole native step), where every parallel region is
+// ours, and only off the main thread: the main thread's OpenMP team is the first one and keeps spinning, and
+// there its hot workers also serve the sampling ops between steps. `decode_pool(0)`
+// (LLAMAWORKS_DECODE_POOL=0) sends every decode step to OpenMP.
 std::atomic<bool> g_decode_pool{true};
 thread_local bool t_in_decode_step = false;
+void park_decode_pool();
 
-struct DecodeScope {  // marks this thread as running a decode step (nests)
+struct DecodeScope {  // marks this thread as running a decode step (nests); the outermost one parks the pool
   bool was;
   DecodeScope() : was(t_in_decode_step) { t_in_decode_step = true; }
-  ~DecodeScope() { t_in_decode_step = was; }
+  ~DecodeScope() {
+    t_in_decode_step = was;
+    if (!was) park_decode_pool();
+  }
 };
 
 inline void cpu_relax() {  // the spin-wait hint
@@ -339,11 +345,13 @@ class SpinPool {
     for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { work(i + 1); });
   }
   int parts() const { return static_cast<int>(threads_.size()) + 1; }
+  void park() { parked_.store(true); }  // idle workers sleep now instead of spinning out kSpin
   pid_t pid() const { return pid_; }
 
   // fn(part) for part in [0, parts()), part 0 on the calling thread; returns when all are done.
   void run(const std::function<void(int)>& fn) {
     std::lock_guard<std::mutex> one_caller(run_mu_);
+    parked_.store(false);
     task_ = &fn;
     remaining_.store(static_cast<int>(threads_.size()));
     generation_.fetch_add(1);
@@ -365,7 +373,8 @@ class SpinPool {
       uint64_t g;
       for (int spins = 0; (g = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
         cpu_relax();
-        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - spin_start > kSpin) {
+        if (parked_.load(std::memory_order_relaxed) ||
+            ((spins & 255) == 255 && std::chrono::steady_clock::now() - spin_start > kSpin)) {
           std::unique_lock<std::mutex> lk(mu_);
           sleepers_.fetch_add(1);
           cv_.wait(lk, [&] { return generation_.load() != seen; });
@@ -383,6 +392,7 @@ class SpinPool {
   const std::function<void(int)>* task_ = nullptr;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> remaining_{0}, sleepers_{0};
+  std::atomic<bool> parked_{false};
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   pid_t pid_;
@@ -390,9 +400,11 @@ class SpinPool {
 
 // The pool for the current torch thread count, made on first use; remade after a fork or a set_num_threads.
 // Never destroyed: its threads sleep when idle and end with the process.
+SpinPool* g_pool = nullptr;
+
 SpinPool& decode_pool_instance() {
   static std::mutex mu;
-  static SpinPool* pool = nullptr;
+  SpinPool*& pool = g_pool;
   const int threads = std::max(1, at::get_num_threads());
   std::lock_guard<std::mutex> lk(mu);
   if (pool == nullptr || pool->parts() != threads || pool->pid() != getpid()) {
@@ -401,12 +413,19 @@ SpinPool& decode_pool_instance() {
   return *pool;
 }
 
+void park_decode_pool() {
+  if (SpinPool* pool = g_pool) pool->park();
+}
+
+inline bool on_main_thread() { return gettid() == getpid(); }
+
 // at::parallel_for's split (at most one chunk per thread, chunks of at least `grain`), on the decode pool.
 template <typename F>
 void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  if (!t_in_decode_step || !g_decode_pool.load(std::memory_order_relaxed) || at::in_parallel_region()) {
+  if (!t_in_decode_step || !g_decode_pool.load(std::memory_order_relaxed) || on_main_thread() ||
+      at::in_parallel_region()) {
     return at::parallel_for(begin, end, grain, f);
   }
   SpinPool& pool = decode_pool_instance();
@@ -568,6 +587,7 @@ bool decode_pool(int64_t mode) { return flip(g_decode_pool, true, mode); }
 bool decode_step_scope(bool on) {
   const bool was = t_in_decode_step;
   t_in_decode_step = on;
+  if (was && !on) park_decode_pool();
   return was;
 }
 
