@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,9 +16,11 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -359,8 +362,16 @@ class SpinPool {
       { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait sees the new generation
       cv_.notify_all();
     }
-    fn(0);
-    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+    std::exception_ptr error;
+    try {
+      fn(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();  // fn must outlive every worker's use
+    if (!error) error = std::exchange(worker_error_, nullptr);
+    worker_error_ = nullptr;
+    if (error) std::rethrow_exception(error);  // a failed check inside a region reaches Python as usual
   }
 
  private:
@@ -383,7 +394,12 @@ class SpinPool {
         }
       }
       seen = g;
-      (*task_)(part);
+      try {
+        (*task_)(part);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(error_mu_);
+        if (!worker_error_) worker_error_ = std::current_exception();
+      }
       remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
@@ -393,6 +409,8 @@ class SpinPool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> remaining_{0}, sleepers_{0};
   std::atomic<bool> parked_{false};
+  std::mutex error_mu_;
+  std::exception_ptr worker_error_;  // the first exception a worker's part threw in this run
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   pid_t pid_;
@@ -417,7 +435,16 @@ void park_decode_pool() {
   if (SpinPool* pool = g_pool) pool->park();
 }
 
-inline bool on_main_thread() { return gettid() == getpid(); }
+// The process's initial thread (its thread id equals the process id on Linux; elsewhere: the first thread
+// that asks, normally the one that loaded the model).
+inline bool on_main_thread() {
+#if defined(__linux__)
+  return static_cast<pid_t>(syscall(SYS_gettid)) == getpid();
+#else
+  static const std::thread::id loader = std::this_thread::get_id();
+  return std::this_thread::get_id() == loader;
+#endif
+}
 
 // at::parallel_for's split (at most one chunk per thread, chunks of at least `grain`), on the decode pool.
 template <typename F>
