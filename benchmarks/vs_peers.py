@@ -243,7 +243,9 @@ def main() -> int:
     # The ids come from a subprocess too: the driver never maps torch's or llama.cpp's libraries, whose pages
     # a worker would then share (a shared page counts in both processes' RSS and cannot be paged out by one).
     ids = subprocess.run([sys.executable, __file__, "--worker", "ids", "--model", a.model,
-                          "--prompt-tokens", str(a.prompt_tokens)], capture_output=True, text=True, check=True)
+                          "--prompt-tokens", str(a.prompt_tokens)], capture_output=True, text=True)
+    if ids.returncode != 0:
+        sys.exit(f"could not tokenize the prompts: {(ids.stderr.strip().splitlines() or ['?'])[-1]}")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(ids.stdout.strip().splitlines()[-1])
     a.ids_file = f.name

@@ -361,3 +361,6 @@ def test_draw_follows_the_distribution_and_never_picks_a_filtered_token():
     assert counts[1] == 0 and counts[4] == 0  # zero probability: never drawn, even as the last index
     assert torch.allclose(counts, probs, atol=0.015)  # 20k draws: standard error <= 0.0035
     assert draw(torch.tensor([0.0, 0.0, 3.0]), g) == 2  # unnormalised weights are fine
+    for bad in ([0.0, 0.0], [0.5, float("nan")], [0.5, -0.1]):
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            draw(torch.tensor(bad), g)

@@ -174,8 +174,15 @@ def test_only_owned_q4_weights_are_interleaved() -> None:
     assert not emb.as_linear().interleave_()  # tied output: the embedding's row lookups need the plain rows
     raw = quantize_blocks(torch.randn(16, 64), GGML_Q4_1).numpy()
     raw.setflags(write=False)  # like a GGUF tensor mapped read-only from the file
-    mapped = GGMLLinear.from_entry(_Entry(Q.Q4_1, (16, 64), raw))
+    mapped = GGMLLinear.from_entry(_Entry(Q.Q4_1, (16, 64), raw), owned=True)
     assert not mapped.interleave_() and mapped.kernel_type == GGML_Q4_1
+    shared = quantize_blocks(torch.randn(16, 64), GGML_Q4_1).numpy()  # writable, but the caller's
+    before = shared.copy()
+    assert not GGMLLinear.from_entry(_Entry(Q.Q4_1, (16, 64), shared)).interleave_()
+    assert GGMLLinear.from_entry(_Entry(Q.Q4_1, (16, 64), shared), owned=True).interleave_()  # a copy of ours
+    assert not np.array_equal(shared, before)  # regrouped in place: why only owned blocks qualify
+    with pytest.raises(RuntimeError, match="invalid ggml type code"):
+        kernels.ggml_linear(torch.randn(1, 64), quantize_blocks(torch.randn(8, 64), GGML_Q8_0), GGML_Q8_0 | 256, 64)
     owned = GGMLLinear.from_float(torch.randn(16, 64), GGML_Q4_1)
     assert owned.interleave_() and "interleaved" in repr(owned)
 

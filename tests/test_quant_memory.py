@@ -83,9 +83,12 @@ def test_load_pages_out_torch_only_when_enabled(monkeypatch) -> None:
 
     calls = []
     monkeypatch.setattr(runtime, "page_out_library_code", lambda: calls.append(1) or 0)
+    monkeypatch.setattr(runtime, "_torch_pages_released", False)
     monkeypatch.setenv("LLAMAWORKS_PAGE_OUT_TORCH", "0")
     load_quantized_model(None)
     assert calls == []
     monkeypatch.delenv("LLAMAWORKS_PAGE_OUT_TORCH")
     load_quantized_model(None)
+    assert calls == [1]
+    load_quantized_model(None)  # once per process: a second model must not push out the code the first uses
     assert calls == [1]

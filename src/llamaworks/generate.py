@@ -12,6 +12,7 @@ so a wrapped model (quantized linears, a compiled decode step) can stand in for 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -176,9 +177,12 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     token's time. searchsorted(right=True) lands on the first index whose cumulative sum exceeds u * total,
     so a token of probability zero is never drawn.
     """
-    cdf = probs.float().cumsum(0)
-    u = torch.rand(1, generator=generator, device=probs.device)
-    index = torch.searchsorted(cdf, u * cdf[-1], right=True)[0]
+    cdf = probs.double().cumsum(0)  # float64: a float32 running sum over 49k terms loses tokens below ~6e-8
+    total = float(cdf[-1])
+    if not math.isfinite(total) or total <= 0 or bool((probs < 0).any()):
+        raise ValueError("sampling: probabilities must be finite, non-negative and not all zero")
+    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * total, right=True)[0]
     if index >= probs.shape[0]:  # u * total rounded up to the total: the last token with weight
         index = probs.nonzero()[-1, 0]
     return index

@@ -65,12 +65,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     """torch.zeros, except that on the CPU the memory is fresh anonymous pages: the OS supplies them zeroed on
     first write, so a cache costs resident memory only for the positions actually used (torch.zeros writes,
     and so commits, every byte up front)."""
-    if torch.device(device or "cpu").type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < 1 << 16:  # small: not worth a mapping of its own
-        return torch.zeros(shape, dtype=dtype)
     import mmap
+
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < 1 << 16 or not hasattr(mmap, "MAP_PRIVATE"):  # (not on Windows)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive

@@ -155,8 +155,10 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
     """
     config, state = checkpoint.config, checkpoint.state_dict
     device = torch.device(device) if device is not None else torch.device("cpu")
+    owned = False
     if device.type == "cpu" and not mmap:
-        state = _blocks_in_huge_pages(checkpoint, state)
+        copied = _blocks_in_huge_pages(checkpoint, state)
+        owned, state = copied is not state, copied
     with torch.device("meta"), _meta_init_is_free():
         model = Transformer(config)
     target = TYPE_BY_NAME[weights.lower()] if weights else None
@@ -164,8 +166,11 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
     for name, entry in state.items():
         module_name = name.rsplit(".", 1)[0]
         if _is_quant_entry(entry) or (target is not None and entry.ndim == 2 and entry.shape[1] % 32 == 0):
-            cls = GGMLEmbedding if module_name == "tok_embeddings" else GGMLLinear
-            _set_module(model, module_name, cls.from_entry(entry, target or kernels.GGML_Q8_0).to(device))
+            if module_name == "tok_embeddings":
+                module = GGMLEmbedding.from_entry(entry, target or kernels.GGML_Q8_0)
+            else:  # blocks read into our huge-page buffer are this model's own: they may be regrouped
+                module = GGMLLinear.from_entry(entry, target or kernels.GGML_Q8_0, owned=owned)
+            _set_module(model, module_name, module.to(device))
         else:
             floats[name] = entry.float().to(device) if entry.dtype.is_floating_point else entry.to(device)
     for name, tensor in floats.items():
@@ -185,6 +190,9 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
     return model.eval().requires_grad_(False)
 
 
+_torch_pages_released = False
+
+
 def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights: str | None = "q8_0",
                          compile: bool = False, threads: int | None = None,
                          mmap: bool | None = None) -> tuple[Transformer, Any, Any]:
@@ -195,8 +203,12 @@ def load_quantized_model(path: str | os.PathLike[str] | None = None, *, weights:
     """
     if mmap is None:
         mmap = os.environ.get("LLAMAWORKS_MMAP", "0") not in ("", "0")
-    if os.environ.get("LLAMAWORKS_PAGE_OUT_TORCH", "1") not in ("", "0"):
-        page_out_library_code()  # torch's one-time start-up code leaves memory before the weights arrive
+    global _torch_pages_released
+    if not _torch_pages_released and os.environ.get("LLAMAWORKS_PAGE_OUT_TORCH", "1") not in ("", "0"):
+        # Torch's one-time start-up code leaves memory before the weights arrive; once per process, so a
+        # second load does not push out the code a running model uses.
+        page_out_library_code()
+        _torch_pages_released = True
     from .checkpoints import load_checkpoint
 
     if path is None:

@@ -146,7 +146,18 @@ inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float*
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define LLAMAWORKS_INT8_DOT 1
+#endif
+
 void check_args(const at::Tensor& raw, int64_t t, int64_t k) {
+  TORCH_CHECK((t & ~(kInterleaved | 255)) == 0 &&
+              (!interleaved(t) || base_type(t) == GGML_Q4_0 || base_type(t) == GGML_Q4_1),
+              "llamaworks: invalid ggml type code ", t, " (x8 rows exist for Q4_0 and Q4_1 only)");
+#ifndef LLAMAWORKS_INT8_DOT
+  TORCH_CHECK(!interleaved(t), "llamaworks: interleaved (x8) weights need the AVX-512 VNNI kernels; "
+              "this build has none (dequantize them with the torch fallback instead)");
+#endif
   TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2, "llamaworks: raw weight must be a 2-D uint8 tensor");
   TORCH_CHECK(raw.stride(1) == 1, "llamaworks: raw weight rows must be contiguous");
   TORCH_CHECK(k % QK == 0, "llamaworks: in_features must be a multiple of 32, got ", k);
@@ -155,10 +166,6 @@ void check_args(const at::Tensor& raw, int64_t t, int64_t k) {
   TORCH_CHECK(!interleaved(t) || (raw.size(0) % 8 == 0 && raw.stride(0) == raw.size(1)),
               "llamaworks: an interleaved weight must be whole contiguous groups of 8 rows");
 }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define LLAMAWORKS_INT8_DOT 1
-#endif
 
 #ifdef LLAMAWORKS_INT8_DOT
 // Dword order that puts row i's two dwords (lanes i and 8 + i) side by side in qword i, and its inverse.
@@ -418,21 +425,30 @@ class SpinPool {
 
 // The pool for the current torch thread count, made on first use; remade after a fork or a set_num_threads.
 // Never destroyed: its threads sleep when idle and end with the process.
-SpinPool* g_pool = nullptr;
+// One pool per thread count (torch's count is per calling thread), made on first use and kept; after a fork the
+// child starts afresh (the parent's pools are left behind: their threads do not exist in the child).
+thread_local SpinPool* t_pool = nullptr;  // the pool this thread used last
 
 SpinPool& decode_pool_instance() {
-  static std::mutex mu;
-  SpinPool*& pool = g_pool;
   const int threads = std::max(1, at::get_num_threads());
+  const pid_t pid = getpid();
+  if (t_pool != nullptr && t_pool->parts() == threads && t_pool->pid() == pid) return *t_pool;
+  static std::mutex mu;
+  static std::vector<SpinPool*> pools;
   std::lock_guard<std::mutex> lk(mu);
-  if (pool == nullptr || pool->parts() != threads || pool->pid() != getpid()) {
-    pool = new SpinPool(threads - 1);  // an old pool is left behind: joining threads of a forked parent would hang
+  SpinPool* found = nullptr;
+  for (SpinPool* pool : pools)
+    if (pool->parts() == threads && pool->pid() == pid) found = pool;
+  if (found == nullptr) {
+    found = new SpinPool(threads - 1);
+    pools.push_back(found);
   }
-  return *pool;
+  t_pool = found;
+  return *found;
 }
 
 void park_decode_pool() {
-  if (SpinPool* pool = g_pool) pool->park();
+  if (SpinPool* pool = t_pool) pool->park();
 }
 
 // The process's initial thread (its thread id equals the process id on Linux; elsewhere: the first thread
@@ -447,8 +463,10 @@ inline bool on_main_thread() {
 }
 
 // at::parallel_for's split (at most one chunk per thread, chunks of at least `grain`), on the decode pool.
+// align: chunk sizes are rounded up to a multiple of it (8 for output rows: an x8 group split between two
+// threads would be computed by both).
 template <typename F>
-void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t align = 1) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   if (!t_in_decode_step || !g_decode_pool.load(std::memory_order_relaxed) || on_main_thread() ||
@@ -458,7 +476,7 @@ void decode_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
   SpinPool& pool = decode_pool_instance();
   const int64_t tasks = std::min<int64_t>(pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (tasks <= 1) return f(begin, end);
-  const int64_t chunk = (n + tasks - 1) / tasks;
+  const int64_t chunk = ((n + tasks - 1) / tasks + align - 1) / align * align;
   pool.run([&](int part) {
     const int64_t lo = begin + part * chunk, hi = std::min(end, lo + chunk);
     if (part < tasks && lo < hi) f(lo, hi);
@@ -487,9 +505,9 @@ struct QuantRows {
   std::vector<int32_t> minus8;   // per block, 8 lanes: -8 * (sum of the lane's 4 bytes), Q4_0's offset in int32
   std::vector<int32_t> qsum;     // per block: sum(q)
   std::vector<int8_t> x8;        // per block, 4 x 64 bytes: the activation as the x8 kernel meets it (see there)
-  QuantRows(const float* x, int64_t m, int64_t k)
+  QuantRows(const float* x, int64_t m, int64_t k, bool with_x8)
       : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8), qsum(m * (k / QK)),
-        x8(m * (k / QK) * 256) {
+        x8(with_x8 ? m * (k / QK) * 256 : 0) {
     __m512i spread[4];  // step s: lanes 0-7 take the block's dword 2s (bytes 8s..8s+3), lanes 8-15 dword 2s + 1
     for (int st = 0; st < 4; ++st)
       spread[st] = _mm512_inserti64x4(_mm512_set1_epi32(2 * st), _mm256_set1_epi32(2 * st + 1), 1);
@@ -508,8 +526,10 @@ struct QuantRows {
       qsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
       s[b] = scale * static_cast<float>(qsum[b]);
       const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + b * QK));
-      for (int st = 0; st < 4; ++st)
-        _mm512_storeu_si512(x8.data() + b * 256 + st * 64, _mm512_permutexvar_epi32(spread[st], _mm512_castsi256_si512(vx)));
+      if (with_x8)
+        for (int st = 0; st < 4; ++st)
+          _mm512_storeu_si512(x8.data() + b * 256 + st * 64,
+                              _mm512_permutexvar_epi32(spread[st], _mm512_castsi256_si512(vx)));
       const __m256i sums8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), vx);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(minus8.data() + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), sums8));
     }
@@ -641,11 +661,12 @@ struct DecodeRows {
   std::vector<float> sums;
 #ifdef LLAMAWORKS_INT8_DOT
   QuantRows qx;
-  DecodeRows(const float* xp, int64_t m_, int64_t k_)
+  // with_x8: some weight of this matmul is interleaved (its kernel needs the activations laid out for it).
+  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool with_x8)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(g_int8_decode),
-        sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)), qx(xp, int8 ? m_ : 0, k_) {}
+        sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)), qx(xp, int8 ? m_ : 0, k_, with_x8) {}
 #else
-  DecodeRows(const float* xp, int64_t m_, int64_t k_)
+  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(false), sums(block_sums(xp, m_, k_)) {}
 #endif
 
@@ -769,9 +790,11 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
     for (size_t i = 0; i < raws.size(); ++i) gemm_path(xg, raws[i], types[i], k, yg.slice(1, offsets[i], offsets[i + 1]));
     if (bf16) y.copy_(yg);
   } else {
-    const DecodeRows rows(x.data_ptr<float>(), m, k);
+    const bool with_x8 = std::any_of(types.begin(), types.end(), [](int64_t t) { return interleaved(t); });
+    const DecodeRows rows(x.data_ptr<float>(), m, k, with_x8);
     float* yp = y.data_ptr<float>();
-    decode_parallel_for(0, n_total, 32, [&](int64_t c0, int64_t c1) { decode_columns(rows, ws, offsets, c0, c1, yp, n_total); });
+    decode_parallel_for(
+        0, n_total, 32, [&](int64_t c0, int64_t c1) { decode_columns(rows, ws, offsets, c0, c1, yp, n_total); }, 8);
   }
   return y.to(x_in.scalar_type()).view(out_shape);
 }
@@ -804,7 +827,7 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
     y = at::silu(g.to(at::kFloat)).mul_(u);
   } else {
     y = at::empty({m, n}, x.options());
-    const DecodeRows rows(x.data_ptr<float>(), m, k);
+    const DecodeRows rows(x.data_ptr<float>(), m, k, interleaved(tg) || interleaved(tu));
     float* yp = y.data_ptr<float>();
     const WeightRef g = weight_ref(gate, tg), u = weight_ref(up, tu);
     const bool x8 = interleaved(tg) || interleaved(tu);
@@ -818,7 +841,7 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
           for (int64_t j = 0; j < c; ++j) yp[i * n + r + j] = silu(gv[i * 8 + j]) * uv[i * 8 + j];
         r += c;
       }
-    });
+    }, 8);
   }
   return y.to(x_in.scalar_type()).view(out_shape);
 }

@@ -87,11 +87,9 @@ def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, i
     return quantize_blocks(w.reshape(rows, cols), target), target, (rows, cols)
 
 
-def _is_read_only(entry: Any) -> bool:
-    """Whether a checkpoint entry's blocks are used in place from read-only memory (a file mapping)."""
-    if isinstance(entry, Tensor) or int(QType(int(entry.ggml_type))) not in KERNEL_TYPES:
-        return False  # converted: fresh memory
-    return not np.asarray(entry.raw).flags.writeable
+def _used_in_place(entry: Any) -> bool:
+    """Whether a checkpoint entry's blocks become the module's tensor as they are (not converted to fresh memory)."""
+    return not isinstance(entry, Tensor) and int(QType(int(entry.ggml_type))) in KERNEL_TYPES
 
 
 class GGMLLinear(nn.Module):
@@ -128,7 +126,9 @@ class GGMLLinear(nn.Module):
         """Regroup the rows in place for the faster decode kernel where possible (see kernels.interleave_).
 
         Only CPU Q4_0/Q4_1 weights whose layout is not fixed, with a multiple of 8 rows, qualify; returns whether the
-        layout is interleaved afterwards. The weight's values, and every op on it, are unchanged.
+        layout is interleaved afterwards. The weight's values, and every op on it, are unchanged. Call it before
+        `optimize_for_inference` (which does it for every linear): the fused decode step records each weight's
+        kernel type when it is installed.
         """
         if self.interleaved:
             return True
@@ -144,9 +144,13 @@ class GGMLLinear(nn.Module):
         return cls(quantize_blocks(w, ggml_type).to(w.device), ggml_type, int(w.shape[1]))
 
     @classmethod
-    def from_entry(cls, entry: Any, default_type: int = GGML_Q8_0) -> GGMLLinear:
+    def from_entry(cls, entry: Any, default_type: int = GGML_Q8_0, *, owned: bool = False) -> GGMLLinear:
+        """owned: the entry's blocks are the caller's to rearrange (a copy made for this model), so interleave_()
+        may regroup them; otherwise blocks used in place keep their layout (a read-only file mapping, or
+        memory someone else still reads)."""
         raw, qtype, (_, cols) = to_ggml_blocks(entry, default_type)
-        return cls(raw, qtype, cols, layout_fixed=_is_read_only(entry))
+        fixed = _used_in_place(entry) and (not owned or not np.asarray(entry.raw).flags.writeable)
+        return cls(raw, qtype, cols, layout_fixed=fixed)
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.ggml_linear(x, self.raw, self.kernel_type, self.in_features)
