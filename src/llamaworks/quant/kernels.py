@@ -136,12 +136,14 @@ def bf16_prefill(enable: bool | None = None) -> bool:
 
 
 def decode_pool(enable: bool | None = None) -> bool:
-    """Whether decode's parallel regions run on the kernels' own spinning thread pool (default) or on OpenMP.
+    """Whether decode steps off the main thread run on the kernels' own thread pool (default) or on OpenMP.
 
     The pool keeps decode equally fast from any thread: with OpenMP, a model run off the thread that loaded it
     (a server's engine thread) decoded SmolLM2 at 74 instead of 212 tok/s here, because libgomp stops spinning
-    once a second thread team exists. `enable=False` (or LLAMAWORKS_DECODE_POOL=0) selects OpenMP; returns the
-    state afterwards (False without the native kernels).
+    once a second thread team exists. Its workers spin only within a step and sleep between steps, so they never
+    compete with torch's own OpenMP ops (sampling, prefill); the main thread keeps OpenMP, whose first team
+    spins. `enable=False` (or LLAMAWORKS_DECODE_POOL=0) selects OpenMP everywhere; returns the state afterwards
+    (False without the native kernels).
     """
     if not native_available():
         return False
