@@ -445,8 +445,8 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
                      decode layer runs (half the memory, as llama.cpp; the attention math stays float32),
                      else the activation dtype. None leaves the model's setting.
     interleave:      regroup Q4_0/Q4_1 weight rows 8 at a time for the faster decode kernel, in place, where
-                     they are in writable CPU memory (GGMLLinear.interleave_). Default: LLAMAWORKS_INTERLEAVE
-                     ("0" turns it off), else on.
+                     the blocks are the model's own CPU memory (not a file mapping, not a caller's state dict:
+                     GGMLLinear.interleave_). Default: LLAMAWORKS_INTERLEAVE ("0" turns it off), else on.
     """
     model.eval().requires_grad_(False)
     if quantized_state is not None or quantize is not None:
