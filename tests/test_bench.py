@@ -13,7 +13,8 @@ from llamaworks.quant.memory import huge_pages_available
 
 @pytest.mark.parametrize("mmap", [None, True])
 def test_bench_reports_figures_and_settings(mmap: bool | None) -> None:
-    r = bench.run_bench(None, prompt_tokens=24, gen_tokens=4, ctx=64, runs=2, mmap=mmap)
+    r = bench.run_bench(None, prompt_tokens=24, gen_tokens=4, ctx=64, runs=2, mmap=mmap, runtime="torch")
+    assert r["runtime"] == "torch" and r["prefill_kernels"].endswith("gemm")
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and len(r["decode_tok_s_all"]) == 2
     assert 0 < r["ttft_s"] < 60 and r["load_s"] > 0
     assert r["peak_rss_mib"] >= r["rss_before_load_mib"] > 0  # peak: of the whole test process
@@ -23,6 +24,19 @@ def test_bench_reports_figures_and_settings(mmap: bool | None) -> None:
     # SmolLM2's 210 Q4_1 layer linears are regrouped when the weights are in owned memory; the tied output is not.
     owned = r["weights_in"] == "memory" and kernels.can_interleave()
     assert r["interleaved_linears"] == (pytest.approx(210 / 211, abs=1e-3) if owned else 0.0)
+
+
+@pytest.mark.parametrize("mmap", [None, True])
+def test_bench_of_the_torch_free_runtime(mmap: bool | None) -> None:
+    from llamaworks.quant import lean_kernels
+
+    r = bench.run_bench(None, prompt_tokens=40, gen_tokens=4, ctx=64, runs=2, mmap=mmap)  # auto: lean here
+    assert r["runtime"] == "lean" and r["kv_dtype"] == "float16" and not r["bf16_prefill"]
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and len(r["prefill_tok_s_all"]) == 2
+    assert r["int8_decode"] == lean_kernels.int8_decode()
+    assert r["weights_in"] == ("mmap" if mmap else "memory")
+    owned = not mmap and bool(lean_kernels.library().lw_can_interleave())
+    assert r["interleaved_linears"] == (1.0 if owned else 0.0)  # every layer matrix; the tied output stays plain
 
 
 def test_bench_json_output_and_bad_sizes(capsys) -> None:

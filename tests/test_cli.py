@@ -94,8 +94,8 @@ def test_generate_greedy_stream_and_plain_agree():
 
 @pytest.mark.slow
 def test_chat_with_piped_stdin():
-    stdin = ("What is the capital of France?\n/help\n/reset\n/system You answer in one word.\nSay hello.\n"
-             "/exit\nignored\n")
+    stdin = ("What is the capital of France? Answer with the city name.\n/help\n/reset\n"
+             "/system You answer in one word.\nSay hello.\n/exit\nignored\n")
     result = run("chat", "--temperature", "0", "--max-tokens", "24", "--threads", "1", stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     import torch
 
     from .chat_template import ChatTemplate
-    from .generate import GenerationResult, SamplingParams
+    from .lean import LeanModel
     from .model import Transformer
+    from .sampling import GenerationResult, SamplingParams
     from .tokenizer import Tokenizer
 
 Messages = Sequence[dict[str, Any]]
@@ -66,10 +67,10 @@ class LLM:
     frequency_penalty, seed, max_new_tokens (alias max_tokens), stop, stop_token_ids.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: ChatTemplate | None = None, *,
-                 checkpoint: Any = None, max_context: int | None = None,
+    def __init__(self, model: Transformer | LeanModel, tokenizer: Tokenizer, template: ChatTemplate | None = None,
+                 *, checkpoint: Any = None, max_context: int | None = None,
                  defaults: SamplingParams | None = None) -> None:
-        from .generate import SamplingParams
+        from .sampling import SamplingParams
 
         self.model = model
         self.tokenizer = tokenizer
@@ -90,7 +91,7 @@ class LLM:
 
     @property
     def context_size(self) -> int:
-        from .generate import context_size
+        from .sampling import context_size
 
         return context_size(self.model, self.max_context)
 
@@ -120,11 +121,22 @@ class LLM:
     # -- generation -------------------------------------------------------------------------------
     def complete(self, prompt_ids: Sequence[int], **sampling: Any) -> GenerationResult:
         """Generate from token ids; returns the full result (text, ids, finish reason, timings)."""
-        from .generate import generate
-
-        self.last_result = generate(self.model, self.tokenizer, prompt_ids, self.sampling(**sampling),
-                                    max_context=self.max_context)
+        for _ in self.stream_ids(prompt_ids, **sampling):
+            pass
+        assert self.last_result is not None
         return self.last_result
+
+    def stream_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> Iterator[str]:
+        """Stream text pieces generated from token ids; afterwards `last_result` holds the GenerationResult."""
+        from .sampling import GenerationResult, stream_function
+
+        generate_stream = stream_function(self.model)  # the torch or the torch-free runtime's loop
+        for item in generate_stream(self.model, self.tokenizer, list(prompt_ids), self.sampling(**sampling),
+                                    max_context=self.max_context):
+            if isinstance(item, GenerationResult):
+                self.last_result = item
+            else:
+                yield item
 
     def generate(self, prompt: str, **sampling: Any) -> str:
         """Raw text completion of `prompt` (no chat template)."""
@@ -139,18 +151,11 @@ class LLM:
 
         After the iterator is exhausted, `last_result` holds the GenerationResult.
         """
-        from .generate import GenerationResult, generate_stream
-
         if isinstance(prompt_or_messages, str):
             ids = self.encode_prompt(prompt_or_messages)
         else:
             ids = self.encode_chat(prompt_or_messages)
-        for item in generate_stream(self.model, self.tokenizer, ids, self.sampling(**sampling),
-                                    max_context=self.max_context):
-            if isinstance(item, GenerationResult):
-                self.last_result = item
-            else:
-                yield item
+        yield from self.stream_ids(ids, **sampling)
 
     def __repr__(self) -> str:
         name = getattr(self.model.config, "name", "model")
@@ -159,7 +164,8 @@ class LLM:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, chat_template: str | None = None,
-         max_context: int | None = None, fast: bool | None = None, mmap: bool | None = None) -> LLM:
+         max_context: int | None = None, fast: bool | None = None, mmap: bool | None = None,
+         runtime: str | None = None, threads: int | None = None) -> LLM:
     """Load a checkpoint (GGUF file, Hugging Face or Meta directory; None = the bundled default model).
 
     device: "cpu", "cuda", ... (default: CUDA if available, else CPU). dtype: "float32", "bf16", ...
@@ -167,12 +173,29 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     max_context: use fewer context positions than the model supports.
     fast: keep a GGUF's quantized blocks in memory and decode with the native kernels (`runtime.py`).
           Default: on for GGUF files on the CPU in float32; off elsewhere (the float reference path).
-    mmap: with `fast`, keep the blocks memory-mapped from the file instead of reading them into huge pages
-          (default: the LLAMAWORKS_MMAP environment variable, else off; see quant/memory.py).
+    mmap: with `fast` or the lean runtime, keep the blocks memory-mapped from the file instead of reading them
+          into huge pages (default: the LLAMAWORKS_MMAP environment variable, else off; see quant/memory.py).
+    runtime: "torch" (default: `llm.model` is a `Transformer`), "lean" (the torch-free runtime, `lean.py`: a GGUF
+          file on the CPU in about half the memory; torch is never imported) or "auto" (lean where it applies,
+          else torch: what the CLI's chat/generate/bench use).
+    threads: the lean runtime's threads (default: physical cores; the torch runtime follows torch's setting).
     """
     from .chat_template import template_for
+    from .sampling import SamplingParams
+
+    if choose_runtime(runtime, path, device, dtype, reference=fast is False) == "lean":
+        from .lean import LeanModel
+
+        lean_model = LeanModel.load(path, max_context=max_context, mmap=mmap, threads=threads)
+        if lean_model.tokenizer is None:
+            from .errors import FormatError
+
+            raise FormatError(f"{lean_model.path}: the checkpoint carries no tokenizer")
+        template = template_for(lean_model.tokenizer, chat_template)
+        return LLM(lean_model, lean_model.tokenizer, template, checkpoint=None, max_context=max_context,
+                   defaults=_defaults_from(lean_model.generation_config, SamplingParams))
+
     from .checkpoints import load_model
-    from .generate import SamplingParams
 
     device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
     if fast is None:
@@ -192,6 +215,48 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     template = template_for(tokenizer, chat_template)
     return LLM(model, tokenizer, template, checkpoint=checkpoint, max_context=max_context,
                defaults=_defaults_from(getattr(checkpoint, "generation_config", None) or {}, SamplingParams))
+
+
+RUNTIMES = ("auto", "lean", "torch")
+
+
+def choose_runtime(runtime: str | None, path: str | Path | None, device: Any = None, dtype: Any = None, *,
+                   reference: bool = False) -> str:
+    """"lean" or "torch" for a load request, without importing torch. runtime None means "torch"; "auto" picks
+    lean for a GGUF file on the CPU in float32 (device cpu, or auto with no GPU visible) when the torch-free
+    library builds here; "lean" raises ConfigError saying what rules it out."""
+    from .errors import ConfigError
+
+    runtime = (runtime or "torch").lower()
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch"
+    from .hardware import gpu_visible
+
+    obstacle = None
+    if reference:
+        obstacle = "the float reference path (--reference) runs on torch"
+    elif not _is_gguf_file(path):
+        obstacle = f"{path}: it runs GGUF files only"
+    elif str(device) not in ("None", "auto", "cpu"):
+        obstacle = f"it runs on the CPU only (device {device} requested)"
+    elif str(device) != "cpu" and gpu_visible():
+        obstacle = "it runs on the CPU only (--device auto and a GPU is visible: pass --device cpu)"
+    elif str(dtype) not in ("None", "auto", "float32", "fp32", "f32", "torch.float32"):
+        obstacle = f"it computes in float32 (dtype {dtype} requested)"
+    else:
+        from .quant.lean_kernels import LeanUnavailable, library
+
+        try:
+            library()
+        except LeanUnavailable as e:
+            obstacle = str(e)
+    if obstacle is None:
+        return "lean"
+    if runtime == "lean":
+        raise ConfigError(f"the torch-free runtime cannot load this: {obstacle}")
+    return "torch"
 
 
 def _torch_float32() -> Any:
@@ -223,4 +288,4 @@ def _defaults_from(generation_config: dict[str, Any], params_cls: type) -> Any:
         return params_cls()
 
 
-__all__ = ["LLM", "__version__", "load", "resolve_device", "resolve_dtype"]
+__all__ = ["LLM", "RUNTIMES", "__version__", "choose_runtime", "load", "resolve_device", "resolve_dtype"]

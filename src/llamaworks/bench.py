@@ -1,11 +1,13 @@
 """`llamaworks bench`: prefill and decode speed, time to first token and peak memory of the fast CPU path.
 
-Figures (one process, the model loaded once):
+runtime "lean" measures the torch-free runtime (lean.py: what `llamaworks chat`/`generate` use for GGUF files on
+the CPU), "torch" the quantized torch runtime (runtime.py: the server, the Python API); "auto" (default) picks
+as the chat does. Figures (one process, the model loaded once):
 - load_s:          checkpoint -> ready model (GGUF blocks read into huge pages or memory-mapped, never expanded).
 - ttft_s:          first token of a short chat prompt right after load (includes any first-call cost).
 - prefill_tok_s:   `prompt_tokens` tokens through the model in one call, median of `runs`.
 - decode_tok_s:    `gen_tokens` greedy one-token steps after that prompt, median of `runs`.
-- peak_rss_mib:    the process's peak resident memory (torch's own libraries included: ~200 MiB of it).
+- peak_rss_mib:    the process's peak resident memory (with the torch runtime, torch's own ~200 MiB included).
 Prompts are fixed pseudo-random token ids (seeded), so other engines can be fed exactly the same tokens.
 """
 
@@ -19,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from .memory_stats import current_rss_bytes, peak_rss_bytes
-from .quant import kernels
 
 
 def peak_rss_mib() -> float:
@@ -37,33 +38,91 @@ def current_rss_mib() -> float:
 
 def bench_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     """Deterministic pseudo-random token ids (avoiding the first 100 ids, where special tokens live)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab_size, (n,), generator=g).tolist()
+    return np.random.default_rng(seed).integers(100, vocab_size, n).tolist()
 
 
-@torch.inference_mode()
-def _prefill_decode(model: Any, prompt: list[int], gen_tokens: int) -> tuple[float, float, list[int]]:
-    tokens = torch.tensor([prompt])
+def _prefill_decode(next_token: Any, prompt: list[int], gen_tokens: int) -> tuple[float, float, list[int]]:
+    """Seconds for the prompt and for gen_tokens - 1 greedy steps; next_token(ids, start_pos) -> argmax id."""
     t0 = time.perf_counter()
-    logits = model(tokens, start_pos=0, last_only=True)[:, -1]
+    out = [next_token(prompt, 0)]
     prefill = time.perf_counter() - t0
-    out = [int(logits.argmax(-1))]
     t1 = time.perf_counter()
     for i in range(gen_tokens - 1):
-        logits = model(torch.tensor([[out[-1]]]), start_pos=len(prompt) + i, last_only=True)[:, -1]
-        out.append(int(logits.argmax(-1)))
+        out.append(next_token([out[-1]], len(prompt) + i))
     decode = time.perf_counter() - t1
     return prefill, decode, out
 
 
+def _speeds(next_token: Any, vocab_size: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict[str, Any]:
+    prompt = bench_prompt(vocab_size, prompt_tokens)
+    prefills, decodes = [], []
+    for _ in range(runs):
+        prefill, decode, _ = _prefill_decode(next_token, prompt, gen_tokens)
+        prefills.append(prompt_tokens / prefill)
+        decodes.append((gen_tokens - 1) / decode if gen_tokens > 1 else float("nan"))
+    return {"prefill_tok_s": round(statistics.median(prefills), 1),
+            "prefill_tok_s_all": [round(v, 1) for v in prefills],
+            "decode_tok_s": round(statistics.median(decodes), 1),
+            "decode_tok_s_all": [round(v, 1) for v in decodes]}
+
+
+def _short_chat_prompt(tokenizer: Any, vocab_size: int) -> list[int]:
+    if tokenizer is not None:
+        return tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    return bench_prompt(vocab_size, 24, seed=1)
+
+
 def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128,
               ctx: int = 1024, runs: int = 3, threads: int | None = None, compile: bool = False,
-              weights: str = "q8_0", mmap: bool | None = None) -> dict[str, Any]:
+              weights: str = "q8_0", mmap: bool | None = None, runtime: str = "auto") -> dict[str, Any]:
     """Measure the fast path on one model; returns a JSON-able dict (see the module docstring)."""
-    from .runtime import load_quantized_model, set_threads
+    from . import choose_runtime
 
     if prompt_tokens + gen_tokens > ctx:
         raise ValueError(f"--prompt-tokens + --gen-tokens ({prompt_tokens + gen_tokens}) exceed --ctx ({ctx})")
+    if choose_runtime(runtime, model_path, "cpu") == "lean":
+        return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
+                         threads=threads, mmap=mmap)
+    return _run_torch(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
+                      threads=threads, compile=compile, weights=weights, mmap=mmap)
+
+
+def _run_lean(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
+              runs: int, threads: int | None, mmap: bool | None) -> dict[str, Any]:
+    from .lean import LeanModel
+    from .quant.lean_kernels import library
+
+    rss_before = current_rss_mib()
+    t0 = time.perf_counter()
+    model = LeanModel.load(model_path, max_context=ctx, threads=threads, mmap=mmap)
+    load_s = time.perf_counter() - t0
+
+    def next_token(ids: list[int], start_pos: int) -> int:
+        return int(np.argmax(model.forward(ids, start_pos)))
+
+    short = _short_chat_prompt(model.tokenizer, model.config.vocab_size)
+    t1 = time.perf_counter()
+    next_token([next_token(short, 0)], len(short))  # the first token and the first decode step after load
+    ttft_s = time.perf_counter() - t1
+    speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
+    int8 = bool(library().lw_int8_decode(-1))
+    return {"engine": "llamaworks", "runtime": "lean", "model": str(model.path), "model_name": model.config.name,
+            "params_m": round(model.config.n_params / 1e6, 1), "threads": model.threads, "native_kernels": True,
+            "int8_decode": int8, "bf16_prefill": False, "prefill_kernels": "int8 decode kernels, 32-token chunks"
+            if int8 else "float decode kernels, 8-token chunks", "weights_in": model.weights_in,
+            "interleaved_linears": round(model.interleaved_share, 3), "kv_dtype": model.kv_dtype, "compile": False,
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "ctx": ctx, "runs": runs,
+            "load_s": round(load_s, 3), "ttft_s": round(ttft_s, 3), **speeds,
+            "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_load_mib": round(rss_before, 1)}
+
+
+def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
+               runs: int, threads: int | None, compile: bool, weights: str, mmap: bool | None) -> dict[str, Any]:
+    import torch
+
+    from .quant import kernels
+    from .runtime import load_quantized_model, set_threads
+
     threads = set_threads(threads) if threads else torch.get_num_threads()
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
@@ -71,26 +130,21 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
     load_s = time.perf_counter() - t0
     model.setup_cache(1, ctx)
 
-    # Time to first token: a short chat turn, the first call after load.
-    short = [tokenizer.bos_id] if tokenizer is not None and getattr(tokenizer, "bos_id", None) is not None else []
-    if tokenizer is not None:
-        short = tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    short = short or bench_prompt(model.config.vocab_size, 24, seed=1)
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        first = model(torch.tensor([short]), start_pos=0, last_only=True)[:, -1].argmax(-1)
-        model(first.view(1, 1), start_pos=len(short), last_only=True)  # the first decode step (compiles if asked)
-    ttft_s = time.perf_counter() - t1
+    @torch.inference_mode()
+    def next_token(ids: list[int], start_pos: int) -> int:
+        return int(model(torch.tensor([ids]), start_pos=start_pos, last_only=True)[0, -1].argmax())
 
-    prompt = bench_prompt(model.config.vocab_size, prompt_tokens)
-    prefills, decodes = [], []
-    for _ in range(runs):
-        prefill, decode, _ = _prefill_decode(model, prompt, gen_tokens)
-        prefills.append(prompt_tokens / prefill)
-        decodes.append((gen_tokens - 1) / decode if gen_tokens > 1 else float("nan"))
+    # Time to first token: a short chat turn, the first call after load (and the first decode step: it compiles
+    # when asked).
+    short = _short_chat_prompt(tokenizer, model.config.vocab_size)
+    t1 = time.perf_counter()
+    next_token([next_token(short, 0)], len(short))
+    ttft_s = time.perf_counter() - t1
+    speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
     cfg = model.config
     return {
         "engine": "llamaworks",
+        "runtime": "torch",
         "model": str(getattr(checkpoint, "path", model_path)),
         "model_name": cfg.name,
         "params_m": round(cfg.n_params / 1e6, 1),
@@ -98,6 +152,7 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "native_kernels": kernels.native_available(),
         "int8_decode": kernels.int8_decode(),
         "bf16_prefill": kernels.bf16_prefill(),
+        "prefill_kernels": "bf16 gemm" if kernels.bf16_prefill() else "float32 gemm",
         "weights_in": "mmap" if _is_file_mapped(model) else "memory",
         "interleaved_linears": _interleaved_share(model),
         "kv_dtype": str(model.kv_cache_dtype()).removeprefix("torch."),
@@ -108,16 +163,13 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
         "runs": runs,
         "load_s": round(load_s, 3),
         "ttft_s": round(ttft_s, 3),
-        "prefill_tok_s": round(statistics.median(prefills), 1),
-        "prefill_tok_s_all": [round(v, 1) for v in prefills],
-        "decode_tok_s": round(statistics.median(decodes), 1),
-        "decode_tok_s_all": [round(v, 1) for v in decodes],
+        **speeds,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_before_load_mib": round(rss_before, 1),
     }
 
 
-def _interleaved_share(model: torch.nn.Module) -> float:
+def _interleaved_share(model: Any) -> float:
     """Fraction of the quantized linears whose rows are regrouped for the x8 decode kernel."""
     from .quant import GGMLLinear
 
@@ -125,7 +177,7 @@ def _interleaved_share(model: torch.nn.Module) -> float:
     return round(sum(m.interleaved for m in linears) / len(linears), 3) if linears else 0.0
 
 
-def _is_file_mapped(model: torch.nn.Module) -> bool:
+def _is_file_mapped(model: Any) -> bool:
     """Whether the first block tensor lies in a file mapping (else anonymous memory: huge pages or a copy)."""
     raws = [b for n, b in model.named_buffers() if n.endswith("raw")]
     if not raws:
@@ -148,11 +200,11 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"llamaworks bench — {Path(result['model']).name} ({result['params_m']}M params, "
-                        f"{result['threads']} threads)")
+                        f"{result['runtime']} runtime, {result['threads']} threads)")
     table.add_column("figure")
     table.add_column("value", justify="right")
     kernels_used = ", ".join([f"{'int8' if result['int8_decode'] else 'float32'} decode activations",
-                              f"{'bf16' if result['bf16_prefill'] else 'float32'} prefill",
+                              f"prefill: {result['prefill_kernels']}",
                               f"{result['kv_dtype']} KV cache",
                               "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory",
                               f"{result['interleaved_linears']:.0%} of linears in x8 rows"])
@@ -163,7 +215,7 @@ def print_table(result: dict[str, Any]) -> None:
         (f"prefill ({result['prompt_tokens']} tokens), median", f"{result['prefill_tok_s']:.1f} tok/s"),
         (f"decode ({result['gen_tokens']} tokens), median", f"{result['decode_tok_s']:.1f} tok/s"),
         (f"peak RSS (ctx {result['ctx']})", f"{result['peak_rss_mib']:.0f} MiB"),
-        ("RSS before loading (python + torch)", f"{result['rss_before_load_mib']:.0f} MiB"),
+        ("RSS before loading", f"{result['rss_before_load_mib']:.0f} MiB"),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -172,9 +224,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(model: str | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128, ctx: int = 1024,
          runs: int = 3, threads: int | None = None, compile: bool = False, weights: str = "q8_0",
-         as_json: bool = False, mmap: bool | None = None) -> int:
+         as_json: bool = False, mmap: bool | None = None, runtime: str = "auto") -> int:
     result = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                       threads=threads, compile=compile, weights=weights, mmap=mmap)
+                       threads=threads, compile=compile, weights=weights, mmap=mmap, runtime=runtime)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

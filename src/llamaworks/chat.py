@@ -56,7 +56,7 @@ class ChatSession:
 
     def __init__(self, model: Any, tokenizer: Any, template: Any, *, system: str | None = None,
                  params: Any = None, max_context: int | None = None) -> None:
-        from .generate import SamplingParams, context_size
+        from .sampling import SamplingParams, context_size
 
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.system = system or None
@@ -83,7 +83,7 @@ class ChatSession:
         The system prompt and the newest user message are always kept; if even they do not fit, a
         ContextLengthError says so.
         """
-        from .generate import ContextLengthError
+        from .sampling import ContextLengthError
 
         reserve = max(1, min(self.params.max_new_tokens, self.context // 4))
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -107,13 +107,14 @@ class ChatSession:
         Before the first piece, `last_dropped` tells how many old messages were dropped to fit the context.
         If the caller stops early (or Ctrl-C interrupts), the exchange is not recorded.
         """
-        from .generate import GenerationResult, generate_stream
+        from .sampling import GenerationResult, stream_function
 
         turns = [*self.turns, {"role": "user", "content": user_text}]
         fitted = self.fit(turns)
         self.last_dropped = fitted.dropped_messages
         self.turns = turns[fitted.dropped_messages:-1]
         result = None
+        generate_stream = stream_function(self.model)  # torch or torch-free runtime
         for item in generate_stream(self.model, self.tokenizer, fitted.ids, self.params, max_context=self.context):
             if isinstance(item, GenerationResult):
                 result = item
@@ -171,7 +172,8 @@ class _Terminal:
 
 def run_chat(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
              chat_template: str | None = None, system: str | None = None, max_context: int | None = None,
-             fast: bool | None = None, mmap: bool | None = None,
+             fast: bool | None = None, mmap: bool | None = None, runtime: str | None = None,
+             threads: int | None = None,
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
              **sampling: Any) -> int:
     """`llamaworks chat`: load a model and talk to it until /exit or end of input. Returns an exit code."""
@@ -179,7 +181,7 @@ def run_chat(*, model: str | None = None, device: str | None = None, dtype: str 
 
     term = _Terminal(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast, mmap=mmap)
+               fast=fast, mmap=mmap, runtime=runtime, threads=threads)
     session = ChatSession(llm.model, llm.tokenizer, llm.template, system=system,
                           params=llm.sampling(**sampling), max_context=max_context)
     if term.interactive:
@@ -219,7 +221,7 @@ def run_chat(*, model: str | None = None, device: str | None = None, dtype: str 
 
 
 def _chat_turn(session: ChatSession, text: str, term: _Terminal) -> None:
-    from .generate import ContextLengthError
+    from .sampling import ContextLengthError
 
     try:
         pieces = session.send(text)
@@ -243,4 +245,38 @@ def _chat_turn(session: ChatSession, text: str, term: _Terminal) -> None:
         term.note(_stats_line(session.last_result))
 
 
-__all__ = ["ChatSession", "encode_messages", "normalize_messages", "run_chat"]
+def run_generate(prompt: str, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 chat_template: str | None = None, chat: bool = False, system: str | None = None,
+                 stream: bool = False, stats: bool = False, max_context: int | None = None, fast: bool | None = None,
+                 mmap: bool | None = None, runtime: str | None = None, threads: int | None = None,
+                 out: Any = None, err: Any = None, **sampling: Any) -> int:
+    """`llamaworks generate`: complete `prompt` (raw, or as one chat user turn with `chat`) and print the text.
+    Returns an exit code."""
+    from . import load
+
+    out, err = out or sys.stdout, err or sys.stderr
+    llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
+               fast=fast, mmap=mmap, runtime=runtime, threads=threads)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = llm.encode_chat(messages)
+    else:
+        ids = llm.encode_prompt(prompt)
+    if stream:
+        for piece in llm.stream_ids(ids, **sampling):
+            out.write(piece)
+            out.flush()
+        result = llm.last_result
+    else:
+        result = llm.complete(ids, **sampling)
+        out.write(result.text)
+    out.write("\n")
+    out.flush()
+    if stats and result is not None:
+        print(f"[{result.completion_tokens} tokens ({result.finish_reason}), "
+              f"{result.decode_tokens_per_second:.1f} tok/s; prompt {result.prompt_tokens} tokens, "
+              f"{result.prefill_tokens_per_second:.0f} tok/s]", file=err)
+    return 0
+
+
+__all__ = ["ChatSession", "encode_messages", "normalize_messages", "run_chat", "run_generate"]

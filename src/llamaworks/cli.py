@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
+from .hardware import physical_cores
 
 Subparsers = Any  # argparse's _SubParsersAction is private
 
 
 # -- shared option groups ----------------------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --chat-template, --max-context, --reference, --mmap."""
+def add_model_options(p: argparse.ArgumentParser, *, runtimes: bool = False) -> None:
+    """--model, --device, --dtype, --chat-template, --max-context, --reference, --mmap (and --runtime)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", metavar="PATH", default=None,
                    help="GGUF file, Hugging Face or Meta checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
@@ -40,12 +41,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mmap", action="store_true",
                    help="keep a GGUF's quantized weights memory-mapped from the file (the OS may evict them under "
                         "memory pressure) instead of reading them into huge pages (faster decode)")
+    if runtimes:
+        g.add_argument("--runtime", choices=["auto", "lean", "torch"], default="auto",
+                       help="lean: the torch-free runtime (GGUF on the CPU; half the memory, faster); torch: the "
+                            "torch runtime; auto (default): lean where it applies, else torch")
+        p.set_defaults(needs_torch=_needs_torch)
+
+
+def _needs_torch(args: argparse.Namespace) -> bool:
+    """Whether this run loads a model on the torch runtime (else torch is never imported)."""
+    from . import choose_runtime
+
+    return choose_runtime(args.runtime, args.model, args.device, args.dtype, reference=args.reference) == "torch"
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "device": args.device, "dtype": args.dtype,
             "chat_template": args.chat_template, "max_context": args.max_context,
-            "fast": False if args.reference else None, "mmap": True if args.mmap else None}
+            "fast": False if args.reference else None, "mmap": True if args.mmap else None,
+            **({"runtime": args.runtime, "threads": args.threads} if "runtime" in args else {})}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -79,7 +93,7 @@ def _add_chat(sub: Subparsers) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal (or pipe one message per line)",
                        description="Multi-turn chat with streaming output. Commands: /reset, /system TEXT, "
                                    "/help, /exit. With piped stdin each line is one user turn.")
-    add_model_options(p)
+    add_model_options(p, runtimes=True)
     add_sampling_options(p, max_tokens=512)
     p.add_argument("--system", "-s", default=None, help="system prompt")
 
@@ -93,7 +107,7 @@ def _add_chat(sub: Subparsers) -> None:
 
 def _add_generate(sub: Subparsers) -> None:
     p = sub.add_parser("generate", help="complete a prompt (raw text unless --chat)")
-    add_model_options(p)
+    add_model_options(p, runtimes=True)
     add_sampling_options(p, max_tokens=128)
     p.add_argument("--prompt", "-p", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -102,7 +116,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
     def run(a: argparse.Namespace) -> int:
-        from .generate import run_generate
+        from .chat import run_generate
 
         prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
         return run_generate(prompt, **model_kwargs(a), chat=a.chat, system=a.system, stream=a.stream,
@@ -401,15 +415,23 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step where it applies")
     p.add_argument("--mmap", action="store_true", help="keep GGUF weights memory-mapped (default: huge pages)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--runtime", choices=["auto", "lean", "torch"], default="auto",
+                   help="lean: the torch-free runtime (what chat/generate use for GGUF files), torch: the torch "
+                        "runtime (the server's); auto (default): as the chat chooses")
 
     def run(a: argparse.Namespace) -> int:
         from .bench import main as bench_main
 
         return bench_main(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, ctx=a.ctx, runs=a.runs,
                           threads=a.threads, compile=a.compile, weights=a.weights, as_json=a.json,
-                          mmap=True if a.mmap else None)
+                          mmap=True if a.mmap else None, runtime=a.runtime)
 
-    p.set_defaults(run=run)
+    def needs_torch(a: argparse.Namespace) -> bool:
+        from . import choose_runtime
+
+        return choose_runtime(a.runtime, a.model, "cpu") == "torch"
+
+    p.set_defaults(run=run, needs_torch=needs_torch)
 
 
 def _add_quantize(sub: Subparsers) -> None:
@@ -447,23 +469,6 @@ VERBS: list[Callable[[Subparsers], None]] = [
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def physical_cores() -> int:
-    """Physical cores this process may run on (SMT siblings counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-        try:
-            with open(f"{topo}/physical_package_id") as f1, open(f"{topo}/core_id") as f2:
-                cores.add((f1.read().strip(), f2.read().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return max(1, len(cores))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llamaworks", description="Run, train, evaluate and serve LLaMA-family models on your own machine.")
@@ -503,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LlamaworksError
 
     try:
-        if args.needs_torch:
+        if args.needs_torch(args) if callable(args.needs_torch) else args.needs_torch:
             import torch
 
             threads = args.threads or physical_cores()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,29 @@ class ModelConfig:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a valid model config: {e}") from None
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies theta^(-2i/d) (float64, head_size / 2 of them), with LLaMA 3.1 ("llama3") or
+    linear scaling applied. numpy, so the torch-free runtime shares them with model.py."""
+    d = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind != "llama3":
+        raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
+    # Long wavelengths are divided by the factor, short ones kept, and the band between blended.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return np.where(between, blended, scaled)
 
 
 def _llama3_scaling(factor: float) -> RopeScaling:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, rope_inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -32,25 +32,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(config: ModelConfig) -> Tensor:
-    """Inverse frequencies theta^(-2i/d), with LLaMA 3.1 ("llama3") or linear scaling applied."""
-    d = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    s = config.rope_scaling
-    if s is None:
-        return inv_freq
-    if s.kind == "linear":
-        return inv_freq / s.factor
-    if s.kind != "llama3":
-        raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
-    # Long wavelengths are divided by the factor, short ones kept, and the band between blended.
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen = s.original_max_seq_len / s.low_freq_factor
-    high_wavelen = s.original_max_seq_len / s.high_freq_factor
-    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(between, blended, scaled)
+    """Inverse frequencies theta^(-2i/d) (float64), with LLaMA 3.1 ("llama3") or linear scaling applied."""
+    return torch.from_numpy(rope_inverse_frequencies(config))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -72,8 +55,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     if device.type != "cpu" or nbytes < 1 << 16 or not hasattr(mmap, "MAP_PRIVATE"):  # (not on Windows)
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    from .quant.memory import lazy_zeros_buffer
+
+    return torch.frombuffer(lazy_zeros_buffer(nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class KVCache(nn.Module):

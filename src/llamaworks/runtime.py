@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hardware import physical_cores
 from .model import KVCache, Transformer, apply_rope, rope_frequencies
 from .quant import kernels
+from .quant.build import cache_dir
 from .quant.linear import KERNEL_TYPES, TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
 from .quant.memory import huge_pages_available, page_out_library_code, read_into_huge_pages
 
@@ -38,15 +40,6 @@ log = logging.getLogger(__name__)
 
 _LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -419,7 +412,7 @@ def chunked_prefill(model: Transformer, chunk: int, tokens: Tensor, start_pos: i
 
 def configure_compile_cache(directory: str | os.PathLike[str] | None = None) -> Path:
     """Point inductor's on-disk caches at ~/.cache/llamaworks/inductor so compiled code survives the process."""
-    path = Path(directory) if directory else kernels.cache_dir() / "inductor"
+    path = Path(directory) if directory else cache_dir() / "inductor"
     path.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
     try:

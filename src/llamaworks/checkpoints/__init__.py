@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from ..config import ModelConfig
 from ..errors import FormatError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a GGUF header needs numpy alone
+    import torch
+    from torch import Tensor
+
     from ..model import Transformer
     from ..tokenizer import Tokenizer
     from .gguf import GGUFQuantTensor
@@ -89,6 +89,8 @@ def writable_tensors(state_dict: dict[str, Any], config: ModelConfig) -> dict[st
 def cast_floats(state_dict: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
     if dtype is None:
         return state_dict
+    from torch import Tensor
+
     return {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in state_dict.items()}
 
 
@@ -99,6 +101,12 @@ def optional_tokenizer_module() -> Any | None:
     except ImportError:
         return None
     return tokenizer
+
+
+def _state_of(model_or_state_dict: Any) -> dict[str, Any]:
+    """A module's state dict, or the dict itself."""
+    get = getattr(model_or_state_dict, "state_dict", None)
+    return get() if callable(get) else model_or_state_dict
 
 
 def _default_file_mode() -> int:
@@ -198,6 +206,8 @@ def load_model(path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype
 
     dtype defaults to float32 (quantized GGUF blocks are dequantized); device defaults to the CPU.
     """
+    import torch
+
     from ..model import Transformer, rope_frequencies
 
     if path is None:
@@ -230,7 +240,7 @@ def save_hf(directory: str | os.PathLike[str], model_or_state_dict: torch.nn.Mod
     """Write a transformers-loadable directory (config.json, safetensors, tokenizer, generation_config)."""
     from .hf import write_hf
 
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    sd = _state_of(model_or_state_dict)
     return write_hf(Path(directory), sd, config, tokenizer, chat_template=chat_template, dtype=dtype,
                     max_shard_size=max_shard_size, generation_config=generation_config, progress=progress)
 
@@ -242,7 +252,7 @@ def save_gguf(path: str | os.PathLike[str], state_dict: dict[str, Tensor] | torc
     """Write one self-describing llama GGUF file (hyper-parameters, tokenizer, chat template, tensors)."""
     from .gguf import write_gguf
 
-    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
+    sd = _state_of(state_dict)
     return write_gguf(Path(path), sd, config, tokenizer, chat_template=chat_template, tensor_type=tensor_type,
                       name=name, tokenizer_metadata=tokenizer_metadata, progress=progress)
 
@@ -253,7 +263,7 @@ def save_meta(directory: str | os.PathLike[str], state_dict: dict[str, Tensor] |
     """Write Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model if given)."""
     from .meta import write_meta
 
-    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
+    sd = _state_of(state_dict)
     return write_meta(Path(directory), sd, config, tokenizer_model=tokenizer_model, dtype=dtype, progress=progress)
 
 

@@ -21,14 +21,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, rope_inverse_frequencies
 from ..errors import FormatError
 from . import (
     Checkpoint,
@@ -40,6 +38,10 @@ from . import (
 )
 from .ggml_types import QUANT_SIZES, GGUFValueType
 from .ggml_types import GGMLType as QType
+
+if TYPE_CHECKING:  # torch loads only where tensors are made: parsing a header needs numpy alone
+    import torch
+    from torch import Tensor
 
 ARCH = "llama"
 ROPE_SCALING_KEY = "llamaworks.rope_scaling"  # our exact RopeScaling, as JSON; llama.cpp ignores unknown keys
@@ -92,11 +94,13 @@ class GGUFQuantTensor:
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         import gguf  # the reference dequantizers, for types without a native kernel
+        import torch
 
         values = gguf.quants.dequantize(self.raw, gguf.GGMLQuantizationType(int(self.ggml_type)))
-        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype=dtype, device=device)
+        tensor = torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape)
+        return tensor.to(dtype=dtype or torch.float32, device=device)
 
     def __repr__(self) -> str:
         return f"GGUFQuantTensor({self.ggml_type.name}, shape={self.shape})"
@@ -188,10 +192,8 @@ def _scaled_inv_freq(inv: np.ndarray, s: RopeScaling) -> np.ndarray:
 
 
 def _rope_divisors(config: ModelConfig) -> np.ndarray:
-    from ..model import rope_frequencies
-
-    base = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_size, 2, dtype=torch.float64) / config.head_size))
-    return (base / rope_frequencies(config)).numpy().astype(np.float32)
+    base = 1.0 / (config.rope_theta ** (np.arange(0, config.head_size, 2, dtype=np.float64) / config.head_size))
+    return (base / rope_inverse_frequencies(config)).astype(np.float32)
 
 
 def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source: Path) -> tuple[ModelConfig, Any]:
@@ -257,7 +259,7 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source:
     if fitted is not None:
         return config.replace(rope_scaling=fitted), None
     base = 1.0 / (config.rope_theta ** (np.arange(0, config.head_size, 2, dtype=np.float64) / config.head_size))
-    return config, torch.from_numpy(base / divisors.astype(np.float64))
+    return config, base / divisors.astype(np.float64)
 
 
 # -- a direct GGUF parser ----------------------------------------------------------------------------
@@ -389,10 +391,9 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
 
 
 def _to_tensor(t: _RawTensor, source: Path, dequantize: bool) -> Tensor | GGUFQuantTensor:
-    qtype, shape = t.qtype, t.shape
-    if qtype not in READ_TYPES:
-        raise FormatError(f"{source}: tensor {t.name!r} has type {qtype.name}, which is not supported "
-                          f"(supported: {', '.join(sorted(q.name for q in READ_TYPES))})")
+    import torch
+
+    qtype, shape = t.qtype, t.shape  # a supported type: read_gguf_layout checked it
     assert t.data is not None
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     data = t.data
@@ -414,8 +415,18 @@ def _to_tensor(t: _RawTensor, source: Path, dequantize: bool) -> Tensor | GGUFQu
     return torch.from_numpy(np.ascontiguousarray(values)).reshape(shape)
 
 
-def read_gguf(path: str | os.PathLike[str], dequantize: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
-    """Read a llama GGUF file into a Checkpoint (format "gguf")."""
+@dataclass
+class GGUFLayout:
+    """A llama GGUF file's header, checked: what every loader needs before it touches tensor data."""
+
+    metadata: dict[str, Any]
+    config: ModelConfig
+    tensors: dict[str, _RawTensor]  # by model.py's parameter name; data memory-mapped from the file
+    inv_freq: np.ndarray | None  # explicit rotary inverse frequencies (float64) when no RopeScaling fits
+
+
+def read_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
+    """Parse and validate a llama GGUF file's header (one-line FormatError for anything wrong); no torch."""
     path = Path(path)
     try:
         meta, raw_tensors = parse_gguf(path)
@@ -427,25 +438,39 @@ def read_gguf(path: str | os.PathLike[str], dequantize: bool = True, dtype: torc
     if arch != ARCH:
         raise FormatError(f"{path}: unsupported architecture {arch!r}; only 'llama' GGUFs (LLaMA 1-3, Mistral, "
                           f"TinyLlama, SmolLM2, ...) can be loaded")
-    state: dict[str, Any] = {}
+    tensors: dict[str, _RawTensor] = {}
     extra: dict[str, Any] = {}
     for t in raw_tensors:
         if t.name in _IGNORED:
-            extra[t.name] = np.array(t.data).view(np.float32) if t.qtype == QType.F32 else None
-            if extra[t.name] is None:
+            if t.qtype != QType.F32:
                 raise FormatError(f"{path}: {t.name} must be F32, found {t.qtype.name}")
+            extra[t.name] = np.array(t.data).view(np.float32)
             continue
         ours = gguf_to_ours_name(t.name)
         if ours is None:
             raise FormatError(f"{path}: unexpected tensor {t.name!r} for a llama model")
+        if t.qtype not in READ_TYPES:
+            raise FormatError(f"{path}: tensor {t.name!r} has type {t.qtype.name}, which is not supported "
+                              f"(supported: {', '.join(sorted(q.name for q in READ_TYPES))})")
+        tensors[ours] = t
+    config, inv_freq = _config_from_metadata(meta, {**tensors, **extra}, path)
+    validate_state_dict(tensors, config, path)
+    return GGUFLayout(meta, config, tensors, inv_freq)
+
+
+def read_gguf(path: str | os.PathLike[str], dequantize: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a llama GGUF file into a Checkpoint (format "gguf")."""
+    path = Path(path)
+    layout = read_gguf_layout(path)
+    meta, config, inv_freq = layout.metadata, layout.config, layout.inv_freq
+    state: dict[str, Any] = {}
+    for ours, t in layout.tensors.items():
         try:
             state[ours] = _to_tensor(t, path, dequantize)
         except FormatError:
             raise
         except Exception as e:
             raise FormatError(f"{path}: cannot read tensor {t.name!r} ({_one_line(e)})") from None
-    config, inv_freq = _config_from_metadata(meta, {**state, **extra}, path)
-    validate_state_dict(state, config, path)
     state = cast_floats(state, dtype)
 
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
@@ -529,6 +554,8 @@ def _encode(t: Tensor, qtype: QType) -> np.ndarray:
     if qtype == QType.F16:
         return t.half().contiguous().numpy()
     if qtype == QType.BF16:  # torch rounds to bf16 the same way llama.cpp does (nearest even)
+        import torch
+
         return t.bfloat16().contiguous().view(torch.int16).numpy().view(np.uint8)
     import gguf
 
@@ -554,6 +581,8 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
                tokenizer_metadata: dict[str, Any] | None = None, progress: bool = False) -> Path:
     """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory)."""
     import gguf
+    import torch
+
     tensor_type = tensor_type.lower()
     if tensor_type not in WRITE_TYPES:
         raise ValueError(f"unsupported GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITE_TYPES)}")

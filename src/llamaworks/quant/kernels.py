@@ -11,19 +11,18 @@ slower), so nothing else in the package needs to know which one it got.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import platform
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .build import compile_library, first_error, library_path
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +33,9 @@ BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
 INTERLEAVED = 256
 INTERLEAVABLE = (GGML_Q4_0, GGML_Q4_1)
 SOURCE = Path(__file__).with_name("_kernels.cpp")
+CORE_HEADER = Path(__file__).with_name("_kernels_core.h")  # shared with the torch-free library (_lean.cpp)
 
 _native: bool | None = None  # None: not tried yet
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLAMAWORKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llamaworks")
-    return Path(root)
-
-
-def _cpu_signature() -> str:
-    """The CPU's feature flags: the library is built for this machine (-march=native)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _build(target: Path) -> None:
@@ -59,22 +43,11 @@ def _build(target: Path) -> None:
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libdirs = cpp_extension.library_paths()
-    cxx = os.environ.get("CXX", "c++")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    # -ffp-contract=off: dequantization must round d*q and +m separately, exactly like ggml's reference.
-    cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=llamaworks_kernels", *includes,
-           str(SOURCE), "-o", tmp, *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
-           "-lc10", "-ltorch_cpu", "-ltorch"]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp, target)  # atomic: a concurrent process sees either nothing or the whole library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    compile_library(SOURCE, target, ["-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                                     "-DTORCH_EXTENSION_NAME=llamaworks_kernels", *includes],
+                    [*[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu",
+                     "-ltorch"])
 
 
 def native_available() -> bool:
@@ -85,9 +58,7 @@ def native_available() -> bool:
     _native = False
     if os.environ.get("LLAMAWORKS_NO_NATIVE") or sys.platform == "win32":
         return False
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"llamaworks_kernels_{key}.so"
+    target = library_path("llamaworks_kernels", [SOURCE, CORE_HEADER], torch.__version__)
     try:
         if not target.exists():
             log.info("building native quantized kernels (once per machine) into %s", target.parent)
@@ -95,9 +66,7 @@ def native_available() -> bool:
         torch.ops.load_library(str(target))
         _native = True
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
-        lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else repr(e))
-        log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error)
+        log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error(e))
     if _native:
         _register_fakes()
         for name, switch in (("LLAMAWORKS_INT8_DECODE", torch.ops.llamaworks.int8_decode),

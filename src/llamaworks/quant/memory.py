@@ -34,17 +34,20 @@ def huge_pages_available() -> bool:
         return False
 
 
-def read_into_huge_pages(path: str | os.PathLike[str], spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+def read_into_huge_pages(path: str | os.PathLike[str], spans: Sequence[tuple[int, int]], *,
+                         huge: bool = True) -> list[np.ndarray]:
     """Read the byte ranges (offset, nbytes) of `path` into one huge-page-advised buffer; one uint8 array each.
 
-    The buffer is an anonymous private mapping (freed when the last array referring to it goes).
+    The buffer is an anonymous private mapping (freed when the last array referring to it goes). huge=False:
+    the same without the advice (where transparent huge pages are off).
     """
     starts, total = [], 0
     for _, nbytes in spans:
         starts.append(total)
         total += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
     buffer = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buffer.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so faults allocate 2 MiB pages
+    if huge:
+        buffer.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so faults allocate 2 MiB pages
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         for (offset, nbytes), start in zip(spans, starts):
@@ -58,6 +61,12 @@ def read_into_huge_pages(path: str | os.PathLike[str], spans: Sequence[tuple[int
     whole = np.frombuffer(buffer, dtype=np.uint8)  # keeps `buffer` alive
     return [whole[start:start + nbytes] for (_, nbytes), start in zip(spans, starts)]
 
+
+def lazy_zeros_buffer(nbytes: int) -> mmap.mmap:
+    """nbytes of fresh anonymous memory: the OS supplies zero pages on first write, so a KV cache costs resident
+    memory only for the positions used. Not numpy's allocator: numpy advises huge pages for large arrays, and
+    then every first write commits a whole 2 MiB page (SmolLM2's 8192-position cache: +160 MiB for a short chat)."""
+    return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 _MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # Linux >= 5.4
