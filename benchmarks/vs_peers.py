@@ -1,5 +1,8 @@
 """llamaworks vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF, same threads, same token ids.
 
+Engines: "llamaworks" is the torch-free runtime (lean.py: what `llamaworks chat`/`generate` run on a GGUF file),
+"llamaworks-torch" the quantized torch runtime (runtime.py: the server's and the Python API's).
+
     python benchmarks/vs_peers.py [--model FILE.gguf] [--threads 2] [--runs 3] [--json out.json]
 
 Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine), and the engines alternate
@@ -25,7 +28,7 @@ from typing import Any
 FIGURES = [("load_s", "load (s)", False), ("ttft_s", "time to first token (s)", False),
            ("prefill_tok_s", "prefill (tok/s)", True), ("decode_tok_s", "decode (tok/s)", True),
            ("peak_rss_mib", "peak RSS (MiB)", False)]
-ENGINES = ["llamaworks", "llama.cpp", "transformers"]
+ENGINES = ["llamaworks", "llamaworks-torch", "llama.cpp", "transformers"]
 SHORT_CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -54,6 +57,37 @@ def _token_ids(model: str, prompt_tokens: int) -> tuple[list[int], list[int]]:
 
 # -- workers (one engine, one run, in its own process) -----------------------------------------------------
 def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    from llamaworks.lean import LeanModel
+
+    t0 = time.perf_counter()
+    model = LeanModel.load(a.model, max_context=a.ctx, threads=a.threads)
+    load_s = time.perf_counter() - t0
+
+    def step(ids: list[int], pos: int) -> int:
+        return int(np.argmax(model.forward(ids, pos)))
+
+    return _timed(a, step, load_s, short, prompt)
+
+
+def _timed(a: argparse.Namespace, step: Any, load_s: float, short: list[int], prompt: list[int]) -> dict[str, float]:
+    """The figures of one llamaworks run; step(ids, start_pos) -> the greedy next token."""
+    t0 = time.perf_counter()
+    step([step(short, 0)], len(short))
+    ttft_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok = step(prompt, 0)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(a.gen_tokens - 1):
+        tok = step([tok], len(prompt) + i)
+    decode = time.perf_counter() - t0
+    return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
+            "decode_tok_s": (a.gen_tokens - 1) / decode}
+
+
+def work_llamaworks_torch(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
     import torch
 
     from llamaworks.runtime import load_quantized_model
@@ -68,18 +102,7 @@ def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) 
         with torch.inference_mode():
             return int(model(torch.tensor([ids]), start_pos=pos, last_only=True)[0, -1].argmax())
 
-    t0 = time.perf_counter()
-    step([step(short, 0)], len(short))
-    ttft_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tok = step(prompt, 0)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(a.gen_tokens - 1):
-        tok = step([tok], len(prompt) + i)
-    decode = time.perf_counter() - t0
-    return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
-            "decode_tok_s": (a.gen_tokens - 1) / decode}
+    return _timed(a, step, load_s, short, prompt)
 
 
 def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
@@ -150,8 +173,10 @@ def work_transformers(a: argparse.Namespace, short: list[int], prompt: list[int]
             "decode_tok_s": (a.gen_tokens - 1) / decode}
 
 
-WORKERS = {"llamaworks": work_llamaworks, "llama.cpp": work_llamacpp, "transformers": work_transformers}
-MODULES = {"llamaworks": "llamaworks", "llama.cpp": "llama_cpp", "transformers": "transformers"}
+WORKERS = {"llamaworks": work_llamaworks, "llamaworks-torch": work_llamaworks_torch, "llama.cpp": work_llamacpp,
+           "transformers": work_transformers}
+MODULES = {"llamaworks": "llamaworks", "llamaworks-torch": "llamaworks", "llama.cpp": "llama_cpp",
+           "transformers": "transformers"}
 
 
 # -- driver --------------------------------------------------------------------------------------------------
@@ -185,11 +210,12 @@ def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str,
         cells = [f"{table[e][key]['min']:.3g} / **{table[e][key]['median']:.4g}** / {table[e][key]['max']:.3g}"
                  for e in engines]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    if "llamaworks" in table:
-        for peer in [e for e in engines if e != "llamaworks"]:
-            print(f"\nllamaworks / {peer} (medians; >1 is better for llamaworks on speed, <1 on time and memory):")
+    ours = [e for e in engines if e.startswith("llamaworks")]
+    for mine in ours:
+        for peer in [e for e in engines if e not in ours]:
+            print(f"\n{mine} / {peer} (medians; >1 is better for llamaworks on speed, <1 on time and memory):")
             for key, label, _ in FIGURES:
-                ratio = table["llamaworks"][key]["median"] / table[peer][key]["median"]
+                ratio = table[mine][key]["median"] / table[peer][key]["median"]
                 print(f"  {label:26s} {ratio:6.2f}x")
     for engine, message in errors.items():
         print(f"\n{engine}: skipped ({message})")

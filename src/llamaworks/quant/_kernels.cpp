@@ -242,8 +242,7 @@ at::Tensor ggml_linear_group(const at::Tensor& x_in, at::TensorList raws, at::In
     for (size_t i = 0; i < raws.size(); ++i) gemm_path(xg, raws[i], types[i], k, yg.slice(1, offsets[i], offsets[i + 1]));
     if (bf16) y.copy_(yg);
   } else {
-    const bool with_x8 = std::any_of(types.begin(), types.end(), [](int64_t t) { return interleaved(t); });
-    const DecodeRows rows(x.data_ptr<float>(), m, k, with_x8);
+    const DecodeRows rows(x.data_ptr<float>(), m, k);
     decode_linear(decode_par, rows, ws, offsets, y.data_ptr<float>());
   }
   return y.to(x_in.scalar_type()).view(out_shape);
@@ -276,7 +275,7 @@ at::Tensor ggml_swiglu(const at::Tensor& x_in, const at::Tensor& gate, int64_t t
     y = at::silu(g.to(at::kFloat)).mul_(u);
   } else {
     y = at::empty({m, n}, x.options());
-    const DecodeRows rows(x.data_ptr<float>(), m, k, interleaved(tg) || interleaved(tu));
+    const DecodeRows rows(x.data_ptr<float>(), m, k);
     decode_swiglu(decode_par, rows, weight_ref(gate, tg), weight_ref(up, tu), n, y.data_ptr<float>());
   }
   return y.to(x_in.scalar_type()).view(out_shape);

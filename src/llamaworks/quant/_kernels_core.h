@@ -83,10 +83,11 @@ constexpr int64_t GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
 
 // Row-interleaved ("x8") layout, made once at load for Q4_0/Q4_1 weights with a multiple of 8 rows. Per group
 // of 8 consecutive rows and per 32-column block: the 8 rows' scales (fp16), Q4_1's 8 minimums, then 128 quant
-// bytes arranged so that one 64-byte load and a nibble mask give, for all 8 rows at once, 4 consecutive
-// weights per 32-bit lane (rows 0-7 in lanes 0-7, the next 4 columns in lanes 8-15). A decode kernel then reads
-// one contiguous stream and finishes 8 rows x 32 columns with four dpbusd and no horizontal sums, instead of
-// interleaving 8 row streams (which defeats the prefetchers). Same bytes in total, so the tensor keeps its
+// bytes arranged so that one 64-byte load and a nibble mask give, for all 8 rows at once, 8 consecutive
+// weights per row in two 32-bit lanes (row i in lanes 2i and 2i + 1: columns 0-3 and 4-7 of a step). The
+// activation a step needs is then one broadcast qword of the int8 row, the same for every lane pair. A decode
+// kernel reads one contiguous stream and finishes 8 rows x 32 columns with four dpbusd and no horizontal sums,
+// instead of interleaving 8 row streams (which defeats the prefetchers). Same bytes in total, so the tensor keeps its
 // (rows, row_bytes) shape; the ggml type code carries the flag.
 constexpr int64_t kInterleaved = 256;
 inline int64_t base_type(int64_t t) { return t & 255; }
@@ -201,13 +202,10 @@ inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float*
 #endif
 
 #ifdef LLAMAWORKS_INT8_DOT
-// Dword order that puts row i's two dwords (lanes i and 8 + i) side by side in qword i, and its inverse.
-inline __m512i rows_to_qwords() { return _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); }
-inline __m512i qwords_to_rows() { return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15); }
-
 // One x8 group block -> the 8 rows' plain ggml blocks (row i's block at plain + i * row_stride).
 // The group block's quant bytes are two 64-byte halves: a holds columns 0-15, b columns 16-31. Within a half,
-// column c (of 16) of row i is in byte 4 * (8 * ((c % 8) / 4) + i) + c % 4, low nibble for c < 8, else high.
+// column c (of 16) of row i is in byte 4 * (2 * i + (c % 8) / 4) + c % 4 (qword i holds row i), low nibble
+// for c < 8, else high.
 // A plain ggml block's byte p holds column p (low nibble) and p + 16 (high nibble).
 inline void unpack_group_block(int64_t t, const uint8_t* gblk, uint8_t* plain, int64_t row_stride) {
   const bool q4_1 = base_type(t) == GGML_Q4_1;
@@ -218,8 +216,7 @@ inline void unpack_group_block(int64_t t, const uint8_t* gblk, uint8_t* plain, i
   }
   const uint8_t* q = gblk + (q4_1 ? 32 : 16);
   const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i a = _mm512_permutexvar_epi32(rows_to_qwords(), _mm512_loadu_si512(q));
-  const __m512i b = _mm512_permutexvar_epi32(rows_to_qwords(), _mm512_loadu_si512(q + 64));
+  const __m512i a = _mm512_loadu_si512(q), b = _mm512_loadu_si512(q + 64);
   // qword i: row i's plain bytes 0-7 (lo) and 8-15 (hi).
   const __m512i lo = _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16(_mm512_and_si512(b, m4), 4));
   const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(a, 4), m4), _mm512_andnot_si512(m4, b));
@@ -245,8 +242,8 @@ inline void pack_group_block(int64_t t, const uint8_t* plain, int64_t row_stride
   const __m512i a = _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_slli_epi16(_mm512_and_si512(hi, m4), 4));
   const __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), _mm512_andnot_si512(m4, hi));
   uint8_t* q = gblk + (q4_1 ? 32 : 16);
-  _mm512_storeu_si512(q, _mm512_permutexvar_epi32(qwords_to_rows(), a));
-  _mm512_storeu_si512(q + 64, _mm512_permutexvar_epi32(qwords_to_rows(), b));
+  _mm512_storeu_si512(q, a);
+  _mm512_storeu_si512(q + 64, b);
 }
 
 // Rows 8g .. 8g + 7 of an x8 weight (`group` points at them) as plain ggml rows, into plain[8 * nb * bb].
@@ -383,13 +380,8 @@ struct QuantRows {
   std::vector<float> d, s;       // per block: scale, scale * sum(q)
   std::vector<int32_t> minus8;   // per block, 8 lanes: -8 * (sum of the lane's 4 bytes), Q4_0's offset in int32
   std::vector<int32_t> qsum;     // per block: sum(q)
-  std::vector<int8_t> x8;        // per block, 4 x 64 bytes: the activation as the x8 kernel meets it (see there)
-  QuantRows(const float* x, int64_t m, int64_t k, bool with_x8)
-      : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8), qsum(m * (k / QK)),
-        x8(with_x8 ? m * (k / QK) * 256 : 0) {
-    __m512i spread[4];  // step s: lanes 0-7 take the block's dword 2s (bytes 8s..8s+3), lanes 8-15 dword 2s + 1
-    for (int st = 0; st < 4; ++st)
-      spread[st] = _mm512_inserti64x4(_mm512_set1_epi32(2 * st), _mm256_set1_epi32(2 * st + 1), 1);
+  QuantRows(const float* x, int64_t m, int64_t k)
+      : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8), qsum(m * (k / QK)) {
     const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < m * (k / QK); ++b) {
       const __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
@@ -405,10 +397,6 @@ struct QuantRows {
       qsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
       s[b] = scale * static_cast<float>(qsum[b]);
       const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + b * QK));
-      if (with_x8)
-        for (int st = 0; st < 4; ++st)
-          _mm512_storeu_si512(x8.data() + b * 256 + st * 64,
-                              _mm512_permutexvar_epi32(spread[st], _mm512_castsi256_si512(vx)));
       const __m256i sums8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), vx);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(minus8.data() + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), sums8));
     }
@@ -461,35 +449,51 @@ inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const floa
   for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + offset[r];
 }
 
-// One x8 group (8 rows) against one int8 activation row: out[0..8). Per block, lane L of the four nibble
-// vectors holds row L % 8's 4 weights for columns 8s + 4 (L / 8) + 0..3 (s = 0..3) and x8 holds the matching
-// activation bytes, so four dpbusd give each row's block dot split over two lanes (i and 8 + i); both halves
-// take the same per-row scale and are added once at the end.
-template <int64_t T>
-inline void group_dot_q8(const uint8_t* group, const int8_t* x8, const float* xd, const float* xs,
-                         const int32_t* qsum, int64_t nb, float* out) {
+// One x8 group (8 rows) against R int8 activation rows: out[r * ldo + 0..8). Per block, the four nibble vectors
+// hold in lanes 2i and 2i + 1 row i's weights for columns 8s + 0..3 and 8s + 4..7 (step s = 0..3), so the
+// activation bytes a step needs are the row's qword s broadcast to every lane pair (no rearranged copy of the
+// activations), and four dpbusd give each row's block dot split over its two lanes, which take the same per-row
+// scale and are added once at the end. The nibbles are unpacked once per block for all R rows (a prompt chunk).
+// Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum + r * nb (QuantRows' layout); each row sums in the same
+// order whatever R is, so results do not depend on how rows are grouped.
+template <int64_t T, int R>
+inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd, const float* xs,
+                         const int32_t* qsum, int64_t nb, float* out, int64_t ldo) {
   constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
   const __m512i m4 = _mm512_set1_epi8(15);
-  __m512 acc = _mm512_setzero_ps();
+  const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row i -> lanes 2i, 2i+1
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = group + b * gb;
-    const int8_t* xb = x8 + b * 256;
     const __m512i lo = _mm512_loadu_si512(blk + qoff), hi = _mm512_loadu_si512(blk + qoff + 64);
-    // Q4_0 stores w + 8: start each half at -4 * sum(x), so the two halves together subtract 8 * sum(x).
-    __m512i dot = T == GGML_Q4_0 ? _mm512_set1_epi32(-4 * qsum[b]) : _mm512_setzero_si512();
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(lo, m4), _mm512_loadu_si512(xb));
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), _mm512_loadu_si512(xb + 64));
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(hi, m4), _mm512_loadu_si512(xb + 128));
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4), _mm512_loadu_si512(xb + 192));
-    const __m512 d = _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[b])), acc);
-    if constexpr (T == GGML_Q4_1) {  // + min * sum(x), half in each lane half
-      const __m512 mn =
-          _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16))));
-      acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(0.5f * xs[b]), acc);
+    const __m512i w0 = _mm512_and_si512(lo, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
+    const __m512i w2 = _mm512_and_si512(hi, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
+    const __m512 d = _mm512_permutexvar_ps(
+        pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))));
+    __m512 mn = _mm512_setzero_ps();
+    if constexpr (T == GGML_Q4_1)
+      mn = _mm512_permutexvar_ps(
+          pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))));
+    for (int r = 0; r < R; ++r) {
+      const int64_t rb = r * nb + b;
+      const int64_t* xb = reinterpret_cast<const int64_t*>(xq + rb * QK);
+      // Q4_0 stores w + 8: start each lane at -4 * sum(x), so a row's two lanes together subtract 8 * sum(x).
+      __m512i dot = T == GGML_Q4_0 ? _mm512_set1_epi32(-4 * qsum[rb]) : _mm512_setzero_si512();
+      dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi64(xb[0]));
+      dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi64(xb[1]));
+      dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi64(xb[2]));
+      dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi64(xb[3]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[rb])), acc[r]);
+      if constexpr (T == GGML_Q4_1) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(0.5f * xs[rb]), acc[r]);  // + min * sum(x)
     }
   }
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(evens, acc[r]), _mm512_permutexvar_ps(odds, acc[r]));
+    _mm256_storeu_ps(out + r * ldo, _mm512_castps512_ps256(sum));
+  }
 }
 #endif
 
@@ -529,12 +533,11 @@ struct DecodeRows {
   std::vector<float> sums;
 #ifdef LLAMAWORKS_INT8_DOT
   QuantRows qx;
-  // with_x8: some weight of this matmul is interleaved (its kernel needs the activations laid out for it).
-  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool with_x8)
+  DecodeRows(const float* xp, int64_t m_, int64_t k_)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(g_int8_decode),
-        sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)), qx(xp, int8 ? m_ : 0, k_, with_x8) {}
+        sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)), qx(xp, int8 ? m_ : 0, k_) {}
 #else
-  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool)
+  DecodeRows(const float* xp, int64_t m_, int64_t k_)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(false), sums(block_sums(xp, m_, k_)) {}
 #endif
 
@@ -572,12 +575,20 @@ struct DecodeRows {
     const uint8_t* group = w.data + g * 8 * w.stride;
     const int64_t bt = base_type(w.type);
     if (int8) {
-      for (int64_t i = 0; i < m; ++i) {
-        const int8_t* x8 = qx.x8.data() + i * nb * 256;
+      for (int64_t i = 0; i < m;) {
+        const int64_t r = m - i >= 4 ? 4 : 1;  // four rows share each block's unpacked nibbles
+        const int8_t* xq = qx.q.data() + i * k;
         const float *xd = qx.d.data() + i * nb, *xs = qx.s.data() + i * nb;
         const int32_t* qs = qx.qsum.data() + i * nb;
-        if (bt == GGML_Q4_0) group_dot_q8<GGML_Q4_0>(group, x8, xd, xs, qs, nb, out + i * ldo);
-        else group_dot_q8<GGML_Q4_1>(group, x8, xd, xs, qs, nb, out + i * ldo);
+        float* o = out + i * ldo;
+        if (bt == GGML_Q4_0) {
+          if (r == 4) group_dot_q8<GGML_Q4_0, 4>(group, xq, xd, xs, qs, nb, o, ldo);
+          else group_dot_q8<GGML_Q4_0, 1>(group, xq, xd, xs, qs, nb, o, ldo);
+        } else {
+          if (r == 4) group_dot_q8<GGML_Q4_1, 4>(group, xq, xd, xs, qs, nb, o, ldo);
+          else group_dot_q8<GGML_Q4_1, 1>(group, xq, xd, xs, qs, nb, o, ldo);
+        }
+        i += r;
       }
       return;
     }

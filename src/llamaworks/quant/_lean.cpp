@@ -78,8 +78,7 @@ void blocks(const Par& par, const LwModel& m, Scratch& s, int64_t rows, int64_t 
     for (int64_t i = 0; i < rows; ++i) rms_norm(&s.x[i * dim], L.attn_norm, &s.h[i * dim], dim, m.eps);
     {
       const std::vector<WeightRef> ws{w(0, dim), w(1, dim), w(2, dim)};
-      const DecodeRows in(s.h.data(), rows, dim, interleaved(L.type[0]) || interleaved(L.type[1]) ||
-                                                     interleaved(L.type[2]));
+      const DecodeRows in(s.h.data(), rows, dim);
       decode_linear(par, in, ws, {0, qdim, qdim + kvdim, qkv_n}, s.qkv.data());
     }
     const auto attend = [&](auto* k_cache, auto* v_cache) {
@@ -92,17 +91,17 @@ void blocks(const Par& par, const LwModel& m, Scratch& s, int64_t rows, int64_t 
     else
       attend(static_cast<Half*>(m.k_cache), static_cast<Half*>(m.v_cache));
     {
-      const DecodeRows in(s.attn.data(), rows, qdim, interleaved(L.type[3]));
+      const DecodeRows in(s.attn.data(), rows, qdim);
       decode_linear(par, in, {w(3, qdim)}, {0, dim}, s.tmp.data());
       add(s.tmp);
     }
     for (int64_t i = 0; i < rows; ++i) rms_norm(&s.x[i * dim], L.ffn_norm, &s.h[i * dim], dim, m.eps);
     {
-      const DecodeRows in(s.h.data(), rows, dim, interleaved(L.type[4]) || interleaved(L.type[5]));
+      const DecodeRows in(s.h.data(), rows, dim);
       decode_swiglu(par, in, w(4, dim), w(5, dim), m.hidden, s.act.data());
     }
     {
-      const DecodeRows in(s.act.data(), rows, m.hidden, interleaved(L.type[6]));
+      const DecodeRows in(s.act.data(), rows, m.hidden);
       decode_linear(par, in, {w(6, m.hidden)}, {0, dim}, s.tmp.data());
       add(s.tmp);
     }
@@ -167,7 +166,7 @@ int lw_forward(const LwModel* model, void* pool, const int32_t* tokens, int64_t 
       if (!all_logits && !last) continue;
       const int64_t first = all_logits ? 0 : rows - 1;  // only the last token's logits unless all are wanted
       for (int64_t i = first; i < rows; ++i) rms_norm(&s.x[i * dim], m.output_norm, &s.h[(i - first) * dim], dim, m.eps);
-      const DecodeRows in(s.h.data(), rows - first, dim, interleaved(m.output_type));
+      const DecodeRows in(s.h.data(), rows - first, dim);
       decode_linear(par, in, {weight(m.output, m.output_type, dim)}, {0, m.vocab},
                     logits + (all_logits ? c0 * m.vocab : 0));
     }

@@ -187,8 +187,9 @@ def interleave_rows_torch(raw: Tensor, ggml_type: int, in_features: int) -> Tens
     fields = _fp16_fields(ggml_type)
     rows = raw.reshape(n // 8, 8, nb, bb)
     scales = rows[..., :2 * fields].reshape(n // 8, 8, nb, fields, 2).permute(0, 2, 3, 1, 4)
-    # Plain byte p = 8s + 4h + j of a row: column p in the low nibble, p + 16 in the high one.
-    q = rows[..., 2 * fields:].reshape(n // 8, 8, nb, 2, 2, 4).permute(0, 2, 3, 4, 1, 5)  # g, b, s, h, i, j
+    # Plain byte p = 8s + 4h + j of a row: column p in the low nibble, p + 16 in the high one. A group half
+    # stores column c of row i at byte 4 * (2i + h) + j (c = 8s + 4h + j; s picks the nibble).
+    q = rows[..., 2 * fields:].reshape(n // 8, 8, nb, 2, 2, 4).permute(0, 2, 3, 1, 4, 5)  # g, b, s, i, h, j
     lo, hi = q & 15, q >> 4
     halves = torch.stack([lo[:, :, 0] | (lo[:, :, 1] << 4), hi[:, :, 0] | (hi[:, :, 1] << 4)], dim=2)
     group = torch.cat([scales.reshape(n // 8, nb, -1), halves.reshape(n // 8, nb, -1)], dim=-1)
@@ -201,10 +202,10 @@ def deinterleave_rows_torch(raw: Tensor, ggml_type: int, in_features: int) -> Te
     fields = _fp16_fields(ggml_type)
     group = raw.reshape(n // 8, nb, 8 * bb)
     scales = group[..., :16 * fields].reshape(n // 8, nb, fields, 8, 2).permute(0, 3, 1, 2, 4)
-    q = group[..., 16 * fields:].reshape(n // 8, nb, 2, 2, 8, 4)  # g, b, half (columns 0-15 | 16-31), h, i, j
+    q = group[..., 16 * fields:].reshape(n // 8, nb, 2, 8, 2, 4)  # g, b, half (columns 0-15 | 16-31), i, h, j
     lo, hi = q & 15, q >> 4
     plain = torch.stack([lo[:, :, 0] | (lo[:, :, 1] << 4), hi[:, :, 0] | (hi[:, :, 1] << 4)], dim=2)
-    plain = plain.permute(0, 4, 1, 2, 3, 5).reshape(n // 8, 8, nb, 16)  # g, i, b, (s, h, j)
+    plain = plain.permute(0, 3, 1, 2, 4, 5).reshape(n // 8, 8, nb, 16)  # g, i, b, (s, h, j)
     rows = torch.cat([scales.reshape(n // 8, 8, nb, 2 * fields), plain], dim=-1)
     return rows.reshape(n, nb * bb)
 
