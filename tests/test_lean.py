@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGIT_ATOL, NEAR_TIE, PROMPTS
 from llamaworks import choose_runtime, load
 from llamaworks.checkpoints import load_model, save_gguf
 from llamaworks.config import get_preset
@@ -35,11 +36,6 @@ lean = pytest.importorskip("llamaworks.lean")
 if not lean.available():  # pragma: no cover - a machine without a C++ compiler
     pytest.skip("the torch-free library cannot be built here", allow_module_level=True)
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):",
-           "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-LOGIT_ATOL = 2e-3
-LOW_PRECISION_LOGIT_ATOL = 2.0
-NEAR_TIE = 0.25
 
 
 @pytest.fixture

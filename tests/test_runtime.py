@@ -22,17 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGIT_ATOL, NEAR_TIE, PROMPTS
 from llamaworks.checkpoints import load_model
 from llamaworks.config import get_preset
 from llamaworks.model import Transformer
 from llamaworks.quant import GGMLEmbedding, GGMLLinear, kernels
 from llamaworks.runtime import load_quantized_model, optimize_for_inference
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):",
-           "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-LOGIT_ATOL = 2e-3
-LOW_PRECISION_LOGIT_ATOL = 2.0
-NEAR_TIE = 0.25
 
 
 @pytest.fixture
