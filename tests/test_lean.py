@@ -199,6 +199,65 @@ def test_bad_input_gets_one_line_errors(smollm2, tmp_path) -> None:
         choose_runtime("lean", tmp_path)
 
 
+def test_files_the_lean_runtime_cannot_run_fall_back_to_torch(tmp_path) -> None:
+    config = get_preset("tiny-llama2")  # hidden size 172: not whole 32-element blocks
+    path = save_gguf(tmp_path / "odd.gguf", Transformer(config), config, tensor_type="f16")
+    with pytest.raises(lean.LeanUnsupported, match="multiples of 32"):
+        lean.LeanModel.load(path)
+    # The file has no tokenizer, which only load() minds: auto got that far on the torch runtime.
+    with pytest.raises(FormatError, match="no tokenizer"):
+        load(path, runtime="auto")
+    with pytest.raises(lean.LeanUnsupported):
+        load(path, runtime="lean")
+
+
+def test_forked_child_runs_the_parents_model(smollm2) -> None:
+    """A fork's child has none of the parent's pool threads; it makes its own instead of waiting forever."""
+    import os
+
+    model, _ = smollm2
+    ids = [1, 2, 3, 4, 5]
+    want = model.forward(ids, 0)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            got = model.forward(ids, 0)
+            os.write(write, b"1" if np.array_equal(got, want) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+
+
+def test_cache_bookkeeping_and_bad_calls(smollm2) -> None:
+    model, _ = smollm2
+    model.reset()
+    model.forward([1, 2, 3], 0)
+    model.forward([4], 5)  # beyond what is known: the cache holds nothing reusable any more
+    assert model.cached == []
+    model.forward([1, 2, 3, 4], 0)
+    model.forward([9], 2)  # rewinding overwrites position 2 and forgets what followed
+    assert model.cached == [1, 2, 9]
+    with pytest.raises(ValueError, match="at least one token"):
+        model.prefill([])
+
+
+def test_the_two_libraries_keep_their_own_switches() -> None:
+    from llamaworks.quant import kernels
+
+    if not kernels.native_available() or not lean_kernels.int8_decode():
+        pytest.skip("no int8 kernels to switch")
+    torch_int8, lean_int8 = kernels.int8_decode(), lean_kernels.int8_decode()
+    try:
+        lean_kernels.int8_decode(not lean_int8)
+        assert kernels.int8_decode() == torch_int8 and lean_kernels.int8_decode() == (not lean_int8)
+    finally:
+        lean_kernels.int8_decode(lean_int8)
+
+
 def test_runtime_choice() -> None:
     assert choose_runtime(None, None) == "torch"  # the Python API's default
     assert choose_runtime("auto", None) == "lean"  # the CLI's default on the bundled GGUF
@@ -252,10 +311,11 @@ def test_mapped_plain_rows_equal_interleaved_rows(tmp_path, float_activations) -
                                atol=1e-4)
 
 
-def test_other_tensor_types_are_converted_to_q8_0(tmp_path) -> None:
-    """An F16 file runs as Q8_0 blocks of its values: exactly what a Q8_0 file written from them holds."""
-    path, reference = _tiny_gguf(tmp_path, "tiny-tied", "f16")
-    as_q8 = save_gguf(tmp_path / "from-f16.gguf", reference, reference.config, tensor_type="q8_0")
+@pytest.mark.parametrize("tensor_type", ["f16", "q5_0"])
+def test_other_tensor_types_are_converted_to_q8_0(tmp_path, tensor_type: str) -> None:
+    """An F16 or Q5_0 file runs as Q8_0 blocks of its values: exactly what a Q8_0 file written from them holds."""
+    path, reference = _tiny_gguf(tmp_path, "tiny-tied", tensor_type)
+    as_q8 = save_gguf(tmp_path / "from-other.gguf", reference, reference.config, tensor_type="q8_0")
     converted, written = lean.LeanModel.load(path), lean.LeanModel.load(as_q8)
     ids = list(range(10, 30))
     assert np.array_equal(converted.forward(ids, 0, all_logits=True), written.forward(ids, 0, all_logits=True))

@@ -183,10 +183,19 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
     from .chat_template import template_for
     from .sampling import SamplingParams
 
+    lean_model = None
     if choose_runtime(runtime, path, device, dtype, reference=fast is False) == "lean":
-        from .lean import LeanModel
+        from .lean import LeanModel, LeanUnsupported
 
-        lean_model = LeanModel.load(path, max_context=max_context, mmap=mmap, threads=threads)
+        try:
+            lean_model = LeanModel.load(path, max_context=max_context, mmap=mmap, threads=threads)
+        except LeanUnsupported:
+            if runtime != "auto":
+                raise
+            from .runtime import set_threads  # a valid file the torch runtime runs: use it, as auto promises
+
+            set_threads(threads)
+    if lean_model is not None:
         if lean_model.tokenizer is None:
             from .errors import FormatError
 

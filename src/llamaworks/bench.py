@@ -80,9 +80,17 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
 
     if prompt_tokens + gen_tokens > ctx:
         raise ValueError(f"--prompt-tokens + --gen-tokens ({prompt_tokens + gen_tokens}) exceed --ctx ({ctx})")
+    if compile and runtime == "auto":
+        runtime = "torch"  # torch.compile is the torch runtime's
     if choose_runtime(runtime, model_path, "cpu") == "lean":
-        return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                         threads=threads, mmap=mmap)
+        from .lean import LeanUnsupported
+
+        try:
+            return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
+                             threads=threads, mmap=mmap)
+        except LeanUnsupported:
+            if runtime != "auto":
+                raise
     return _run_torch(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
                       threads=threads, compile=compile, weights=weights, mmap=mmap)
 

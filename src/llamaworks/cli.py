@@ -5,7 +5,8 @@ Adding a verb: write one `_add_<verb>(subparsers)` function that creates its par
 implementation lazily and calls it; then append `_add_<verb>` to `VERBS`. `run` returns an exit code
 (None means 0). Bad input raised as LlamaworksError / ValueError / FileNotFoundError is printed as one
 `error: ...` line with exit code 2 (set LLAMAWORKS_DEBUG=1 for the traceback).
-`--threads` is added to every verb automatically; verbs that never touch torch set `needs_torch=False`.
+`--threads` is added to every verb automatically; verbs that never touch torch set `needs_torch=False` (or a
+function of the parsed arguments: chat/generate/bench on the torch-free runtime never import torch).
 """
 
 from __future__ import annotations
@@ -429,7 +430,7 @@ def _add_bench(sub: Subparsers) -> None:
     def needs_torch(a: argparse.Namespace) -> bool:
         from . import choose_runtime
 
-        return choose_runtime(a.runtime, a.model, "cpu") == "torch"
+        return a.compile or choose_runtime(a.runtime, a.model, "cpu") == "torch"
 
     p.set_defaults(run=run, needs_torch=needs_torch)
 
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llamaworks", description="Run, train, evaluate and serve LLaMA-family models on your own machine.")
     parser.add_argument("--version", action="version", version=f"llamaworks {__version__}")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: number of physical cores)")
+                        help="CPU threads (default: number of physical cores)")
     parser.set_defaults(run=None, needs_torch=True)
     sub = parser.add_subparsers(dest="command", metavar="<verb>")
     for add in VERBS:
@@ -488,7 +489,7 @@ def _add_threads_everywhere(sub: Subparsers) -> None:
     for verb_parser in sub.choices.values():
         if "--threads" not in verb_parser._option_string_actions:
             verb_parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                                     help="CPU threads for torch (default: number of physical cores)")
+                                     help="CPU threads (default: number of physical cores)")
         for action in verb_parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _add_threads_everywhere(action)

@@ -1,8 +1,9 @@
-"""Text generation: the one sampler, prefill + KV-cache decoding, stop handling and streaming.
+"""Text generation on torch models: the torch sampler, prefill + KV-cache decoding, stop handling and streaming.
 
-`sample_next` is the only place a next token is chosen; the interactive chat, the Python API and the
-server's continuous batcher all call it. `generate_stream` / `generate` / `generate_batch` run the model
-with its KV cache: one prefill forward over the (left-padded) prompts, then one single-token forward per
+`sample_next` is the only place a torch model's next token is chosen; the Python API, the chat on the torch
+runtime and the server's continuous batcher all call it (the torch-free runtime's `lean.sample_token` applies the
+same rules in numpy; tests/test_lean.py checks they agree). `generate_stream` / `generate` / `generate_batch`
+run the model with its KV cache: one prefill forward over the (left-padded) prompts, then one single-token forward per
 step. The model is always called as
 
     model(tokens, start_pos=..., key_mask=..., positions=..., last_only=True)

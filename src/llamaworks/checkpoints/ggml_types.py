@@ -60,6 +60,15 @@ QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.BF16: (1, 2), GGMLType.TQ1_0: (256, 54), GGMLType.TQ2_0: (256, 66), GGMLType.MXFP4: (32, 17),
 }
 
+# The block types the native kernels run (Q4_0, Q4_1, Q8_0), and where each other quantized GGUF type is
+# converted at load (both runtimes): low-bit types to Q4_1 (a 4-bit K-quant sub-block is exactly a Q4_1 block up
+# to float16 rounding of its scale and minimum), wider ones to Q8_0.
+KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+REQUANT_TARGET: dict[GGMLType, GGMLType] = {
+    GGMLType.Q2_K: GGMLType.Q4_1, GGMLType.Q3_K: GGMLType.Q4_1, GGMLType.Q4_K: GGMLType.Q4_1,
+    GGMLType.Q5_0: GGMLType.Q8_0, GGMLType.Q5_1: GGMLType.Q8_0, GGMLType.Q5_K: GGMLType.Q8_0,
+    GGMLType.Q6_K: GGMLType.Q8_0}
+
 
 class GGUFValueType(IntEnum):
     """Metadata value types of the GGUF header."""

@@ -27,6 +27,9 @@
 #include <immintrin.h>
 #endif
 
+// Everything has internal linkage (an unnamed namespace): both libraries may be loaded into one process, and
+// shared symbols would merge their switches (g_int8_decode) and scratch buffers.
+namespace {
 namespace lwcore {
 
 [[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error("llamaworks: " + message); }
@@ -456,6 +459,12 @@ inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const floa
 // scale and are added once at the end. The nibbles are unpacked once per block for all R rows (a prompt chunk).
 // Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum + r * nb (QuantRows' layout); each row sums in the same
 // order whatever R is, so results do not depend on how rows are grouped.
+inline int64_t load_i64(const int8_t* p) {  // 8 activation bytes (memcpy: no aliasing through int64_t*)
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
 template <int64_t T, int R>
 inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd, const float* xs,
                          const int32_t* qsum, int64_t nb, float* out, int64_t ldo) {
@@ -477,13 +486,13 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
           pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))));
     for (int r = 0; r < R; ++r) {
       const int64_t rb = r * nb + b;
-      const int64_t* xb = reinterpret_cast<const int64_t*>(xq + rb * QK);
+      const int8_t* xb = xq + rb * QK;
       // Q4_0 stores w + 8: start each lane at -4 * sum(x), so a row's two lanes together subtract 8 * sum(x).
       __m512i dot = T == GGML_Q4_0 ? _mm512_set1_epi32(-4 * qsum[rb]) : _mm512_setzero_si512();
-      dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi64(xb[0]));
-      dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi64(xb[1]));
-      dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi64(xb[2]));
-      dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi64(xb[3]));
+      dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi64(load_i64(xb + 0)));
+      dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi64(load_i64(xb + 8)));
+      dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi64(load_i64(xb + 16)));
+      dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi64(load_i64(xb + 24)));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[rb])), acc[r]);
       if constexpr (T == GGML_Q4_1) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(0.5f * xs[rb]), acc[r]);  // + min * sum(x)
     }
@@ -500,7 +509,7 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
 // Whether decode uses the int8 path (when compiled in). On by default, as in llama.cpp: its drift from the
 // float path is bounded in tests/test_runtime.py; `int8_decode(0)` (Python: kernels.int8_decode(False)) or
 // LLAMAWORKS_INT8_DECODE=0 selects the float dequantize-and-dot kernels.
-inline std::atomic<bool> g_int8_decode{true};
+std::atomic<bool> g_int8_decode{true};
 
 #ifdef LLAMAWORKS_INT8_DOT
 constexpr bool kHaveInt8Dot = true;
@@ -877,3 +886,4 @@ void interleave_rows(const Par& par, uint8_t* base, int64_t n_rows, int64_t t, i
 }
 
 }  // namespace lwcore
+}  // namespace

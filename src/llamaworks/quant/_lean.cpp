@@ -47,6 +47,14 @@ int64_t row_bytes(int64_t type, int64_t k) { return k / QK * block_bytes(type); 
 
 WeightRef weight(const uint8_t* data, int64_t type, int64_t k) { return {data, row_bytes(type, k), type}; }
 
+// The pool, checked: after a fork the child has none of its threads, and running on it would spin forever.
+SpinPool& usable(void* pool) {
+  if (pool == nullptr) fail("no thread pool");
+  SpinPool& p = *static_cast<SpinPool*>(pool);
+  if (p.pid() != getpid()) fail("this thread pool belongs to the parent process (made before a fork)");
+  return p;
+}
+
 struct Scratch {  // the activations of one chunk of rows
   std::vector<float> x, h, qkv, attn, act, tmp, cos, sin;
   std::vector<int64_t> seq, slot;
@@ -116,15 +124,22 @@ int lw_abi_version() { return 2; }
 int lw_can_interleave() { return can_interleave() ? 1 : 0; }
 int lw_int8_decode(int mode) { return int8_decode(mode) ? 1 : 0; }
 
-void* lw_pool_new(int threads) { return new SpinPool(std::max(1, threads) - 1); }
-// A pool's threads sleep once parked and end with the process; freeing one would have to join them mid-spin.
+// A pool of `threads` parts (the caller's thread is one), or nullptr when its threads cannot be started. Its
+// threads sleep once parked and end with the process; Python keeps one pool per thread count and process.
+void* lw_pool_new(int threads) {
+  try {
+    return new SpinPool(std::max(1, threads) - 1);
+  } catch (...) {
+    return nullptr;
+  }
+}
 int lw_pool_parts(void* pool) { return static_cast<SpinPool*>(pool)->parts(); }
 
 // Regroup a contiguous Q4_0/Q4_1 weight (rows a multiple of 8) into the x8 layout, in place. 0 on success.
 int lw_interleave(uint8_t* raw, int64_t rows, int64_t type, int64_t in_features, void* pool, char* err,
                   int64_t err_len) {
   try {
-    SpinPool& p = *static_cast<SpinPool*>(pool);
+    SpinPool& p = usable(pool);
     const auto par = [&p](int64_t b, int64_t e, int64_t g, const auto& f, int64_t a) { pool_for(p, b, e, g, f, a); };
     interleave_rows(par, raw, rows, type, in_features);
     p.park();
@@ -140,8 +155,10 @@ int lw_interleave(uint8_t* raw, int64_t rows, int64_t type, int64_t in_features,
 // one-line message in err.
 int lw_forward(const LwModel* model, void* pool, const int32_t* tokens, int64_t n, int64_t pos, float* logits,
                int all_logits, char* err, int64_t err_len) {
-  SpinPool& p = *static_cast<SpinPool*>(pool);
+  SpinPool* pp = nullptr;
   try {
+    SpinPool& p = usable(pool);
+    pp = &p;
     const LwModel& m = *model;
     if (n <= 0) fail("no tokens to run");
     if (pos < 0 || pos + n > m.ctx)
@@ -173,7 +190,7 @@ int lw_forward(const LwModel* model, void* pool, const int32_t* tokens, int64_t 
     p.park();
     return 0;
   } catch (const std::exception& e) {
-    p.park();
+    if (pp != nullptr) pp->park();
     report(e, err, err_len);
     return -1;
   }

@@ -62,7 +62,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded library, built on first use (~10 s); LeanUnavailable when it cannot be built or loaded."""
+    """The loaded library, built on first use (a few seconds); LeanUnavailable when it cannot be built or loaded."""
     global _library, _failure
     if _library is not None:
         return _library

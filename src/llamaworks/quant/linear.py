@@ -14,16 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints.ggml_types import REQUANT_TARGET
 from ..checkpoints.ggml_types import GGMLType as QType
 from . import kernels
 from .kernels import BLOCK_BYTES, BLOCK_ELEMS, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
 
 KERNEL_TYPES = {GGML_Q4_0: "q4_0", GGML_Q4_1: "q4_1", GGML_Q8_0: "q8_0"}
 TYPE_BY_NAME = {"q4_0": GGML_Q4_0, "q4_1": GGML_Q4_1, "q8_0": GGML_Q8_0, "int8": GGML_Q8_0, "int4": GGML_Q4_1}
-# Where a GGUF type without a kernel goes: low-bit types to Q4_1 (a 4-bit K-quant sub-block is exactly a
-# Q4_1 block up to float16 rounding of its scale and minimum), wider ones to Q8_0.
-_REQUANT_TARGET = {QType.Q2_K: GGML_Q4_1, QType.Q3_K: GGML_Q4_1, QType.Q4_K: GGML_Q4_1,
-                   QType.Q5_0: GGML_Q8_0, QType.Q5_1: GGML_Q8_0, QType.Q5_K: GGML_Q8_0, QType.Q6_K: GGML_Q8_0}
 
 
 def quantize_blocks(w: Tensor, ggml_type: int) -> Tensor:
@@ -77,7 +74,7 @@ def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, i
     if int(qtype) in KERNEL_TYPES:
         raw = _raw_tensor(np.asarray(entry.raw)).reshape(rows, -1)
         return raw, int(qtype), (rows, cols)
-    target = _REQUANT_TARGET.get(qtype, default_type)
+    target = int(REQUANT_TARGET.get(qtype, default_type))  # see ggml_types.REQUANT_TARGET
     if hasattr(entry, "dequantize"):
         w = entry.dequantize()
     else:
