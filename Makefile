@@ -23,6 +23,13 @@ $(VENV)/.test: $(VENV)/.runtime requirements/test.lock
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
 	  echo "note: install Debian's chromium for the web chat test"
+	@# The kernel matrix (tests/test_kernel_matrix.py) cross-compiles the other architecture's kernels and runs
+	@# them under qemu-user.
+	@cross=$$([ "$$(uname -m)" = aarch64 ] && echo g++-x86-64-linux-gnu || echo g++-aarch64-linux-gnu); \
+	  arch=$$([ "$$(uname -m)" = aarch64 ] && echo x86_64 || echo aarch64); \
+	  { command -v $$arch-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-$$arch >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    $$cross qemu-user >/dev/null); } || echo "note: install Debian's $$cross and qemu-user for the kernel matrix"
 	touch $@
 
 chat: $(VENV)/.runtime

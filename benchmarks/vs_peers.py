@@ -1,21 +1,31 @@
-"""llamaworks vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF, same threads, same token ids.
+"""llamaworks vs llama.cpp vs transformers on the same GGUF, same threads, same token ids, same CPU.
 
 Engines: "llamaworks" is the torch-free runtime (lean.py: what `llamaworks chat`/`generate` run on a GGUF file),
-"llamaworks-torch" the quantized torch runtime (runtime.py: the server's and the Python API's).
+"llamaworks-torch" the quantized torch runtime (runtime.py: the server's and the Python API's), "llama.cpp" the
+pip-built llama-cpp-python (a second line: its build flags and Python overhead make it a weaker peer), and
+`--llama-bench BIN[=LABEL]` (repeatable) adds llama.cpp's own `llama-bench` built natively from source, e.g. the
+source llama-cpp-python's sdist vendors (`cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
+--target llama-bench`; `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` for an AVX2 build).
+`--cpu-target x86-64-v3` builds llamaworks' kernels for AVX2 machines, so the AVX2 pair can be measured on an
+AVX-512 machine.
 
     python benchmarks/vs_peers.py [--model FILE.gguf] [--threads 2] [--runs 3] [--json out.json]
+        [--llama-bench ~/llama.cpp/build/bin/llama-bench=native] [--cpu-target native]
 
 Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine), and the engines alternate
 run by run (A B C A B C ...) so drifting machine load hits them alike. Figures per engine: load time, time to
 first token of a short chat prompt, prefill tok/s (--prompt-tokens in one batch), decode tok/s (--gen-tokens
-greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians.
-llama-cpp-python and transformers are optional: an engine that is not installed is reported and skipped.
+greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians, under
+the CPU's name and SIMD features. llama-bench reports prefill and decode speed only (its own prompt of the same
+length; peak RSS is its process's). llama-cpp-python and transformers are optional: an engine that is not
+installed is reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -62,13 +72,26 @@ def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) 
     from llamaworks.lean import LeanModel
 
     t0 = time.perf_counter()
-    model = LeanModel.load(a.model, max_context=a.ctx, threads=a.threads)
+    model = LeanModel.load(a.model, max_context=a.ctx, threads=a.threads, cpu_target=a.cpu_target)
     load_s = time.perf_counter() - t0
 
     def step(ids: list[int], pos: int) -> int:
         return int(np.argmax(model.forward(ids, pos)))
 
     return _timed(a, step, load_s, short, prompt)
+
+
+def work_llama_bench(a: argparse.Namespace, binary: str) -> dict[str, float]:
+    """llama.cpp's own benchmark (`-p N -n M -r 1`): prefill and decode tok/s; peak RSS of its process."""
+    cmd = [binary, "-m", a.model, "-p", str(a.prompt_tokens), "-n", str(a.gen_tokens), "-t", str(a.threads),
+           "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["llama-bench failed"])[-1])
+    rows = json.loads(proc.stdout)
+    speeds = {("prefill_tok_s" if r["n_prompt"] else "decode_tok_s"): float(r["avg_ts"]) for r in rows}
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"load_s": float("nan"), "ttft_s": float("nan"), **speeds, "peak_rss_mib": peak}
 
 
 def _timed(a: argparse.Namespace, step: Any, load_s: float, short: list[int], prompt: list[int]) -> dict[str, float]:
@@ -183,7 +206,8 @@ MODULES = {"llamaworks": "llamaworks", "llamaworks-torch": "llamaworks", "llama.
 def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
     cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
-           "--ids-file", a.ids_file]
+           "--ids-file", a.ids_file, "--cpu-target", a.cpu_target,
+           *[arg for spec in a.llama_bench for arg in ("--llama-bench", spec)]]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     if proc.returncode != 0:
@@ -201,13 +225,20 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 
 def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str, str]) -> None:
-    print(f"\nmodel: {a.model}\nthreads: {a.threads}, prompt {a.prompt_tokens} tokens, decode {a.gen_tokens} tokens, "
+    from llamaworks.hardware import cpu_description
+    from llamaworks.quant.lean_kernels import isa
+
+    cpu = cpu_description()
+    print(f"\nCPU: {cpu['model']}, SIMD: {cpu['simd']}\nllamaworks kernels: built for {a.cpu_target}: "
+          f"{isa(a.cpu_target)}")
+    print(f"model: {a.model}\nthreads: {a.threads}, prompt {a.prompt_tokens} tokens, decode {a.gen_tokens} tokens, "
           f"ctx {a.ctx}, {a.runs} alternating runs per engine after {a.warmup} warm-up\n")
     engines = list(table)
     print("| figure | " + " | ".join(f"{e} (min / median / max)" for e in engines) + " |")
     print("|---|" + "---|" * len(engines))
     for key, label, _ in FIGURES:
-        cells = [f"{table[e][key]['min']:.3g} / **{table[e][key]['median']:.4g}** / {table[e][key]['max']:.3g}"
+        cells = ["—" if math.isnan(table[e][key]["median"]) else
+                 f"{table[e][key]['min']:.3g} / **{table[e][key]['median']:.4g}** / {table[e][key]['max']:.3g}"
                  for e in engines]
         print(f"| {label} | " + " | ".join(cells) + " |")
     ours = [e for e in engines if e.startswith("llamaworks")]
@@ -216,7 +247,8 @@ def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str,
             print(f"\n{mine} / {peer} (medians; >1 is better for llamaworks on speed, <1 on time and memory):")
             for key, label, _ in FIGURES:
                 ratio = table[mine][key]["median"] / table[peer][key]["median"]
-                print(f"  {label:26s} {ratio:6.2f}x")
+                if not math.isnan(ratio):
+                    print(f"  {label:26s} {ratio:6.2f}x")
     for engine, message in errors.items():
         print(f"\n{engine}: skipped ({message})")
 
@@ -235,6 +267,10 @@ def main() -> int:
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--json", default=None, help="also write the raw runs and the summary here")
+    p.add_argument("--llama-bench", action="append", default=[], metavar="BIN[=LABEL]",
+                   help="a natively built llama-bench binary to compare with (repeatable)")
+    p.add_argument("--cpu-target", default="native",
+                   help="build llamaworks' torch-free kernels for this -march (x86-64-v3: AVX2) instead of native")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -245,6 +281,11 @@ def main() -> int:
     if a.worker == "ids":
         short, prompt = _token_ids(a.model, a.prompt_tokens)
         print(json.dumps({"short": short, "prompt": prompt}))
+        return 0
+    benches = {f"llama-bench:{spec.partition('=')[2] or Path(spec).parent.parent.name}": spec.partition("=")[0]
+               for spec in a.llama_bench}
+    if a.worker in benches:
+        print(json.dumps(work_llama_bench(a, benches[a.worker])))
         return 0
     if a.worker:
         # Token ids come from the driver, so no worker imports llamaworks/torch unless it is that engine.
@@ -262,6 +303,7 @@ def main() -> int:
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}
+    engines += list(benches)
     engines = [e for e in engines if e not in errors]
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
     import tempfile

@@ -12,6 +12,9 @@ Tolerances (stated once):
   llama.cpp and of this runtime answer "L'Étoile, ...", the float reference "The capital of France is Paris."
 - Prompts run in chunks: splitting a prompt across calls gives bit-identical logits (each row's activations
   are quantized on their own; attention reads the cache).
+- The parity tests run on every kernel build this machine can run besides its own (MATRIX): on an AVX-512 machine
+  also the AVX2 build (x86-64-v3), on an aarch64 machine with dotprod also plain NEON (armv8-a). The scalar
+  reference build is held to the SIMD paths kernel by kernel (test_kernel_matrix.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from llamaworks import choose_runtime, load
 from llamaworks.checkpoints import load_model, save_gguf
 from llamaworks.config import get_preset
 from llamaworks.errors import ConfigError, FormatError
+from llamaworks.hardware import cpu_description
 from llamaworks.model import Transformer
 from llamaworks.quant import lean_kernels
 from llamaworks.sampling import ContextLengthError, SamplingParams
@@ -36,6 +40,8 @@ lean = pytest.importorskip("llamaworks.lean")
 if not lean.available():  # pragma: no cover - a machine without a C++ compiler
     pytest.skip("the torch-free library cannot be built here", allow_module_level=True)
 
+_SIMD = cpu_description()["simd"].split()
+MATRIX = ["native", *(["x86-64-v3"] if "avx512f" in _SIMD else []), *(["armv8-a"] if "asimddp" in _SIMD else [])]
 
 
 @pytest.fixture
@@ -87,23 +93,30 @@ def lean_forced(model, ids: list[int], tokens: list[int]) -> np.ndarray:
 
 # -- the default model -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_float_activations_greedy_equals_float_reference(smollm2, float_activations) -> None:
+@pytest.mark.parametrize("cpu_target", MATRIX)
+def test_float_activations_greedy_equals_float_reference(smollm2, cpu_target: str) -> None:
     reference = smollm2[1]
-    model = lean.LeanModel.load(max_context=256, kv_dtype="float32")
-    assert model.interleaved_share == (1.0 if lean_kernels.library().lw_can_interleave() else 0.0)
-    for prompt in PROMPTS:
-        ids = model.tokenizer.encode(prompt)
-        got, got_logits = lean_greedy(model, ids, 16)
-        want, want_logits = reference_greedy(reference, ids, 16)
-        assert got == want, f"{prompt!r}: {model.tokenizer.decode(got)!r} != {model.tokenizer.decode(want)!r}"
-        assert np.abs(got_logits - want_logits).max() < LOGIT_ATOL
+    was = lean_kernels.int8_decode(cpu_target=cpu_target)
+    lean_kernels.int8_decode(False, cpu_target)
+    try:
+        model = lean.LeanModel.load(max_context=256, kv_dtype="float32", cpu_target=cpu_target)
+        assert model.interleaved_share == 1.0
+        for prompt in PROMPTS:
+            ids = model.tokenizer.encode(prompt)
+            got, got_logits = lean_greedy(model, ids, 16)
+            want, want_logits = reference_greedy(reference, ids, 16)
+            assert got == want, f"{prompt!r}: {model.tokenizer.decode(got)!r} != {model.tokenizer.decode(want)!r}"
+            assert np.abs(got_logits - want_logits).max() < LOGIT_ATOL
+    finally:
+        lean_kernels.int8_decode(was, cpu_target)
 
 
 @pytest.mark.slow
-def test_int8_activations_drift_against_float_reference(smollm2) -> None:
-    model, reference = smollm2
-    if not lean_kernels.int8_decode():
-        pytest.skip("no int8 path (CPU without AVX-512 VNNI)")
+@pytest.mark.parametrize("cpu_target", MATRIX)
+def test_int8_activations_drift_against_float_reference(smollm2, cpu_target: str) -> None:
+    reference = smollm2[1]
+    assert lean_kernels.int8_decode(cpu_target=cpu_target)  # the default on every CPU
+    model = smollm2[0] if cpu_target == "native" else lean.LeanModel.load(max_context=256, cpu_target=cpu_target)
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         want, want_logits = reference_greedy(reference, ids, 16)
@@ -248,8 +261,7 @@ def test_cache_bookkeeping_and_bad_calls(smollm2) -> None:
 def test_the_two_libraries_keep_their_own_switches() -> None:
     from llamaworks.quant import kernels
 
-    if not kernels.native_available() or not lean_kernels.int8_decode():
-        pytest.skip("no int8 kernels to switch")
+    assert kernels.native_available()
     torch_int8, lean_int8 = kernels.int8_decode(), lean_kernels.int8_decode()
     try:
         lean_kernels.int8_decode(not lean_int8)
@@ -305,7 +317,7 @@ def test_mapped_plain_rows_equal_interleaved_rows(tmp_path, float_activations) -
     in_memory = lean.LeanModel.load(path)
     mapped = lean.LeanModel.load(path, mmap=True)
     assert mapped.weights_in == "mmap" and mapped.interleaved_share == 0.0
-    assert in_memory.interleaved_share == (1.0 if lean_kernels.library().lw_can_interleave() else 0.0)
+    assert in_memory.interleaved_share == 1.0
     ids = list(range(3, 40))
     np.testing.assert_allclose(in_memory.forward(ids, 0, all_logits=True), mapped.forward(ids, 0, all_logits=True),
                                atol=1e-4)

@@ -8,6 +8,8 @@ as the chat does. Figures (one process, the model loaded once):
 - prefill_tok_s:   `prompt_tokens` tokens through the model in one call, median of `runs`.
 - decode_tok_s:    `gen_tokens` greedy one-token steps after that prompt, median of `runs`.
 - peak_rss_mib:    the process's peak resident memory (with the torch runtime, torch's own ~200 MiB included).
+- cpu, cpu_simd, kernel_isa: the machine the figures come from and the SIMD paths the kernels were built with
+  (`cpu_target` other than "native" builds the torch-free kernels for another CPU class, e.g. x86-64-v3: AVX2).
 Prompts are fixed pseudo-random token ids (seeded), so other engines can be fed exactly the same tokens.
 """
 
@@ -74,10 +76,15 @@ def _short_chat_prompt(tokenizer: Any, vocab_size: int) -> list[int]:
 
 def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128,
               ctx: int = 1024, runs: int = 3, threads: int | None = None, compile: bool = False,
-              weights: str = "q8_0", mmap: bool | None = None, runtime: str = "auto") -> dict[str, Any]:
+              weights: str = "q8_0", mmap: bool | None = None, runtime: str = "auto",
+              cpu_target: str = "native") -> dict[str, Any]:
     """Measure the fast path on one model; returns a JSON-able dict (see the module docstring)."""
     from . import choose_runtime
 
+    if cpu_target != "native":
+        if runtime == "torch":
+            raise ValueError("--cpu-target builds the torch-free kernels for another CPU: use --runtime lean")
+        runtime = "lean"
     if prompt_tokens + gen_tokens > ctx:
         raise ValueError(f"--prompt-tokens + --gen-tokens ({prompt_tokens + gen_tokens}) exceed --ctx ({ctx})")
     if compile and runtime == "auto":
@@ -87,7 +94,7 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
 
         try:
             return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                             threads=threads, mmap=mmap)
+                             threads=threads, mmap=mmap, cpu_target=cpu_target)
         except LeanUnsupported:
             if runtime != "auto":
                 raise
@@ -95,14 +102,21 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
                       threads=threads, compile=compile, weights=weights, mmap=mmap)
 
 
+def _machine(kernel_isa: str, cpu_target: str) -> dict[str, str]:
+    from .hardware import cpu_description
+
+    cpu = cpu_description()
+    return {"cpu": cpu["model"], "cpu_simd": cpu["simd"], "cpu_target": cpu_target, "kernel_isa": kernel_isa}
+
+
 def _run_lean(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
-              runs: int, threads: int | None, mmap: bool | None) -> dict[str, Any]:
+              runs: int, threads: int | None, mmap: bool | None, cpu_target: str = "native") -> dict[str, Any]:
     from .lean import LeanModel
-    from .quant.lean_kernels import library
+    from .quant.lean_kernels import isa, library
 
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
-    model = LeanModel.load(model_path, max_context=ctx, threads=threads, mmap=mmap)
+    model = LeanModel.load(model_path, max_context=ctx, threads=threads, mmap=mmap, cpu_target=cpu_target)
     load_s = time.perf_counter() - t0
 
     def next_token(ids: list[int], start_pos: int) -> int:
@@ -113,8 +127,9 @@ def _run_lean(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, 
     next_token([next_token(short, 0)], len(short))  # the first token and the first decode step after load
     ttft_s = time.perf_counter() - t1
     speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
-    int8 = bool(library().lw_int8_decode(-1))
-    return {"engine": "llamaworks", "runtime": "lean", "model": str(model.path), "model_name": model.config.name,
+    int8 = bool(library(cpu_target).lw_int8_decode(-1))
+    return {"engine": "llamaworks", "runtime": "lean", **_machine(isa(cpu_target), cpu_target),
+            "model": str(model.path), "model_name": model.config.name,
             "params_m": round(model.config.n_params / 1e6, 1), "threads": model.threads, "native_kernels": True,
             "int8_decode": int8, "bf16_prefill": False, "prefill_kernels": "int8 decode kernels, 32-token chunks"
             if int8 else "float decode kernels, 8-token chunks", "weights_in": model.weights_in,
@@ -153,6 +168,7 @@ def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int,
     return {
         "engine": "llamaworks",
         "runtime": "torch",
+        **_machine(kernels.isa(), "native"),
         "model": str(getattr(checkpoint, "path", model_path)),
         "model_name": cfg.name,
         "params_m": round(cfg.n_params / 1e6, 1),
@@ -217,6 +233,8 @@ def print_table(result: dict[str, Any]) -> None:
                               "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory",
                               f"{result['interleaved_linears']:.0%} of linears in x8 rows"])
     rows = [
+        ("CPU", f"{result['cpu']}; SIMD: {result['cpu_simd'] or 'none found'}"),
+        ("kernel paths", f"{result['kernel_isa']} (built for {result['cpu_target']})"),
         ("kernels", kernels_used),
         ("load", f"{result['load_s']:.2f} s"),
         ("time to first token (short chat prompt)", f"{result['ttft_s']:.3f} s"),
@@ -232,9 +250,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(model: str | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128, ctx: int = 1024,
          runs: int = 3, threads: int | None = None, compile: bool = False, weights: str = "q8_0",
-         as_json: bool = False, mmap: bool | None = None, runtime: str = "auto") -> int:
+         as_json: bool = False, mmap: bool | None = None, runtime: str = "auto", cpu_target: str = "native") -> int:
     result = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                       threads=threads, compile=compile, weights=weights, mmap=mmap, runtime=runtime)
+                       threads=threads, compile=compile, weights=weights, mmap=mmap, runtime=runtime,
+                       cpu_target=cpu_target)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

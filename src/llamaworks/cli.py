@@ -419,18 +419,21 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--runtime", choices=["auto", "lean", "torch"], default="auto",
                    help="lean: the torch-free runtime (what chat/generate use for GGUF files), torch: the torch "
                         "runtime (the server's); auto (default): as the chat chooses")
+    p.add_argument("--cpu-target", default="native", metavar="MARCH",
+                   help="build the torch-free kernels for another CPU class and measure them here: a -march value "
+                        "such as x86-64-v3 (AVX2+FMA+F16C) or x86-64-v2 (scalar reference); default: native")
 
     def run(a: argparse.Namespace) -> int:
         from .bench import main as bench_main
 
         return bench_main(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, ctx=a.ctx, runs=a.runs,
                           threads=a.threads, compile=a.compile, weights=a.weights, as_json=a.json,
-                          mmap=True if a.mmap else None, runtime=a.runtime)
+                          mmap=True if a.mmap else None, runtime=a.runtime, cpu_target=a.cpu_target)
 
     def needs_torch(a: argparse.Namespace) -> bool:
         from . import choose_runtime
 
-        return a.compile or choose_runtime(a.runtime, a.model, "cpu") == "torch"
+        return a.compile or (a.cpu_target == "native" and choose_runtime(a.runtime, a.model, "cpu") == "torch")
 
     p.set_defaults(run=run, needs_torch=needs_torch)
 

@@ -1,8 +1,32 @@
-"""What this machine offers, found without importing torch: physical cores, and whether a GPU is visible."""
+"""What this machine offers, found without importing torch: the CPU and its SIMD features, physical cores, and
+whether a GPU is visible."""
 
 from __future__ import annotations
 
 import os
+import platform
+
+# The CPU features the kernels' SIMD paths use (x86 /proc/cpuinfo "flags", aarch64 "Features").
+SIMD_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2", "fma", "f16c",
+              "avx", "sse4_2", "asimd", "asimddp", "fphp", "sve")
+
+
+def cpu_description() -> dict[str, str]:
+    """{"model": the CPU's name, "simd": the SIMD features among SIMD_FLAGS it has}, for every reported figure."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Hardware", "CPU part") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return {"model": f"{model} ({platform.machine()})", "simd": " ".join(f for f in SIMD_FLAGS if f in flags)}
 
 
 def physical_cores() -> int:

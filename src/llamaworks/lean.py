@@ -8,9 +8,9 @@
 Why it exists: `import torch` alone keeps ~220 MiB resident (its libraries and ~1,100 Python modules), more
 than the default model's weights (94 MiB), so no process that imports torch can run SmolLM2 in llama.cpp's
 memory. This runtime needs numpy, `tokenizers` and the small C++ library in quant/_lean.cpp, built from the
-same kernels as the torch runtime (quant/_kernels_core.h): int8 activations with VNNI dot products, x8 rows,
-a float16 KV cache. Prompts run through the decode kernels in chunks of 32 tokens (8 with float activations;
-weights read once per chunk).
+same kernels as the torch runtime (quant/_kernels_core.h): int8 activations with integer dot products (AVX-512
+VNNI, AVX2, NEON: whatever this CPU has), x8 rows, a float16 KV cache. Prompts run through the decode kernels
+in chunks of 32 tokens (8 with float activations; weights read once per chunk).
 
 `llamaworks chat`, `generate` and `bench` use it for GGUF models on the CPU (`--runtime torch` selects the torch
 runtime); `llamaworks.load(path, runtime="lean")` gives an `LLM` on it. Q4_0/Q4_1/Q8_0 blocks are used as they
@@ -59,17 +59,17 @@ class LeanUnsupported(FormatError):
     """The file is a valid model the torch-free runtime cannot run (`--runtime auto` then uses the torch one)."""
 
 
-_pools: dict[tuple[int, int], int] = {}  # (process id, threads) -> the native thread pool
+_pools: dict[tuple[int, int, str], int] = {}  # (process id, threads, CPU target) -> the native thread pool
 _pools_lock = threading.Lock()
 
 
-def _pool(threads: int) -> int:
-    """The native pool for `threads` in this process: made once, shared by every LeanModel (a fork's child makes
-    its own: the parent's threads do not exist there)."""
-    key = (os.getpid(), threads)
+def _pool(threads: int, cpu_target: str = "native") -> int:
+    """The native pool for `threads` in this process and library: made once, shared by every LeanModel (a fork's
+    child makes its own: the parent's threads do not exist there)."""
+    key = (os.getpid(), threads, cpu_target)
     with _pools_lock:
         if key not in _pools:
-            pool = lean_kernels.library().lw_pool_new(threads)
+            pool = lean_kernels.library(cpu_target).lw_pool_new(threads)
             if not pool:
                 raise RuntimeError(f"could not start {threads} threads for the torch-free runtime")
             _pools[key] = pool
@@ -133,6 +133,7 @@ class LeanModel:
     weights_in: str  # "memory" or "mmap"
     kv_dtype: str  # "float16" (default, as llama.cpp) or "float32"
     interleaved_share: float  # fraction of the layers' matrices in x8 rows
+    cpu_target: str  # the kernels' build target: "native" (this CPU) or a -march value
     _keep: list[Any] = field(default_factory=list, repr=False)  # arrays the C structures point into
     _model: Any = field(default=None, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)  # one forward at a time: one KV cache
@@ -143,13 +144,15 @@ class LeanModel:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, max_context: int | None = None,
              threads: int | None = None, mmap: bool | None = None, interleave: bool | None = None,
-             kv_dtype: str = "float16") -> LeanModel:
+             kv_dtype: str = "float16", cpu_target: str = "native") -> LeanModel:
         """Read a GGUF file (None: the bundled default model). max_context: KV cache positions (default: the
         model's maximum; pages are committed only as positions fill). threads: default physical cores.
         mmap: keep the blocks mapped from the file (default LLAMAWORKS_MMAP) instead of read into huge pages.
         interleave: x8 rows for Q4_0/Q4_1 matrices (default on unless LLAMAWORKS_INTERLEAVE=0; never with mmap).
-        kv_dtype: "float16" (half the memory; attention math is float32 either way) or "float32"."""
-        lib = lean_kernels.library()
+        kv_dtype: "float16" (half the memory; attention math is float32 either way) or "float32".
+        cpu_target: the kernels' build target, "native" (this CPU's SIMD paths) or a -march value such as
+        "x86-64-v3" (AVX2) or "x86-64-v2" (the scalar reference), to measure or test another CPU's paths here."""
+        lib = lean_kernels.library(cpu_target)
         if path is None:
             from .assets import default_model_path
 
@@ -196,9 +199,9 @@ class LeanModel:
                 target = REQUANT_TARGET.get(tensors[n].qtype, GGMLType.Q8_0)
                 blocks[n], types[n] = _convert(n, tensors[n], target, path), int(target)
 
-        pool = _pool(threads)
+        pool = _pool(threads, cpu_target)
         owned = not mmap  # blocks in memory this process owns may be regrouped in place
-        if interleave and owned and lib.lw_can_interleave():
+        if interleave and owned:
             for n in matrices:
                 if (n != "tok_embeddings.weight" and types[n] in (GGMLType.Q4_0, GGMLType.Q4_1)
                         and blocks[n].shape[0] % 8 == 0):
@@ -238,7 +241,7 @@ class LeanModel:
         model = cls(config=config.replace(max_seq_len=ctx), tokenizer=tokenizer,
                     chat_template=meta.get("tokenizer.chat_template"), generation_config=_generation_config(meta),
                     path=path, threads=threads, weights_in="mmap" if mmap else "memory", kv_dtype=kv_dtype,
-                    interleaved_share=share)
+                    interleaved_share=share, cpu_target=cpu_target)
         model._keep = [blocks, norms, inv_freq, k_cache, v_cache, layers]
         model._model = native
         return model
@@ -250,14 +253,14 @@ class LeanModel:
         ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
         n, vocab = len(ids), self.config.vocab_size
         logits = np.empty((n if all_logits else 1, vocab), np.float32)
-        lib = lean_kernels.library()
+        lib = lean_kernels.library(self.cpu_target)
         with self._lock:
             # Positions from start_pos on are about to change: forget them first (a failed call may have written
             # some); beyond the known prefix nothing is known.
             if start_pos > len(self.cached):
                 self.cached.clear()
             del self.cached[start_pos:]
-            call(lib.lw_forward, ctypes.byref(self._model), _pool(self.threads), ids.ctypes.data, n,
+            call(lib.lw_forward, ctypes.byref(self._model), _pool(self.threads, self.cpu_target), ids.ctypes.data, n,
                  int(start_pos), logits.ctypes.data, int(all_logits))
             if start_pos == len(self.cached):
                 self.cached.extend(int(t) for t in ids)

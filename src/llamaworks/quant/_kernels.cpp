@@ -19,10 +19,6 @@ void check_args(const at::Tensor& raw, int64_t t, int64_t k) {
   TORCH_CHECK((t & ~(kInterleaved | 255)) == 0 &&
               (!interleaved(t) || base_type(t) == GGML_Q4_0 || base_type(t) == GGML_Q4_1),
               "llamaworks: invalid ggml type code ", t, " (x8 rows exist for Q4_0 and Q4_1 only)");
-#ifndef LLAMAWORKS_INT8_DOT
-  TORCH_CHECK(!interleaved(t), "llamaworks: interleaved (x8) weights need the AVX-512 VNNI kernels; "
-              "this build has none (dequantize them with the torch fallback instead)");
-#endif
   TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2, "llamaworks: raw weight must be a 2-D uint8 tensor");
   TORCH_CHECK(raw.stride(1) == 1, "llamaworks: raw weight rows must be contiguous");
   TORCH_CHECK(k % QK == 0, "llamaworks: in_features must be a multiple of 32, got ", k);
@@ -43,7 +39,6 @@ void for_each_plain_row(const at::Tensor& raw, int64_t t, int64_t k, const F& ro
     });
     return;
   }
-#ifdef LLAMAWORKS_INT8_DOT
   at::parallel_for(0, n / 8, 2, [&](int64_t g0, int64_t g1) {
     std::vector<uint8_t> plain(8 * stride);
     for (int64_t g = g0; g < g1; ++g) {
@@ -51,9 +46,6 @@ void for_each_plain_row(const at::Tensor& raw, int64_t t, int64_t k, const F& ro
       for (int64_t i = 0; i < 8; ++i) row_fn(8 * g + i, plain.data() + i * stride);
     }
   });
-#else
-  TORCH_CHECK(false, "llamaworks: interleaved weights need the AVX-512 VNNI kernels");
-#endif
 }
 
 // (N, K) float32 from (N, row_bytes) blocks.
@@ -68,20 +60,18 @@ at::Tensor ggml_dequantize(const at::Tensor& raw, int64_t t, int64_t k) {
   return out;
 }
 
-// Prefill in bfloat16 (on CPUs with native bf16 dot products): the weight slabs are dequantized to bf16 and the
+// Prefill in bfloat16 (on by default on CPUs with native bf16 dot products): the weight slabs are dequantized to bf16 and the
 // gemm runs at about 2.4x the float32 rate here (430 vs 175 GFLOP/s on 2 cores). Inputs and outputs of each
 // matmul are rounded to bf16 (8 significant bits), coarser than float32 but finer than the int8 activations
 // llama.cpp uses; tests/test_runtime.py bounds the logit drift. `bf16_prefill(0)` switches it off.
-std::atomic<bool> g_bf16_prefill{true};
-
-
+// Elsewhere it is off by default but can be switched on (torch's own bf16 gemm), so it is tested on every CPU.
 #if defined(__AVX512BF16__)
-constexpr bool kHaveBf16 = true;
+std::atomic<bool> g_bf16_prefill{true};
 #else
-constexpr bool kHaveBf16 = false;
+std::atomic<bool> g_bf16_prefill{false};
 #endif
 
-bool bf16_prefill(int64_t mode) { return flip(g_bf16_prefill, kHaveBf16, mode); }
+bool bf16_prefill(int64_t mode) { return flip(g_bf16_prefill, mode); }
 
 // (N, K) bfloat16 from (N, row_bytes) blocks (the float dequantization, rounded to nearest even).
 at::Tensor dequantize_bf16(const at::Tensor& raw, int64_t t, int64_t k) {
@@ -199,7 +189,7 @@ const auto decode_par = [](int64_t begin, int64_t end, int64_t grain, const auto
   decode_parallel_for(begin, end, grain, f, align);
 };
 
-bool decode_pool(int64_t mode) { return flip(g_decode_pool, true, mode); }
+bool decode_pool(int64_t mode) { return flip(g_decode_pool, mode); }
 
 // Python's side of DecodeScope for a whole native step (its output projection included): returns the previous
 // state of this thread.
@@ -334,7 +324,7 @@ at::Tensor ggml_decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm
 // Regroup a Q4_0/Q4_1 weight's rows into the x8 layout, in place (at load, before any kernel reads it).
 void ggml_interleave_(at::Tensor raw, int64_t t, int64_t k) {
   check_args(raw, t, k);
-  TORCH_CHECK(can_interleave() && (t == GGML_Q4_0 || t == GGML_Q4_1) && raw.size(0) % 8 == 0 && raw.is_contiguous(),
+  TORCH_CHECK((t == GGML_Q4_0 || t == GGML_Q4_1) && raw.size(0) % 8 == 0 && raw.is_contiguous(),
               "llamaworks: only contiguous Q4_0/Q4_1 weights with a multiple of 8 rows can be interleaved here");
   const auto torch_par = [](int64_t begin, int64_t end, int64_t grain, const auto& f, int64_t) {
     at::parallel_for(begin, end, grain, f);
@@ -354,7 +344,7 @@ TORCH_LIBRARY(llamaworks, lib) {
   lib.def("ggml_swiglu(Tensor x, Tensor gate, int gate_type, Tensor up, int up_type, int in_features) -> Tensor");
   lib.def("int8_decode(int mode) -> bool", &lwcore::int8_decode);
   lib.def("bf16_prefill(int mode) -> bool", &bf16_prefill);
-  lib.def("can_interleave() -> bool", [] { return can_interleave(); });
+  lib.def("isa() -> str", [] { return isa_description(); });
   lib.def("decode_pool(int mode) -> bool", &decode_pool);
   lib.def("decode_step_scope(bool on) -> bool", &decode_step_scope);
   lib.def("ggml_interleave_(Tensor(a!) raw, int ggml_type, int in_features) -> ()");

@@ -1,10 +1,18 @@
 // The torch-free core of llamaworks' CPU inference: GGUF/ggml block formats (Q4_0, Q4_1, Q8_0 and the x8
-// row-interleaved layout), the fused dequantize-and-dot decode kernels, a spinning thread pool, RMSNorm, RoPE and
-// attention over a float16/float32 KV cache. Everything works on raw pointers. Two libraries include it:
-// _kernels.cpp (torch ops for the torch runtime) and _lean.cpp (a plain C ABI for llamaworks.lean, which runs
-// GGUF models without importing torch). Parallel loops take the caller's `par(begin, end, grain, fn, align)`.
+// row-interleaved layout), the fused dequantize-and-dot decode kernels, a thread pool, RMSNorm, RoPE and attention
+// over a float16/float32 KV cache. Everything works on raw pointers. Three programs include it: _kernels.cpp (torch
+// ops for the torch runtime), _lean.cpp (a plain C ABI for llamaworks.lean, which runs GGUF models without torch)
+// and tests/native/kernel_check.cpp (every SIMD path against the scalar reference, per ISA).
+//
+// Each kernel exists once as a portable scalar reference (namespace `ref`: the definition, compiled on every
+// machine) and, where it matters for speed, as SIMD paths chosen at compile time for the target the library is
+// built for (-march=native by default): AVX-512 (+VNNI), AVX2 + FMA + F16C (+AVX-VNNI), aarch64 NEON
+// (+dotprod). Integer parts (activation quantization, block dot products, x8 regrouping, dequantization) give the
+// same bits on every path; float sums differ only in summation order (bounds in tests/test_kernel_matrix.py).
+// Parallel loops take the caller's `par(begin, end, grain, fn, align)`.
 #pragma once
 
+#include <sched.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -23,19 +31,59 @@
 #include <thread>
 #include <utility>
 #include <vector>
-#if defined(__AVX512F__) || defined(__F16C__)
+
+// -- which SIMD paths this build has --------------------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && !defined(LLAMAWORKS_NO_AVX512)
+#define LW_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LW_AVX2 1  // also set on AVX-512 builds: the 256-bit kernels serve both
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define LW_NEON 1
+#endif
+#if defined(LW_AVX2) || defined(__F16C__) || defined(LW_AVX512)
 #include <immintrin.h>
 #endif
+#if defined(LW_NEON)
+#include <arm_neon.h>
+#endif
 
-// Everything has internal linkage (an unnamed namespace): both libraries may be loaded into one process, and
-// shared symbols would merge their switches (g_int8_decode) and scratch buffers.
+// Everything has internal linkage (an unnamed namespace): several libraries may be loaded into one process (the
+// torch kernels and torch-free libraries built for different targets), and shared symbols would merge their
+// switches and scratch buffers.
 namespace {
 namespace lwcore {
 
 [[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error("llamaworks: " + message); }
 
-// IEEE half -> float without F16C (the portable path).
-inline float half_bits_to_float(uint16_t h) {
+// The SIMD level of each kernel family in this build, for reports ("matmul int8: avx2+avx-vnni, ...").
+inline std::string isa_description() {
+#if defined(LW_AVX512)
+  const std::string dot = "avx512-vnni (x8 groups), ";
+#else
+  const std::string dot;
+#endif
+#if defined(LW_AVX2)
+#if defined(LW_AVX512) || defined(__AVXVNNI__)
+  return dot + "avx2+vnni (int8 dot), avx2-fma (float), f16c";
+#else
+  return dot + "avx2 (int8 dot: maddubs), avx2-fma (float), f16c";
+#endif
+#elif defined(LW_NEON) && defined(__ARM_FEATURE_DOTPROD)
+  return "neon+dotprod (int8 dot), neon (float), fp16 conversions";
+#elif defined(LW_NEON)
+  return "neon (int8 dot: smull), neon (float), fp16 conversions";
+#else
+  return "scalar reference (no SIMD path for this target)";
+#endif
+}
+
+// -- float16 ------------------------------------------------------------------------------------------------
+namespace ref {
+// IEEE half -> float, bit by bit.
+inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
   uint32_t bits;
   if (exp == 31) {
@@ -55,11 +103,8 @@ inline float half_bits_to_float(uint16_t h) {
   return f;
 }
 
-// float -> IEEE half, round to nearest even (the portable path).
-inline uint16_t float_to_half_bits(float f) {
-#if defined(__F16C__)
-  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
-#else
+// float -> IEEE half, round to nearest even.
+inline uint16_t float_to_half(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
   const uint32_t sign = (x >> 16) & 0x8000;
@@ -78,19 +123,63 @@ inline uint16_t float_to_half_bits(float f) {
   const uint32_t rest = x & 0x1fff;
   if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;
   return static_cast<uint16_t>(sign | h);
+}
+}  // namespace ref
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(LW_NEON)
+  __fp16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+#else
+  return ref::half_to_float(h);
 #endif
 }
 
+inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(LW_NEON)
+  const __fp16 v = static_cast<__fp16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+#else
+  return ref::float_to_half(f);
+#endif
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+// n floats -> float16 bits (a KV cache row).
+inline void floats_to_halves(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(LW_NEON)
+  for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+// -- block formats --------------------------------------------------------------------------------------------
 constexpr int64_t QK = 32;  // elements per block for every type handled here
 constexpr int64_t GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
 
 // Row-interleaved ("x8") layout, made once at load for Q4_0/Q4_1 weights with a multiple of 8 rows. Per group
 // of 8 consecutive rows and per 32-column block: the 8 rows' scales (fp16), Q4_1's 8 minimums, then 128 quant
-// bytes arranged so that one 64-byte load and a nibble mask give, for all 8 rows at once, 8 consecutive
-// weights per row in two 32-bit lanes (row i in lanes 2i and 2i + 1: columns 0-3 and 4-7 of a step). The
-// activation a step needs is then one broadcast qword of the int8 row, the same for every lane pair. A decode
-// kernel reads one contiguous stream and finishes 8 rows x 32 columns with four dpbusd and no horizontal sums,
-// instead of interleaving 8 row streams (which defeats the prefetchers). Same bytes in total, so the tensor keeps its
+// bytes in two 64-byte halves (a: columns 0-15, b: columns 16-31). Within a half, column c (of 16) of row i is
+// in byte 4 * (2 * i + (c % 8) / 4) + c % 4, low nibble for c < 8, else high: row i owns the 32-bit lanes 2i and
+// 2i + 1, and one nibble mask gives, for all 8 rows at once, 8 consecutive weights per row. The activation a
+// step needs is then one broadcast qword of the int8 row, the same for every lane pair, and a kernel reads one
+// contiguous stream per 8 rows with no horizontal sums. Same bytes in total, so the tensor keeps its
 // (rows, row_bytes) shape; the ggml type code carries the flag.
 constexpr int64_t kInterleaved = 256;
 inline int64_t base_type(int64_t t) { return t & 255; }
@@ -104,36 +193,24 @@ inline int64_t block_bytes(int64_t t) {
   fail("unsupported ggml block type " + std::to_string(t));
 }
 
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-#if defined(__F16C__)
-  return _cvtsh_ss(h);  // one instruction instead of the bit-twiddling software conversion
-#else
-  return half_bits_to_float(h);
-#endif
-}
+// Activation rows quantized to 32-element int8 blocks as ggml does for its dot products (scale = absmax / 127,
+// q = round(x / scale)), made once per matmul: every weight block then meets them in integer dot products.
+struct QuantRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;    // per block: scale, scale * sum(q)
+  std::vector<int32_t> qsum;  // per block: sum(q)
+  QuantRows() = default;
+  QuantRows(int64_t m, int64_t k) : q(m * k), d(m * (k / QK)), s(m * (k / QK)), qsum(m * (k / QK)) {}
+};
 
-// Expand one block to 32 floats (d * q + m rounded twice, exactly as ggml's reference dequantizers).
+// ============================================================================================================
+// The scalar reference: the definition of every kernel. The SIMD paths below are tested against these.
+// ============================================================================================================
+namespace ref {
+
+// One block -> 32 floats: d * q + m rounded twice, exactly as ggml's reference dequantizers.
 inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
   const float d = half_at(blk);
-#if defined(__AVX512F__)
-  const __m512 vd = _mm512_set1_ps(d);
-  if (t == GGML_Q8_0) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
-    _mm512_storeu_ps(out, _mm512_mul_ps(vd, lo));
-    _mm512_storeu_ps(out + 16, _mm512_mul_ps(vd, hi));
-    return;
-  }
-  const __m512 vm = _mm512_set1_ps(t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d);
-  const __m128i low4 = _mm_set1_epi8(15);
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(vd, lo), vm));
-  _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(vd, hi), vm));
-#else
   if (t == GGML_Q8_0) {
     const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
     for (int j = 0; j < 32; ++j) out[j] = d * q[j];
@@ -142,270 +219,145 @@ inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
   const float m = t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d;
   const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
   for (int j = 0; j < 16; ++j) {
-    out[j] = d * (q[j] & 15) + m;
-    out[j + 16] = d * (q[j] >> 4) + m;
+    const float lo = d * (q[j] & 15), hi = d * (q[j] >> 4);
+    out[j] = lo + m;
+    out[j + 16] = hi + m;
   }
-#endif
 }
 
-// Dot of one quantized row with one float vector; xsum holds each 32-block's sum of x (for the offset).
+// Dot of one quantized row with one float vector; xsum holds each 32-block's sum of x (for the offset term).
+// Per block: d * sum_j(q_j * x_j), summed in element order; Q4_0/Q4_1 add m * xsum[b] into a separate total.
 inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float* xsum, int64_t nb) {
   const int64_t bb = block_bytes(t);
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  float offset = 0.f;
-  const __m128i low4 = _mm_set1_epi8(15);
+  float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * bb;
     const float* xb = x + b * QK;
     const float d = half_at(blk);
-    __m512 lo, hi;
-    if (t == GGML_Q8_0) {
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
-    } else {
-      const int64_t qoff = t == GGML_Q4_1 ? 4 : 2;
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qoff));
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
-      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xsum[b];
-    }
-    __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-    s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), s);
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
-  }
-  return _mm512_reduce_add_ps(acc) + offset;
-#else
-  // Portable path written so the compiler can vectorise the 16-wide inner loops.
-  float acc[16] = {0};
-  float offset = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * bb;
-    const float* xb = x + b * QK;
-    const float d = half_at(blk);
-    float s[16];
+    float s = 0.f;
     if (t == GGML_Q8_0) {
       const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-      for (int j = 0; j < 16; ++j) s[j] = q[j] * xb[j] + q[j + 16] * xb[j + 16];
+      for (int j = 0; j < 32; ++j) s += q[j] * xb[j];
     } else {
       const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
-      for (int j = 0; j < 16; ++j) s[j] = (q[j] & 15) * xb[j] + (q[j] >> 4) * xb[j + 16];
+      for (int j = 0; j < 16; ++j) s += (q[j] & 15) * xb[j];
+      for (int j = 0; j < 16; ++j) s += (q[j] >> 4) * xb[j + 16];
       offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xsum[b];
     }
-    for (int j = 0; j < 16; ++j) acc[j] += d * s[j];
+    acc += d * s;
   }
-  float total = offset;
-  for (int j = 0; j < 16; ++j) total += acc[j];
-  return total;
-#endif
+  return acc + offset;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define LLAMAWORKS_INT8_DOT 1
-#endif
+// Rows of x (m, k) -> int8 blocks. Rounds to nearest, ties to even (ggml's roundf sends exact ties away from
+// zero: a tie needs x / scale to land exactly on .5, vanishingly rare for real activations).
+inline void quantize_rows(const float* x, int64_t m, int64_t k, QuantRows& out) {
+  for (int64_t b = 0; b < m * (k / QK); ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const float v = std::nearbyint(xb[j] * inv);
+      const int32_t q = static_cast<int32_t>(std::min(127.f, std::max(-128.f, v)));
+      out.q[b * QK + j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out.d[b] = scale;
+    out.qsum[b] = sum;
+    out.s[b] = scale * static_cast<float>(sum);
+  }
+}
 
-#ifdef LLAMAWORKS_INT8_DOT
+// The integer dot product of one weight block with one int8 activation block (Q4_0's weights already w - 8).
+inline int32_t block_dot_i8(int64_t t, const uint8_t* blk, const int8_t* xq) {
+  int32_t sum = 0;
+  if (t == GGML_Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < 32; ++j) sum += q[j] * xq[j];
+    return sum;
+  }
+  const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
+  const int32_t off = t == GGML_Q4_0 ? 8 : 0;
+  for (int j = 0; j < 16; ++j) sum += ((q[j] & 15) - off) * xq[j] + ((q[j] >> 4) - off) * xq[j + 16];
+  return sum;
+}
+
+// One plain weight row . one quantized activation row: per block (dw * dx) * dot, plus Q4_1's mw * sx, summed in
+// block order into one float.
+inline float row_dot_q8(int64_t t, const uint8_t* row, const int8_t* xq, const float* xd, const float* xs,
+                        int64_t nb) {
+  const int64_t bb = block_bytes(t);
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    acc += (half_at(blk) * xd[b]) * static_cast<float>(block_dot_i8(t, blk, xq + b * QK));
+    if (t == GGML_Q4_1) acc += half_at(blk + 2) * xs[b];
+  }
+  return acc;
+}
+
 // One x8 group block -> the 8 rows' plain ggml blocks (row i's block at plain + i * row_stride).
-// The group block's quant bytes are two 64-byte halves: a holds columns 0-15, b columns 16-31. Within a half,
-// column c (of 16) of row i is in byte 4 * (2 * i + (c % 8) / 4) + c % 4 (qword i holds row i), low nibble
-// for c < 8, else high.
-// A plain ggml block's byte p holds column p (low nibble) and p + 16 (high nibble).
+// A plain block's quant byte p holds column p (low nibble) and p + 16 (high nibble).
 inline void unpack_group_block(int64_t t, const uint8_t* gblk, uint8_t* plain, int64_t row_stride) {
   const bool q4_1 = base_type(t) == GGML_Q4_1;
   const int64_t qoff = q4_1 ? 4 : 2;
-  for (int i = 0; i < 8; ++i) {
-    std::memcpy(plain + i * row_stride, gblk + 2 * i, 2);
-    if (q4_1) std::memcpy(plain + i * row_stride + 2, gblk + 16 + 2 * i, 2);
-  }
   const uint8_t* q = gblk + (q4_1 ? 32 : 16);
-  const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i a = _mm512_loadu_si512(q), b = _mm512_loadu_si512(q + 64);
-  // qword i: row i's plain bytes 0-7 (lo) and 8-15 (hi).
-  const __m512i lo = _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16(_mm512_and_si512(b, m4), 4));
-  const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(a, 4), m4), _mm512_andnot_si512(m4, b));
-  alignas(64) uint8_t rows[2][64];
-  _mm512_store_si512(rows[0], _mm512_unpacklo_epi64(lo, hi));  // rows 0, 2, 4, 6
-  _mm512_store_si512(rows[1], _mm512_unpackhi_epi64(lo, hi));  // rows 1, 3, 5, 7
-  for (int i = 0; i < 8; ++i) std::memcpy(plain + i * row_stride + qoff, rows[i & 1] + 16 * (i >> 1), 16);
+  for (int i = 0; i < 8; ++i) {
+    uint8_t* row = plain + i * row_stride;
+    std::memcpy(row, gblk + 2 * i, 2);
+    if (q4_1) std::memcpy(row + 2, gblk + 16 + 2 * i, 2);
+    for (int c = 0; c < 32; ++c) {
+      const int half = c / 16, cc = c % 16;
+      const uint8_t byte = q[64 * half + 4 * (2 * i + (cc % 8) / 4) + cc % 4];
+      const uint8_t v = cc < 8 ? (byte & 15) : (byte >> 4);
+      uint8_t& dst = row[qoff + c % 16];
+      dst = c < 16 ? static_cast<uint8_t>((dst & 0xf0) | v) : static_cast<uint8_t>((dst & 0x0f) | (v << 4));
+    }
+  }
 }
 
 // The inverse of unpack_group_block.
 inline void pack_group_block(int64_t t, const uint8_t* plain, int64_t row_stride, uint8_t* gblk) {
   const bool q4_1 = base_type(t) == GGML_Q4_1;
   const int64_t qoff = q4_1 ? 4 : 2;
-  alignas(64) uint8_t rows[2][64];
-  for (int i = 0; i < 8; ++i) {
-    std::memcpy(gblk + 2 * i, plain + i * row_stride, 2);
-    if (q4_1) std::memcpy(gblk + 16 + 2 * i, plain + i * row_stride + 2, 2);
-    std::memcpy(rows[i & 1] + 16 * (i >> 1), plain + i * row_stride + qoff, 16);
-  }
-  const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i even = _mm512_load_si512(rows[0]), odd = _mm512_load_si512(rows[1]);
-  const __m512i lo = _mm512_unpacklo_epi64(even, odd), hi = _mm512_unpackhi_epi64(even, odd);
-  const __m512i a = _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_slli_epi16(_mm512_and_si512(hi, m4), 4));
-  const __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), _mm512_andnot_si512(m4, hi));
   uint8_t* q = gblk + (q4_1 ? 32 : 16);
-  _mm512_storeu_si512(q, a);
-  _mm512_storeu_si512(q + 64, b);
+  std::memset(q, 0, 128);
+  for (int i = 0; i < 8; ++i) {
+    const uint8_t* row = plain + i * row_stride;
+    std::memcpy(gblk + 2 * i, row, 2);
+    if (q4_1) std::memcpy(gblk + 16 + 2 * i, row + 2, 2);
+    for (int c = 0; c < 32; ++c) {
+      const uint8_t v = c < 16 ? (row[qoff + c] & 15) : (row[qoff + c - 16] >> 4);
+      const int half = c / 16, cc = c % 16;
+      q[64 * half + 4 * (2 * i + (cc % 8) / 4) + cc % 4] |= static_cast<uint8_t>(cc < 8 ? v : v << 4);
+    }
+  }
 }
 
-// Rows 8g .. 8g + 7 of an x8 weight (`group` points at them) as plain ggml rows, into plain[8 * nb * bb].
-inline void unpack_group(int64_t t, const uint8_t* group, int64_t nb, uint8_t* plain) {
+// One x8 group (8 rows) . R int8 activation rows: out[r * ldo + i] = row_dot_q8 of row i (the definition).
+inline void group_dot_q8(int64_t t, const uint8_t* group, const int8_t* xq, const float* xd, const float* xs,
+                         int64_t nb, int64_t R, float* out, int64_t ldo) {
   const int64_t bb = block_bytes(t);
-  for (int64_t b = 0; b < nb; ++b) unpack_group_block(t, group + b * 8 * bb, plain + b * bb, nb * bb);
-}
-#endif
-
-// A switch's state after applying `mode` (-1: leave, 0: off, 1: on); always off when not compiled in.
-inline bool flip(std::atomic<bool>& flag, bool compiled_in, int64_t mode) {
-  if (!compiled_in) return false;
-  if (mode >= 0) flag = mode != 0;
-  return flag;
+  std::vector<uint8_t> plain(8 * nb * bb);
+  for (int64_t b = 0; b < nb; ++b) unpack_group_block(t, group + b * 8 * bb, plain.data() + b * bb, nb * bb);
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i)
+      out[r * ldo + i] = row_dot_q8(t, plain.data() + i * nb * bb, xq + r * nb * QK, xd + r * nb, xs + r * nb, nb);
 }
 
+// softmax(q . keys * scale) . values for one query head; keys/values rows of D elements (float or float16 bits).
+template <typename KV>
+void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool* visible, int64_t n_keys,
+                     int64_t D, float scale, float* scores, float* out);
 
-inline void cpu_relax() {  // the spin-wait hint
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
+}  // namespace ref
 
-class SpinPool {
- public:
-  explicit SpinPool(int workers) : pid_(getpid()) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { work(i + 1); });
-  }
-  int parts() const { return static_cast<int>(threads_.size()) + 1; }
-  void park() { parked_.store(true); }  // idle workers sleep now instead of spinning out kSpin
-  pid_t pid() const { return pid_; }
-
-  // fn(part) for part in [0, parts()), part 0 on the calling thread; returns when all are done.
-  void run(const std::function<void(int)>& fn) {
-    std::lock_guard<std::mutex> one_caller(run_mu_);
-    parked_.store(false);
-    task_ = &fn;
-    remaining_.store(static_cast<int>(threads_.size()));
-    generation_.fetch_add(1);
-    if (sleepers_.load() > 0) {
-      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait sees the new generation
-      cv_.notify_all();
-    }
-    std::exception_ptr error;
-    try {
-      fn(0);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();  // fn must outlive every worker's use
-    if (!error) error = std::exchange(worker_error_, nullptr);
-    worker_error_ = nullptr;
-    if (error) std::rethrow_exception(error);  // a failed check inside a region reaches Python as usual
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::milliseconds(2);
-
-  void work(int part) {
-    uint64_t seen = 0;
-    for (;;) {
-      auto spin_start = std::chrono::steady_clock::now();
-      uint64_t g;
-      for (int spins = 0; (g = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
-        cpu_relax();
-        if (parked_.load(std::memory_order_relaxed) ||
-            ((spins & 255) == 255 && std::chrono::steady_clock::now() - spin_start > kSpin)) {
-          std::unique_lock<std::mutex> lk(mu_);
-          sleepers_.fetch_add(1);
-          cv_.wait(lk, [&] { return generation_.load() != seen; });
-          sleepers_.fetch_sub(1);
-          spin_start = std::chrono::steady_clock::now();
-        }
-      }
-      seen = g;
-      try {
-        (*task_)(part);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(error_mu_);
-        if (!worker_error_) worker_error_ = std::current_exception();
-      }
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
-    }
-  }
-
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* task_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> remaining_{0}, sleepers_{0};
-  std::atomic<bool> parked_{false};
-  std::mutex error_mu_;
-  std::exception_ptr worker_error_;  // the first exception a worker's part threw in this run
-  std::mutex mu_, run_mu_;
-  std::condition_variable cv_;
-  pid_t pid_;
-};
-
-// fn(lo, hi) over [begin, end) split as at::parallel_for does (at most one chunk per part, chunks of at least
-// `grain`), on `pool`; align: chunk sizes are rounded up to a multiple of it (8 for output rows: an x8 group split
-// between two threads would be computed by both).
-template <typename F>
-void pool_for(SpinPool& pool, int64_t begin, int64_t end, int64_t grain, const F& f, int64_t align = 1) {
-  const int64_t n = end - begin;
-  if (n <= 0) return;
-  const int64_t tasks = std::min<int64_t>(pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
-  if (tasks <= 1) return f(begin, end);
-  const int64_t chunk = ((n + tasks - 1) / tasks + align - 1) / align * align;
-  pool.run([&](int part) {
-    const int64_t lo = begin + part * chunk, hi = std::min(end, lo + chunk);
-    if (part < tasks && lo < hi) f(lo, hi);
-  });
-}
-
-// Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
-inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
-  const int64_t nb = k / QK;
-  std::vector<float> sums(m * nb);
-  for (int64_t i = 0; i < m * nb; ++i) {
-    float s = 0.f;
-    for (int j = 0; j < QK; ++j) s += xp[i * QK + j];
-    sums[i] = s;
-  }
-  return sums;
-}
-
-#ifdef LLAMAWORKS_INT8_DOT
-// Decode with integer dot products, as ggml does: the activation rows are quantized once per matmul to
-// 32-element int8 blocks (scale = absmax / 127), and each weight block meets them in one VNNI dpbusd
-// without being expanded to float. The logits drift slightly from the float path (see tests/test_quant.py).
-struct QuantRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;       // per block: scale, scale * sum(q)
-  std::vector<int32_t> minus8;   // per block, 8 lanes: -8 * (sum of the lane's 4 bytes), Q4_0's offset in int32
-  std::vector<int32_t> qsum;     // per block: sum(q)
-  QuantRows(const float* x, int64_t m, int64_t k)
-      : q(m * k), d(m * (k / QK)), s(m * (k / QK)), minus8(m * (k / QK) * 8), qsum(m * (k / QK)) {
-    const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (int64_t b = 0; b < m * (k / QK); ++b) {
-      const __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, sign_mask), _mm512_and_ps(hi, sign_mask)));
-      const float scale = amax / 127.f;
-      const __m512 inv = _mm512_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
-      // Nearest, ties to even (ggml's roundf sends ties away from zero: exact ties are vanishingly rare).
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
-      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + b * QK), _mm512_cvtsepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + b * QK + 16), _mm512_cvtsepi32_epi8(qhi));
-      d[b] = scale;
-      qsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-      s[b] = scale * static_cast<float>(qsum[b]);
-      const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + b * QK));
-      const __m256i sums8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), vx);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(minus8.data() + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), sums8));
-    }
-  }
-};
-
+// ============================================================================================================
+// SIMD paths. Each function below has the signature of its ref:: definition and falls back to it.
+// ============================================================================================================
+#if defined(LW_AVX2)
 inline float hsum256(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -413,12 +365,193 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// R weight rows (same type T) against one int8 activation row; R > 1 shares each activation block's loads.
+// acc + per 32-bit lane, the sum of the lane's 4 products u8 * s8 (vpdpbusd where the CPU has VNNI).
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(LW_AVX512)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else  // pairs to int16 (|u * s| sums stay below 2^15 for the operands used here), then pairs of those to int32
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// 8 int8 values -> 8 floats.
+inline __m256 i8x8_to_ps(const void* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+#endif
+
+#if defined(LW_NEON)
+// acc + per 32-bit lane, the sum of the lane's 4 products s8 * s8.
+inline int32x4_t dot_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, a, b);
+#else
+  const int16x8_t lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+  const int16x8_t hi = vmull_high_s8(a, b);
+  return vpadalq_s16(acc, vpaddq_s16(lo, hi));  // products 4j..4j+3 land in lane j
+#endif
+}
+#endif
+
+inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
+#if defined(LW_AVX2)
+  const __m256 vd = _mm256_set1_ps(half_at(blk));
+  if (t == GGML_Q8_0) {
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(vd, i8x8_to_ps(blk + 2 + 8 * j)));
+    return;
+  }
+  const __m256 vm = _mm256_set1_ps(t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * half_at(blk));
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
+  const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int j = 0; j < 4; ++j)  // mul then add (no fma): the same rounding as the reference
+    _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(_mm256_mul_ps(vd, u8x8_to_ps(parts[j])), vm));
+#elif defined(LW_NEON)
+  const float d = half_at(blk);
+  if (t == GGML_Q8_0) {
+    const int8x16_t q0 = vld1q_s8(reinterpret_cast<const int8_t*>(blk + 2)), q1 = vld1q_s8(reinterpret_cast<const int8_t*>(blk + 18));
+    const int16x8_t h[4] = {vmovl_s8(vget_low_s8(q0)), vmovl_s8(vget_high_s8(q0)), vmovl_s8(vget_low_s8(q1)), vmovl_s8(vget_high_s8(q1))};
+    for (int j = 0; j < 4; ++j) {
+      vst1q_f32(out + 8 * j, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[j]))), d));
+      vst1q_f32(out + 8 * j + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(h[j]))), d));
+    }
+    return;
+  }
+  const float32x4_t vm = vdupq_n_f32(t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d);
+  const uint8x16_t q = vld1q_u8(blk + (t == GGML_Q4_1 ? 4 : 2));
+  const uint8x16_t nib[2] = {vandq_u8(q, vdupq_n_u8(15)), vshrq_n_u8(q, 4)};
+  for (int n = 0; n < 2; ++n) {
+    const uint16x8_t h[2] = {vmovl_u8(vget_low_u8(nib[n])), vmovl_u8(vget_high_u8(nib[n]))};
+    for (int j = 0; j < 2; ++j) {
+      vst1q_f32(out + 16 * n + 8 * j, vaddq_f32(vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_low_u16(h[j]))), d), vm));
+      vst1q_f32(out + 16 * n + 8 * j + 4, vaddq_f32(vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_high_u16(h[j]))), d), vm));
+    }
+  }
+#else
+  ref::dequant_block(t, blk, out);
+#endif
+}
+
+inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float* xsum, int64_t nb) {
+#if defined(LW_AVX2)
+  const int64_t bb = block_bytes(t);
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    const float* xb = x + b * QK;
+    __m256 w[4];
+    if (t == GGML_Q8_0) {
+      for (int j = 0; j < 4; ++j) w[j] = i8x8_to_ps(blk + 2 + 8 * j);
+    } else {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
+      const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+      w[0] = u8x8_to_ps(lo), w[1] = u8x8_to_ps(_mm_srli_si128(lo, 8));
+      w[2] = u8x8_to_ps(hi), w[3] = u8x8_to_ps(_mm_srli_si128(hi, 8));
+      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * half_at(blk)) * xsum[b];
+    }
+    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+    for (int j = 1; j < 4; ++j) s = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), s);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk)), s, acc);
+  }
+  return hsum256(acc) + offset;
+#elif defined(LW_NEON)
+  const int64_t bb = block_bytes(t);
+  float32x4_t acc = vdupq_n_f32(0.f);
+  float offset = 0.f;
+  alignas(16) float w[32];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bb;
+    const float* xb = x + b * QK;
+    // the dequantized block without its offset (d = 1, m = 0 for Q4): q as floats
+    if (t == GGML_Q8_0) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int j = 0; j < 32; ++j) w[j] = q[j];
+    } else {
+      const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
+      for (int j = 0; j < 16; ++j) w[j] = q[j] & 15, w[j + 16] = q[j] >> 4;
+      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * half_at(blk)) * xsum[b];
+    }
+    float32x4_t s = vmulq_f32(vld1q_f32(w), vld1q_f32(xb));
+    for (int j = 1; j < 8; ++j) s = vfmaq_f32(s, vld1q_f32(w + 4 * j), vld1q_f32(xb + 4 * j));
+    acc = vfmaq_n_f32(acc, s, half_at(blk));
+  }
+  return vaddvq_f32(acc) + offset;
+#else
+  return ref::row_dot(t, row, x, xsum, nb);
+#endif
+}
+
+inline void quantize_rows(const float* x, int64_t m, int64_t k, QuantRows& out) {
+#if defined(LW_AVX2)
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < m * (k / QK); ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], sign_mask));
+    }
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    const float scale = _mm_cvtss_f32(r) / 127.f;
+    const __m256 inv = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
+    __m256i q[4];  // nearest, ties to even (the MXCSR default), as std::nearbyint in the reference
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // int32 -> int8 with saturation; packs interleave 128-bit lanes, the permutation restores element order
+    const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * QK), p8);
+    out.d[b] = scale;
+    out.qsum[b] = _mm_cvtsi128_si32(s4);
+    out.s[b] = scale * static_cast<float>(out.qsum[b]);
+  }
+#elif defined(LW_NEON)
+  for (int64_t b = 0; b < m * (k / QK); ++b) {
+    const float* xb = x + b * QK;
+    float32x4_t v[8];
+    float32x4_t amax = vdupq_n_f32(0.f);
+    for (int j = 0; j < 8; ++j) {
+      v[j] = vld1q_f32(xb + 4 * j);
+      amax = vmaxq_f32(amax, vabsq_f32(v[j]));
+    }
+    const float scale = vmaxvq_f32(amax) / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+    int32x4_t sum = vdupq_n_s32(0);
+    int16x4_t h[8];
+    for (int j = 0; j < 8; ++j) {
+      const int32x4_t q = vcvtnq_s32_f32(vmulq_n_f32(v[j], inv));  // nearest, ties to even
+      sum = vaddq_s32(sum, q);
+      h[j] = vqmovn_s32(q);
+    }
+    for (int j = 0; j < 4; ++j) vst1_s8(out.q.data() + b * QK + 8 * j, vqmovn_s16(vcombine_s16(h[2 * j], h[2 * j + 1])));
+    out.d[b] = scale;
+    out.qsum[b] = vaddvq_s32(sum);
+    out.s[b] = scale * static_cast<float>(out.qsum[b]);
+  }
+#else
+  ref::quantize_rows(x, m, k, out);
+#endif
+}
+
+// R plain weight rows (same type T) . one int8 activation row; R > 1 shares each activation block's loads.
 // R > 1 assumes the rows are consecutive and prefetches the R rows after them, spread over the block loop:
 // interleaved reads of R rows defeat the hardware's stream prefetcher once weights come from DRAM.
 template <int64_t T, int R>
 inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const float* xd, const float* xs,
-                        const int32_t* xm8, int64_t nb, float* out) {
+                        const int32_t* qsum, int64_t nb, float* out) {
+#if defined(LW_AVX2)
   constexpr int64_t bb = T == GGML_Q4_0 ? 18 : T == GGML_Q4_1 ? 20 : 34;
   __m256 acc[R];
   float offset[R];
@@ -431,44 +564,129 @@ inline void rows_dot_q8(const uint8_t* const* rows, const int8_t* xq, const floa
       for (int64_t l = 0; l < ahead_lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(ahead + (b * ahead_lines + l) * 64), _MM_HINT_T0);
     const __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
     const float dx = xd[b];
-    __m256i init = _mm256_setzero_si256();
-    if constexpr (T == GGML_Q4_0) init = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm8 + b * 8));
+    // Q4_0 stores w + 8: lane 0 starts at -8 * sum(x), so the lanes together give sum((w - 8) * x).
+    const __m256i init = _mm256_setr_epi32(T == GGML_Q4_0 ? -8 * qsum[b] : 0, 0, 0, 0, 0, 0, 0, 0);
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = rows[r] + b * bb;
       __m256i dot;
-      if constexpr (T == GGML_Q8_0) {
-        // dpbusd multiplies unsigned by signed bytes: |w| times x carrying w's sign.
+      if constexpr (T == GGML_Q8_0) {  // u8 x s8 products: |w| times x carrying w's sign
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        dot = _mm256_dpbusd_epi32(init, _mm256_abs_epi8(w), _mm256_sign_epi8(vx, w));
+        dot = dot_u8s8(init, _mm256_sign_epi8(w, w), _mm256_sign_epi8(vx, w));
       } else {
         const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == GGML_Q4_1 ? 4 : 2)));
         const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
-        dot = _mm256_dpbusd_epi32(init, w, vx);  // Q4_0: init holds -8 * sum(x), so this is sum((w - 8) * x)
+        dot = dot_u8s8(init, w, vx);
         if constexpr (T == GGML_Q4_1) offset[r] += half_at(blk + 2) * xs[b];
       }
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk) * dx), _mm256_cvtepi32_ps(dot), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + offset[r];
+#elif defined(LW_NEON)
+  constexpr int64_t bb = T == GGML_Q4_0 ? 18 : T == GGML_Q4_1 ? 20 : 34;
+  float32x4_t acc[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) { acc[r] = vdupq_n_f32(0.f); offset[r] = 0.f; }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
+    const float dx = xd[b];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * bb;
+      int8x16_t w0, w1;
+      if constexpr (T == GGML_Q8_0) {
+        w0 = vld1q_s8(reinterpret_cast<const int8_t*>(blk + 2)), w1 = vld1q_s8(reinterpret_cast<const int8_t*>(blk + 18));
+      } else {
+        const uint8x16_t q = vld1q_u8(blk + (T == GGML_Q4_1 ? 4 : 2));
+        w0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), w1 = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+        if constexpr (T == GGML_Q4_0) w0 = vsubq_s8(w0, vdupq_n_s8(8)), w1 = vsubq_s8(w1, vdupq_n_s8(8));
+        if constexpr (T == GGML_Q4_1) offset[r] += half_at(blk + 2) * xs[b];
+      }
+      const int32x4_t dot = dot_s8(dot_s8(vdupq_n_s32(0), w0, x0), w1, x1);
+      acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(dot), half_at(blk) * dx);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]) + offset[r];
+#else
+  (void)qsum;
+  for (int r = 0; r < R; ++r) out[r] = ref::row_dot_q8(T, rows[r], xq, xd, xs, nb);
+#endif
 }
 
-// One x8 group (8 rows) against R int8 activation rows: out[r * ldo + 0..8). Per block, the four nibble vectors
-// hold in lanes 2i and 2i + 1 row i's weights for columns 8s + 0..3 and 8s + 4..7 (step s = 0..3), so the
-// activation bytes a step needs are the row's qword s broadcast to every lane pair (no rearranged copy of the
-// activations), and four dpbusd give each row's block dot split over its two lanes, which take the same per-row
-// scale and are added once at the end. The nibbles are unpacked once per block for all R rows (a prompt chunk).
-// Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum + r * nb (QuantRows' layout); each row sums in the same
-// order whatever R is, so results do not depend on how rows are grouped.
+inline void unpack_group_block(int64_t t, const uint8_t* gblk, uint8_t* plain, int64_t row_stride) {
+#if defined(LW_AVX2)
+  const bool q4_1 = base_type(t) == GGML_Q4_1;
+  const int64_t qoff = q4_1 ? 4 : 2;
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(plain + i * row_stride, gblk + 2 * i, 2);
+    if (q4_1) std::memcpy(plain + i * row_stride + 2, gblk + 16 + 2 * i, 2);
+  }
+  const uint8_t* q = gblk + (q4_1 ? 32 : 16);
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int h = 0; h < 2; ++h) {  // 32 bytes of each half: rows 4h .. 4h + 3
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * h));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 + 32 * h));
+    // qword j: row 4h + j's plain bytes 0-7 (lo) and 8-15 (hi).
+    const __m256i lo = _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_slli_epi16(_mm256_and_si256(b, m4), 4));
+    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_andnot_si256(m4, b));
+    alignas(32) uint8_t rows[2][32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[0]), _mm256_unpacklo_epi64(lo, hi));  // rows 4h, 4h + 2
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[1]), _mm256_unpackhi_epi64(lo, hi));  // rows 4h + 1, 4h + 3
+    for (int j = 0; j < 4; ++j) std::memcpy(plain + (4 * h + j) * row_stride + qoff, rows[j & 1] + 16 * (j >> 1), 16);
+  }
+#else
+  ref::unpack_group_block(t, gblk, plain, row_stride);
+#endif
+}
+
+inline void pack_group_block(int64_t t, const uint8_t* plain, int64_t row_stride, uint8_t* gblk) {
+#if defined(LW_AVX2)
+  const bool q4_1 = base_type(t) == GGML_Q4_1;
+  const int64_t qoff = q4_1 ? 4 : 2;
+  uint8_t* q = gblk + (q4_1 ? 32 : 16);
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(gblk + 2 * i, plain + i * row_stride, 2);
+    if (q4_1) std::memcpy(gblk + 16 + 2 * i, plain + i * row_stride + 2, 2);
+  }
+  for (int h = 0; h < 2; ++h) {
+    alignas(32) uint8_t rows[2][32];
+    for (int j = 0; j < 4; ++j) std::memcpy(rows[j & 1] + 16 * (j >> 1), plain + (4 * h + j) * row_stride + qoff, 16);
+    const __m256i even = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[0]));
+    const __m256i odd = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[1]));
+    const __m256i lo = _mm256_unpacklo_epi64(even, odd), hi = _mm256_unpackhi_epi64(even, odd);
+    const __m256i a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_slli_epi16(_mm256_and_si256(hi, m4), 4));
+    const __m256i b = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), _mm256_andnot_si256(m4, hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * h), a);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 + 32 * h), b);
+  }
+#else
+  ref::pack_group_block(t, plain, row_stride, gblk);
+#endif
+}
+
+// Rows 8g .. 8g + 7 of an x8 weight (`group` points at them) as plain ggml rows, into plain[8 * nb * bb].
+inline void unpack_group(int64_t t, const uint8_t* group, int64_t nb, uint8_t* plain) {
+  const int64_t bb = block_bytes(t);
+  for (int64_t b = 0; b < nb; ++b) unpack_group_block(t, group + b * 8 * bb, plain + b * bb, nb * bb);
+}
+
 inline int64_t load_i64(const int8_t* p) {  // 8 activation bytes (memcpy: no aliasing through int64_t*)
   int64_t v;
   std::memcpy(&v, p, 8);
   return v;
 }
 
+// One x8 group (8 rows) . R int8 activation rows: out[r * ldo + 0..8). Per block, the nibble vectors hold in lanes
+// 2i and 2i + 1 row i's weights for columns 8s + 0..3 and 8s + 4..7 (step s = 0..3), so the activation bytes a
+// step needs are the row's qword s broadcast to every lane pair, and four dot steps give each row's block dot
+// split over its two lanes, which take the same per-row scale and are added once at the end. The nibbles are
+// unpacked once per block for all R rows (a prompt chunk). Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum +
+// r * nb; each row sums in the same order whatever R is, so results do not depend on how rows are grouped.
 template <int64_t T, int R>
 inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd, const float* xs,
                          const int32_t* qsum, int64_t nb, float* out, int64_t ldo) {
   constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
+#if defined(LW_AVX512)
   const __m512i m4 = _mm512_set1_epi8(15);
   const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row i -> lanes 2i, 2i+1
   __m512 acc[R];
@@ -503,29 +721,258 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
     const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(evens, acc[r]), _mm512_permutexvar_ps(odds, acc[r]));
     _mm256_storeu_ps(out + r * ldo, _mm512_castps512_ps256(sum));
   }
-}
+#elif defined(LW_AVX2)
+  // Two 256-bit registers per half: h = 0 holds rows 0-3, h = 1 rows 4-7.
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i pairs[2] = {_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)};
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * gb;
+    const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 m8 = T == GGML_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                                     : _mm256_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff + 32 * h));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff + 64 + 32 * h));
+      const __m256i w0 = _mm256_and_si256(lo, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4);
+      const __m256i w2 = _mm256_and_si256(hi, m4), w3 = _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4);
+      const __m256 d = _mm256_permutevar8x32_ps(d8, pairs[h]);
+      const __m256 mn = _mm256_permutevar8x32_ps(m8, pairs[h]);
+      for (int r = 0; r < R; ++r) {
+        const int64_t rb = r * nb + b;
+        const int8_t* xb = xq + rb * QK;
+        __m256i dot = T == GGML_Q4_0 ? _mm256_set1_epi32(-4 * qsum[rb]) : _mm256_setzero_si256();
+#if defined(LW_AVX512) || defined(__AVXVNNI__)
+        dot = dot_u8s8(dot, w0, _mm256_set1_epi64x(load_i64(xb + 0)));
+        dot = dot_u8s8(dot, w1, _mm256_set1_epi64x(load_i64(xb + 8)));
+        dot = dot_u8s8(dot, w2, _mm256_set1_epi64x(load_i64(xb + 16)));
+        dot = dot_u8s8(dot, w3, _mm256_set1_epi64x(load_i64(xb + 24)));
+#else  // four int16 pair sums of nibble x int8 stay below 4 * 2 * 15 * 128 < 2^15: one widening per block
+        __m256i s16 = _mm256_maddubs_epi16(w0, _mm256_set1_epi64x(load_i64(xb + 0)));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w1, _mm256_set1_epi64x(load_i64(xb + 8))));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w2, _mm256_set1_epi64x(load_i64(xb + 16))));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w3, _mm256_set1_epi64x(load_i64(xb + 24))));
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
 #endif
-
-// Whether decode uses the int8 path (when compiled in). On by default, as in llama.cpp: its drift from the
-// float path is bounded in tests/test_runtime.py; `int8_decode(0)` (Python: kernels.int8_decode(False)) or
-// LLAMAWORKS_INT8_DECODE=0 selects the float dequantize-and-dot kernels.
-std::atomic<bool> g_int8_decode{true};
-
-#ifdef LLAMAWORKS_INT8_DOT
-constexpr bool kHaveInt8Dot = true;
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(xd[rb])), acc[r][h]);
+        if constexpr (T == GGML_Q4_1) acc[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(0.5f * xs[rb]), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // lane pairs -> rows: hadd gives (0 1 4 5 | 2 3 6 7), the permute restores order
+    const __m256 sum = _mm256_hadd_ps(acc[r][0], acc[r][1]);
+    _mm256_storeu_ps(out + r * ldo, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sum), 0xd8)));
+  }
+#elif defined(LW_NEON)
+  // Four 128-bit registers per half: register p holds rows 2p and 2p + 1.
+  const uint8x16_t m4 = vdupq_n_u8(15);
+  float32x4_t acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < 4; ++p) acc[r][p] = vdupq_n_f32(0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * gb;
+    const float16x8_t dh = vreinterpretq_f16_u8(vld1q_u8(blk));
+    const float32x4_t dlo = vcvt_f32_f16(vget_low_f16(dh)), dhi = vcvt_high_f32_f16(dh);
+    const float32x4_t dp[4] = {vzip1q_f32(dlo, dlo), vzip2q_f32(dlo, dlo), vzip1q_f32(dhi, dhi), vzip2q_f32(dhi, dhi)};
+    float32x4_t mp[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    if constexpr (T == GGML_Q4_1) {
+      const float16x8_t mh = vreinterpretq_f16_u8(vld1q_u8(blk + 16));
+      const float32x4_t mlo = vcvt_f32_f16(vget_low_f16(mh)), mhi = vcvt_high_f32_f16(mh);
+      mp[0] = vzip1q_f32(mlo, mlo), mp[1] = vzip2q_f32(mlo, mlo), mp[2] = vzip1q_f32(mhi, mhi), mp[3] = vzip2q_f32(mhi, mhi);
+    }
+    int8x16_t w[4][4];  // [register][step]
+    for (int p = 0; p < 4; ++p) {
+      const uint8x16_t lo = vld1q_u8(blk + qoff + 16 * p), hi = vld1q_u8(blk + qoff + 64 + 16 * p);
+      w[p][0] = vreinterpretq_s8_u8(vandq_u8(lo, m4)), w[p][1] = vreinterpretq_s8_u8(vshrq_n_u8(lo, 4));
+      w[p][2] = vreinterpretq_s8_u8(vandq_u8(hi, m4)), w[p][3] = vreinterpretq_s8_u8(vshrq_n_u8(hi, 4));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t rb = r * nb + b;
+      const int8_t* xb = xq + rb * QK;
+      int8x16_t xs8[4];
+      for (int s = 0; s < 4; ++s) xs8[s] = vreinterpretq_s8_s64(vdupq_n_s64(load_i64(xb + 8 * s)));
+      const float32x4_t dx = vdupq_n_f32(xd[rb]);
+      for (int p = 0; p < 4; ++p) {
+        int32x4_t dot = vdupq_n_s32(T == GGML_Q4_0 ? -4 * qsum[rb] : 0);
+        for (int s = 0; s < 4; ++s) dot = dot_s8(dot, w[p][s], xs8[s]);
+        acc[r][p] = vfmaq_f32(acc[r][p], vcvtq_f32_s32(dot), vmulq_f32(dp[p], dx));
+        if constexpr (T == GGML_Q4_1) acc[r][p] = vfmaq_n_f32(acc[r][p], mp[p], 0.5f * xs[rb]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)  // lane pairs -> rows
+    for (int p = 0; p < 4; ++p) vst1_f32(out + r * ldo + 2 * p, vpadd_f32(vget_low_f32(acc[r][p]), vget_high_f32(acc[r][p])));
 #else
-constexpr bool kHaveInt8Dot = false;
+  (void)gb, (void)qoff, (void)qsum;
+  ref::group_dot_q8(T, group, xq, xd, xs, nb, R, out, ldo);
 #endif
+}
 
-inline bool int8_decode(int64_t mode) { return flip(g_int8_decode, kHaveInt8Dot, mode); }
+// -- the thread pool ----------------------------------------------------------------------------------------------
+inline void cpu_relax() {  // the spin-wait hint
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// A fixed team of worker threads for the many short parallel regions of a forward pass. A region is split into
+// tasks that the caller and whichever workers are awake take from a shared counter, so a worker that the OS has
+// descheduled (cores oversubscribed by other processes) delays nobody: the caller does its tasks, and waits only
+// for tasks already started. Idle workers spin briefly (regions follow each other within microseconds), yielding
+// their core to other runnable threads while they spin, then sleep on a condition variable.
+class SpinPool {
+ public:
+  explicit SpinPool(int workers) : pid_(getpid()) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
+  }
+  ~SpinPool() {  // the libraries keep theirs for the process's life; tests make and drop pools
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_.store(true);
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  SpinPool(const SpinPool&) = delete;
+  SpinPool& operator=(const SpinPool&) = delete;
+  int parts() const { return static_cast<int>(threads_.size()) + 1; }
+  void park() { parked_.store(true); }  // idle workers sleep now instead of spinning out kSpin
+  pid_t pid() const { return pid_; }
+
+  // fn(task) for task in [0, tasks), by the calling thread and any workers that join; returns when all are done.
+  // The first exception thrown by any task reaches the caller (the remaining tasks are skipped).
+  void run(int64_t tasks, const std::function<void(int64_t)>& fn) {
+    std::lock_guard<std::mutex> one_caller(run_mu_);
+    parked_.store(false);
+    fn_ = &fn;
+    tasks_ = tasks;
+    next_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load() >> 32) + 1;
+    state_.store(gen << 32, std::memory_order_release);  // open, no worker joined yet
+    if (sleepers_.load() > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait sees the new generation
+      cv_.notify_all();
+    }
+    take_tasks();
+    // Close the region to late workers, then wait for those inside (they hold tasks already started).
+    uint64_t s = state_.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
+    for (int spins = 0; (s & kCount) != 0; ++spins) {
+      if (spins < 2000) cpu_relax();
+      else sched_yield();  // a joined worker may be waiting for this core
+      s = state_.load(std::memory_order_acquire);
+    }
+    std::exception_ptr error = std::exchange(error_, nullptr);
+    if (error) std::rethrow_exception(error);  // a failed check inside a region reaches Python as usual
+  }
+
+ private:
+  static constexpr uint64_t kClosed = uint64_t{1} << 31, kCount = kClosed - 1;
+  static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  void take_tasks() {
+    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
+      try {
+        (*fn_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(error_mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(tasks_);
+      }
+    }
+  }
+
+  void work() {
+    uint64_t seen = 0;  // the last generation this worker joined or saw closed
+    for (;;) {
+      auto spin_start = std::chrono::steady_clock::now();
+      uint64_t s;
+      for (int spins = 0;; ++spins) {
+        if (stop_.load(std::memory_order_relaxed)) return;
+        s = state_.load(std::memory_order_acquire);
+        if ((s >> 32) != seen && !(s & kClosed)) break;
+        if ((s >> 32) != seen) seen = s >> 32;  // closed before we came: nothing left to do in it
+        if (spins < 256) {
+          cpu_relax();
+          continue;
+        }
+        sched_yield();  // free the core for any other runnable thread (no cost when there is none)
+        if (parked_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() - spin_start > kSpin) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lk, [&] { return (state_.load() >> 32) != seen || stop_.load(); });
+          sleepers_.fetch_sub(1);
+          spin_start = std::chrono::steady_clock::now();
+          spins = 0;
+        }
+      }
+      // Join the open region: one CAS that fails if it closed (or a newer one began) meanwhile.
+      if (!state_.compare_exchange_strong(s, s + 1, std::memory_order_acq_rel)) continue;
+      seen = s >> 32;
+      take_tasks();
+      state_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<uint64_t> state_{0};  // generation << 32 | closed bit | number of workers inside
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> parked_{false}, stop_{false};
+  std::mutex error_mu_;
+  std::exception_ptr error_;  // the first exception a task threw in this run
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  pid_t pid_;
+};
+
+// fn(lo, hi) over [begin, end) in chunks of at least `grain` (about four per part, so that whoever is running
+// picks up the share of a descheduled thread), on `pool`; align: chunk sizes are rounded up to a multiple of it
+// (8 for output rows: an x8 group split between two chunks would be computed twice).
+template <typename F>
+void pool_for(SpinPool& pool, int64_t begin, int64_t end, int64_t grain, const F& f, int64_t align = 1) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t chunks = std::min<int64_t>(4 * pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1 || pool.parts() == 1) return f(begin, end);
+  const int64_t chunk = ((n + chunks - 1) / chunks + align - 1) / align * align;
+  pool.run((n + chunk - 1) / chunk, [&](int64_t c) { f(begin + c * chunk, std::min(end, begin + (c + 1) * chunk)); });
+}
+
+// Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
+inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
+  const int64_t nb = k / QK;
+  std::vector<float> sums(m * nb);
+  for (int64_t i = 0; i < m * nb; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < QK; ++j) s += xp[i * QK + j];
+    sums[i] = s;
+  }
+  return sums;
+}
+
+// A switch's state after applying `mode` (-1: leave, 0: off, 1: on).
+inline bool flip(std::atomic<bool>& flag, int64_t mode) {
+  if (mode >= 0) flag = mode != 0;
+  return flag;
+}
+
+// Whether decode uses int8 activations (integer dot products, as llama.cpp does on every CPU). On by default: its
+// drift from the float path is bounded in tests/test_runtime.py; `int8_decode(0)` (Python:
+// kernels.int8_decode(False)) or LLAMAWORKS_INT8_DECODE=0 selects the float dequantize-and-dot kernels.
+std::atomic<bool> g_int8_decode{true};
+inline bool int8_decode(int64_t mode) { return flip(g_int8_decode, mode); }
 
 // Up to this many input rows the decode kernels (weights read once, every row dotted in cache) beat
-// dequantizing to a gemm: with int8 activations up to 32 (a 5632x2048 Q4_0 matmul of 16 rows: 1.6 against
-// 3.2 ms; 24 against 36 us per row at 1536x576 even), with the float kernels up to 8.
+// dequantizing to a gemm: with int8 activations up to 32, with the float kernels up to 8.
 constexpr int64_t kSmallBatch = 32;
-inline int64_t decode_rows_limit() { return kHaveInt8Dot && g_int8_decode ? kSmallBatch : 8; }
-// Weight rows per decode kernel call: they share each activation block's loads. Measured on the 1.1B model:
-// 2 rows decode ~6% faster than 4 and ~15% faster than 8 (more interleaved streams hurt the prefetchers).
+inline int64_t decode_rows_limit() { return g_int8_decode ? kSmallBatch : 8; }
+// Weight rows per plain-layout decode kernel call: they share each activation block's loads (2 rows measured
+// faster than 4 or 8: more interleaved streams hurt the prefetchers).
 constexpr int64_t kRows = 2;
 
 // One weight matrix as the decode kernels see it: raw block rows.
@@ -534,31 +981,26 @@ struct WeightRef {
   int64_t stride, type;
 };
 
-// The activation rows of one decode matmul, prepared once: int8 blocks (VNNI) or per-block float sums.
+// The activation rows of one decode matmul, prepared once: int8 blocks or per-block float sums.
 struct DecodeRows {
   const float* x;
   int64_t m, k, nb;
   bool int8;
   std::vector<float> sums;
-#ifdef LLAMAWORKS_INT8_DOT
   QuantRows qx;
-  DecodeRows(const float* xp, int64_t m_, int64_t k_)
-      : x(xp), m(m_), k(k_), nb(k_ / QK), int8(g_int8_decode),
-        sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)), qx(xp, int8 ? m_ : 0, k_) {}
-#else
-  DecodeRows(const float* xp, int64_t m_, int64_t k_)
-      : x(xp), m(m_), k(k_), nb(k_ / QK), int8(false), sums(block_sums(xp, m_, k_)) {}
-#endif
+  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_ = g_int8_decode)
+      : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
+        qx(int8 ? m_ : 0, k_) {
+    if (int8) quantize_rows(xp, m_, k_, qx);
+  }
 
   // out[i * ldo + j] = row (r0 + j) of w . input row i, for j < n (n <= kRows).
   void dot_rows(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
-#ifdef LLAMAWORKS_INT8_DOT
     if (int8) {
       if (w.type == GGML_Q4_0) return q8_rows<GGML_Q4_0>(w, r0, n, out, ldo);
       if (w.type == GGML_Q4_1) return q8_rows<GGML_Q4_1>(w, r0, n, out, ldo);
       return q8_rows<GGML_Q8_0>(w, r0, n, out, ldo);
     }
-#endif
     for (int64_t j = 0; j < n; ++j)
       for (int64_t i = 0; i < m; ++i)
         out[i * ldo + j] = row_dot(w.type, w.data + (r0 + j) * w.stride, x + i * k, sums.data() + i * nb, nb);
@@ -580,7 +1022,6 @@ struct DecodeRows {
 
   // out[i * ldo + j] = row 8g + j of the x8 weight w . input row i, for j < 8.
   void dot_group(const WeightRef& w, int64_t g, float* out, int64_t ldo) const {
-#ifdef LLAMAWORKS_INT8_DOT
     const uint8_t* group = w.data + g * 8 * w.stride;
     const int64_t bt = base_type(w.type);
     if (int8) {
@@ -608,12 +1049,8 @@ struct DecodeRows {
     for (int64_t j = 0; j < 8; ++j)
       for (int64_t i = 0; i < m; ++i)
         out[i * ldo + j] = row_dot(bt, plain.data() + j * w.stride, x + i * k, sums.data() + i * nb, nb);
-#else
-    fail("interleaved weights need the AVX-512 VNNI kernels");
-#endif
   }
 
-#ifdef LLAMAWORKS_INT8_DOT
   template <int64_t T>
   void q8_rows(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
     const uint8_t* rows[kRows];
@@ -621,16 +1058,15 @@ struct DecodeRows {
     for (int64_t i = 0; i < m; ++i) {
       const int8_t* xq = qx.q.data() + i * k;
       const float *xd = qx.d.data() + i * nb, *xs = qx.s.data() + i * nb;
-      const int32_t* xm8 = qx.minus8.data() + i * nb * 8;
+      const int32_t* qs = qx.qsum.data() + i * nb;
       float* o = out + i * ldo;
       if (n == kRows) {
-        rows_dot_q8<T, kRows>(rows, xq, xd, xs, xm8, nb, o);
+        rows_dot_q8<T, kRows>(rows, xq, xd, xs, qs, nb, o);
       } else {
-        for (int64_t j = 0; j < n; ++j) rows_dot_q8<T, 1>(rows + j, xq, xd, xs, xm8, nb, o + j);
+        for (int64_t j = 0; j < n; ++j) rows_dot_q8<T, 1>(rows + j, xq, xd, xs, qs, nb, o + j);
       }
     }
   }
-#endif
 };
 
 inline void decode_columns(const DecodeRows& rows, const std::vector<WeightRef>& ws, const std::vector<int64_t>& offsets,
@@ -648,19 +1084,8 @@ inline void decode_columns(const DecodeRows& rows, const std::vector<WeightRef>&
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
-// Float dot product; vectorised explicitly because the compiler may not reorder a float reduction itself.
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
+// RMSNorm and RoPE are written once, portably: a few hundred multiplies per token and head that the compiler
+// vectorises where it can (RoPE) or that must keep their order (the norm's double-precision sum).
 inline void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
@@ -680,125 +1105,135 @@ inline void rope_inplace(float* v, int64_t heads, int64_t d, const float* cos, c
   }
 }
 
-#if defined(__AVX512F__)
-// exp(x) for x <= 0 (softmax after subtracting the maximum), Cephes' expf polynomial: within ~2 ulp.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// The four horizontal sums of a0..a3, as one vector [sum a0, sum a1, sum a2, sum a3] (13 ops, not 4 x 8).
-inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#endif
-
+// -- attention ------------------------------------------------------------------------------------------------------
 // KV cache elements: float32, or float16 (half the memory, as llama.cpp keeps it); math is float32 either way.
 inline float as_float(float v) { return v; }
-// A float16 KV element (the bits; torch's c10::Half has the same layout).
-struct Half {
+struct Half {  // a float16 KV element (the bits; torch's c10::Half has the same layout)
   uint16_t bits;
 };
-inline float as_float(Half v) { return half_at(reinterpret_cast<const uint8_t*>(&v.bits)); }
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
+inline float as_float(Half v) { return half_to_float(v.bits); }
 
 inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void store_row(Half* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_half_bits(src[i]);
+inline void store_row(Half* dst, const float* src, int64_t n) { floats_to_halves(src, reinterpret_cast<uint16_t*>(dst), n); }
+
+template <typename KV>
+void ref::attend_one_head(const float* q, const KV* keys, const KV* vals, const bool* visible, int64_t n_keys,
+                          int64_t D, float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < n_keys; ++s) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * as_float(keys[s * D + d]);
+    scores[s] = visible != nullptr && !visible[s] ? -INFINITY : dot * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < n_keys; ++s) {
+    scores[s] = scores[s] == -INFINITY ? 0.f : std::exp(scores[s] - mx);
+    total += scores[s];
+  }
+  const float inv_total = 1.f / total;
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t s = 0; s < n_keys; ++s) {
+    if (scores[s] == 0.f) continue;
+    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * as_float(vals[s * D + d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv_total;
 }
+
+#if defined(LW_AVX2) || defined(LW_NEON)
+// The SIMD attention, written once over an 8-float vector for AVX2 (one ymm register) and NEON (two q
+// registers): GCC/Clang vector extensions, with the ISA's instructions only where the extensions have no word.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+inline v8f v8_load(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, 32);
+  return v;
+}
+inline v8f v8_load(const Half* p) {
+#if defined(LW_AVX2)
+  return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(p)));
+  const float32x4_t lo = vcvt_f32_f16(vget_low_f16(h)), hi = vcvt_high_f32_f16(h);
+  v8f v;
+  std::memcpy(&v, &lo, 16);
+  std::memcpy(reinterpret_cast<char*>(&v) + 16, &hi, 16);
+  return v;
+#endif
+}
+inline float v8_sum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+inline v8f v8_set(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), Cephes' expf polynomial: within ~2 ulp.
+inline v8f v8_exp_nonpositive(v8f x) {
+  x = x < v8_set(-87.f) ? v8_set(-87.f) : x;
+  const v8f t = x * v8_set(1.44269504088896341f) - v8_set(0.5f);
+  v8i n = __builtin_convertvector(t, v8i);  // truncation of t >= -126 - 0.5, i.e. round(x * log2(e)) for x <= 0
+  n = t < __builtin_convertvector(n, v8f) ? n - 1 : n;
+  n = n < -126 ? v8i{} - 126 : n;  // keeps 2^n normal (x = -87 would give -127)
+  const v8f nf = __builtin_convertvector(n, v8f);
+  v8f r = x - nf * v8_set(0.693359375f);
+  r = r - nf * v8_set(-2.12194440e-4f);
+  v8f p = v8_set(1.9875691500e-4f);
+  p = p * r + v8_set(1.3981999507e-3f);
+  p = p * r + v8_set(8.3334519073e-3f);
+  p = p * r + v8_set(4.1665795894e-2f);
+  p = p * r + v8_set(1.6666665459e-1f);
+  p = p * r + v8_set(5.0000001201e-1f);
+  p = p * r * r + (r + v8_set(1.f));
+  const v8i scale = (n + 127) << 23;  // 2^n, n >= -126: a normal float
+  return p * (v8f)scale;  // the bits, reinterpreted
+}
+#endif
 
 // One query head against keys/values [0, n_keys) of its key/value head (rows of D elements), softmax in float32.
 template <typename KV>
 void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool* visible, int64_t n_keys,
                      int64_t D, float scale, float* scores, float* out) {
-  int64_t s = 0;
-#if defined(__AVX512F__)
-  const bool vec = D % 16 == 0 && D <= 128;
-  if (vec) {
-    const int64_t nd = D / 16;
-    __m512 qv[8];
-    for (int64_t c = 0; c < nd; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_set1_ps(scale));
-    for (; s + 4 <= n_keys; s += 4) {
-      __m512 a[4];
-      for (int j = 0; j < 4; ++j) {
-        const KV* k = keys + (s + j) * D;
-        a[j] = _mm512_mul_ps(qv[0], load16(k));
-        for (int64_t c = 1; c < nd; ++c) a[j] = _mm512_fmadd_ps(qv[c], load16(k + c * 16), a[j]);
-      }
-      _mm_storeu_ps(scores + s, hsum4(a[0], a[1], a[2], a[3]));
-    }
-  }
-#endif
-  for (; s < n_keys; ++s) {
-    float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * as_float(keys[s * D + d]);
-    scores[s] = dot * scale;
-  }
+#if defined(LW_AVX2) || defined(LW_NEON)
+  if (D % 8 != 0 || D > 256) return ref::attend_one_head(q, keys, vals, visible, n_keys, D, scale, scores, out);
+  const int64_t nd = D / 8;
+  v8f qv[32];
+  for (int64_t c = 0; c < nd; ++c) qv[c] = v8_load(q + 8 * c) * v8_set(scale);
   float mx = -INFINITY;
-  for (s = 0; s < n_keys; ++s) {
-    if (visible != nullptr && !visible[s]) scores[s] = -INFINITY;
+  for (int64_t s = 0; s < n_keys; ++s) {
+    const KV* k = keys + s * D;
+    v8f a = qv[0] * v8_load(k);
+    for (int64_t c = 1; c < nd; ++c) a += qv[c] * v8_load(k + 8 * c);
+    scores[s] = visible != nullptr && !visible[s] ? -INFINITY : v8_sum(a);
     mx = std::max(mx, scores[s]);
   }
-  float total = 0.f;
-  s = 0;
-#if defined(__AVX512F__)
-  const __m512 vmx = _mm512_set1_ps(mx);
-  __m512 vtotal = _mm512_setzero_ps();
-  for (; s + 16 <= n_keys; s += 16) {
-    const __m512 x = _mm512_loadu_ps(scores + s);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(x, vmx)));
-    _mm512_storeu_ps(scores + s, e);
-    vtotal = _mm512_add_ps(vtotal, e);
+  int64_t s = 0;
+  v8f vtotal = v8_set(0.f);
+  for (; s + 8 <= n_keys; s += 8) {
+    const v8f x = v8_load(scores + s);
+    const v8f e = x == v8_set(-INFINITY) ? v8_set(0.f) : v8_exp_nonpositive(x - v8_set(mx));
+    std::memcpy(scores + s, &e, 32);
+    vtotal += e;
   }
-  total = _mm512_reduce_add_ps(vtotal);
-#endif
+  float total = v8_sum(vtotal);
   for (; s < n_keys; ++s) {
     scores[s] = scores[s] == -INFINITY ? 0.f : std::exp(scores[s] - mx);
     total += scores[s];
   }
-  const float inv_total = 1.f / total;
-#if defined(__AVX512F__)
-  if (vec) {
-    const int64_t nd = D / 16;
-    __m512 acc[8];
-    for (int64_t c = 0; c < nd; ++c) acc[c] = _mm512_setzero_ps();
-    for (s = 0; s < n_keys; ++s) {
-      if (scores[s] == 0.f) continue;
-      const __m512 p = _mm512_set1_ps(scores[s]);
-      for (int64_t c = 0; c < nd; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vals + s * D + c * 16), acc[c]);
-    }
-    for (int64_t c = 0; c < nd; ++c) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv_total)));
-    return;
-  }
-#endif
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  v8f acc[32];
+  for (int64_t c = 0; c < nd; ++c) acc[c] = v8_set(0.f);
   for (s = 0; s < n_keys; ++s) {
     if (scores[s] == 0.f) continue;
-    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * as_float(vals[s * D + d]);
+    const v8f p = v8_set(scores[s]);
+    for (int64_t c = 0; c < nd; ++c) acc[c] += p * v8_load(vals + s * D + 8 * c);
   }
-  for (int64_t d = 0; d < D; ++d) out[d] *= inv_total;
+  const v8f inv_total = v8_set(1.f / total);
+  for (int64_t c = 0; c < nd; ++c) {
+    const v8f o = acc[c] * inv_total;
+    std::memcpy(out + 8 * c, &o, 32);
+  }
+#else
+  ref::attend_one_head(q, keys, vals, visible, n_keys, D, scale, scores, out);
+#endif
 }
 
 // RoPE on B new q/k rows, their cache writes, and attention. Row b of qp (qkv_n floats: q, then k, then v) is
@@ -864,15 +1299,11 @@ void decode_swiglu(const Par& par, const DecodeRows& rows, const WeightRef& gate
   }, 8);
 }
 
-// Whether this build can use the x8 layout (its decode kernel needs AVX-512 VNNI).
-inline bool can_interleave() { return kHaveInt8Dot; }
-
 // Regroup a contiguous Q4_0/Q4_1 weight of n_rows (a multiple of 8) rows into the x8 layout, in place.
 template <typename Par>
 void interleave_rows(const Par& par, uint8_t* base, int64_t n_rows, int64_t t, int64_t k) {
-  if (!can_interleave() || (t != GGML_Q4_0 && t != GGML_Q4_1) || n_rows % 8 != 0 || k % QK != 0)
-    fail("only Q4_0/Q4_1 weights with a multiple of 8 rows can be interleaved here");
-#ifdef LLAMAWORKS_INT8_DOT
+  if ((t != GGML_Q4_0 && t != GGML_Q4_1) || n_rows % 8 != 0 || k % QK != 0)
+    fail("only Q4_0/Q4_1 weights with a multiple of 8 rows can be interleaved");
   const int64_t nb = k / QK, bb = block_bytes(t), row_bytes = nb * bb;
   par(0, n_rows / 8, 4, [&](int64_t g0, int64_t g1) {
     std::vector<uint8_t> plain(8 * row_bytes);
@@ -882,7 +1313,6 @@ void interleave_rows(const Par& par, uint8_t* base, int64_t n_rows, int64_t t, i
       for (int64_t b = 0; b < nb; ++b) pack_group_block(t, plain.data() + b * bb, row_bytes, group + b * 8 * bb);
     }
   }, 1);
-#endif
 }
 
 }  // namespace lwcore

@@ -120,8 +120,12 @@ void blocks(const Par& par, const LwModel& m, Scratch& s, int64_t rows, int64_t 
 
 extern "C" {
 
-int lw_abi_version() { return 2; }
-int lw_can_interleave() { return can_interleave() ? 1 : 0; }
+int lw_abi_version() { return 3; }
+// The SIMD level of each kernel family in this build (the library is built for one target: -march=...).
+const char* lw_isa() {
+  static const std::string description = isa_description();
+  return description.c_str();
+}
 int lw_int8_decode(int mode) { return int8_decode(mode) ? 1 : 0; }
 
 // A pool of `threads` parts (the caller's thread is one), or nullptr when its threads cannot be started. Its

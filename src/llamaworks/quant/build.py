@@ -1,9 +1,13 @@
 """Compiling the native libraries once per machine and caching them (no torch import here).
 
-Both libraries are built with the system C++ compiler and `-march=native` into ~/.cache/llamaworks/kernels
-(LLAMAWORKS_CACHE overrides the root), under a name that hashes their sources, the compiler flags' inputs and
-the CPU's feature flags; every later process just loads the file. A build writes to a temporary file and renames
-it, so concurrent processes see either nothing or the whole library.
+Both libraries are built with the system C++ compiler for a CPU target, by default `-march=native` (the SIMD
+paths of _kernels_core.h are chosen at compile time: AVX-512, AVX2, NEON or the scalar reference), into
+~/.cache/llamaworks/kernels (LLAMAWORKS_CACHE overrides the root), under a name that hashes their sources, the
+target and, for "native", the CPU's feature flags; every later process just loads the file. Another target
+(`x86-64-v3`: AVX2 + FMA + F16C, `x86-64-v2`: no AVX, `armv8.2-a+dotprod`, ...) builds the torch-free library as
+a machine of that kind would run it: `llamaworks bench --cpu-target x86-64-v3` measures the AVX2 kernels on an
+AVX-512 machine. A build writes to a temporary file and renames it, so concurrent processes see either nothing or
+the whole library.
 """
 
 from __future__ import annotations
@@ -11,13 +15,22 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 # -ffp-contract=off: dequantization must round d*q and +m separately, exactly like ggml's reference.
-BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+TARGET_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
+
+
+def target_flags(target: str = "native") -> list[str]:
+    """The compiler flags that select a CPU target: "native" (this machine) or a `-march` value."""
+    if not TARGET_PATTERN.fullmatch(target):
+        raise ValueError(f"CPU target {target!r}: expected 'native' or a -march value such as x86-64-v3")
+    return [f"-march={target}"]
 
 
 def cache_dir() -> Path:
@@ -36,23 +49,26 @@ def cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def library_path(stem: str, sources: Sequence[Path], extra_key: str = "") -> Path:
-    """Where the library built from `sources` for this CPU lives in the cache (it may not exist yet)."""
+def library_path(stem: str, sources: Sequence[Path], extra_key: str = "", cpu_target: str = "native") -> Path:
+    """Where the library built from `sources` for `cpu_target` lives in the cache (it may not exist yet)."""
+    machine = cpu_signature() if cpu_target == "native" else cpu_target
     digest = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in sources), extra_key.encode(),
-                                        cpu_signature().encode()])).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"{stem}_{digest}.so"
+                                        machine.encode()])).hexdigest()[:16]
+    name = stem if cpu_target == "native" else f"{stem}_{cpu_target.replace('+', '_')}"
+    return cache_dir() / "kernels" / f"{name}_{digest}.so"
 
 
-def compile_library(source: Path, target: Path, flags: Sequence[str] = (), libs: Sequence[str] = ()) -> None:
-    """c++ BASE_FLAGS flags source -o target libs, atomically; raises CalledProcessError with the compiler's
-    output on failure."""
+def compile_library(source: Path, target: Path, flags: Sequence[str] = (), libs: Sequence[str] = (),
+                    cpu_target: str = "native") -> None:
+    """c++ BASE_FLAGS -march=cpu_target flags source -o target libs, atomically; raises CalledProcessError with
+    the compiler's output on failure."""
     cxx = os.environ.get("CXX", "c++")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cxx, *BASE_FLAGS, *flags, str(source), "-o", tmp, *libs], check=True, capture_output=True,
-                       text=True)
+        subprocess.run([cxx, *BASE_FLAGS, *target_flags(cpu_target), *flags, str(source), "-o", tmp, *libs],
+                       check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -78,13 +78,14 @@ def native_available() -> bool:
 
 
 def int8_decode(enable: bool | None = None) -> bool:
-    """Whether decode matmuls (up to 32 rows; 8 with float activations) use int8 activations and VNNI dot
-    products, as llama.cpp does.
+    """Whether decode matmuls (up to 32 rows; 8 with float activations) use int8 activations and integer dot
+    products, as llama.cpp does on every CPU.
 
-    On by default where the CPU has AVX-512 VNNI (about 1.3-1.5x faster decode than the float kernels). The
-    activation rounding moves SmolLM2's logits by up to about 1.3 and can change greedy text at near ties
-    (tests/test_runtime.py bounds it). `enable=False` (or LLAMAWORKS_INT8_DECODE=0) selects the float
-    dequantize-and-dot kernels, `True` the int8 ones; returns the state afterwards (always False without VNNI).
+    On by default (AVX-512 VNNI, AVX-VNNI, AVX2, NEON dotprod and NEON each have an integer dot path; the scalar
+    build runs the reference). The activation rounding moves SmolLM2's logits by up to about 1.3 and can change
+    greedy text at near ties (tests/test_runtime.py bounds it). `enable=False` (or LLAMAWORKS_INT8_DECODE=0)
+    selects the float dequantize-and-dot kernels, `True` the int8 ones; returns the state afterwards (False
+    without the native kernels).
     """
     if not native_available():
         return False
@@ -95,9 +96,9 @@ def bf16_prefill(enable: bool | None = None) -> bool:
     """Whether prefill matmuls (more rows than the decode kernels take) run the gemm in bfloat16 (dequantized
     bf16 weight slabs).
 
-    On by default where the CPU has AVX-512 BF16 (gemm ~2.4x the float32 rate). Inputs and outputs of each
-    matmul are rounded to bf16. `enable=False` (or LLAMAWORKS_BF16_PREFILL=0) selects float32; returns the
-    state afterwards (always False without native bf16).
+    On by default where the CPU has AVX-512 BF16 (gemm ~2.4x the float32 rate); elsewhere off by default (torch's
+    bf16 gemm is slower than float32 there) but available. Inputs and outputs of each matmul are rounded to bf16.
+    `enable=False` (or LLAMAWORKS_BF16_PREFILL=0) selects float32; returns the state afterwards.
     """
     if not native_available():
         return False
@@ -120,19 +121,26 @@ def decode_pool(enable: bool | None = None) -> bool:
 
 
 def can_interleave() -> bool:
-    """Whether the native kernels can use the x8 row-interleaved layout (they need AVX-512 VNNI)."""
-    return native_available() and bool(torch.ops.llamaworks.can_interleave())
+    """Whether the native kernels (and so the x8 row-interleaved layout, which every SIMD path reads) are here."""
+    return native_available()
+
+
+def isa() -> str:
+    """The SIMD level of each kernel family in the native build (it is built for this CPU), or why there is none."""
+    if not native_available():
+        return "none (native kernels unavailable: torch fallback)"
+    return str(torch.ops.llamaworks.isa())
 
 
 def interleave_(raw: Tensor, ggml_type: int, in_features: int) -> int:
     """Regroup a Q4_0/Q4_1 weight's rows 8 at a time, in place; returns the type code to pass to the kernels.
 
-    Decode then reads each group of 8 rows as one stream and needs no horizontal sums (about 1.2x faster on a
-    1.1B model here). `raw` must be writable memory (not a read-only file mapping), contiguous, with a multiple
-    of 8 rows. Every op of this module accepts the returned code, including the torch fallback.
+    Decode then reads each group of 8 rows as one stream and needs no horizontal sums. `raw` must be writable
+    memory (not a read-only file mapping), contiguous, with a multiple of 8 rows. Every op of this module
+    accepts the returned code, including the torch fallback.
     """
     if not can_interleave():
-        raise RuntimeError("the x8 layout needs the native kernels built with AVX-512 VNNI")
+        raise RuntimeError("the x8 layout needs the native kernels")
     torch.ops.llamaworks.ggml_interleave_(raw, ggml_type, in_features)
     return ggml_type | INTERLEAVED
 

@@ -1,7 +1,9 @@
 """The torch-free native library (`_lean.cpp`): built once per machine like the torch kernels, loaded with ctypes.
 
-`library()` returns the loaded library or raises `LeanUnavailable` with the reason (no compiler, Windows, ...).
-The structures below mirror `LwLayer` / `LwModel` in `_lean.cpp` field by field.
+`library(cpu_target)` returns the library built for a CPU target ("native": this machine; or a -march value such
+as "x86-64-v3", to run the AVX2 kernels on an AVX-512 machine), or raises `LeanUnavailable` with the reason (no
+compiler, Windows, ...). Each target's library is its own copy of the kernels with its own switches and thread
+pools. The structures below mirror `LwLayer` / `LwModel` in `_lean.cpp` field by field.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_lean.cpp")
 CORE_HEADER = Path(__file__).with_name("_kernels_core.h")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _c_i64, _c_f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _c_u8p = ctypes.c_void_p  # raw block bytes
@@ -43,14 +45,14 @@ class LwModel(ctypes.Structure):
         ("v_cache", ctypes.c_void_p), ("kv_float32", _c_i64)]
 
 
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
+_libraries: dict[str, ctypes.CDLL] = {}
+_failures: dict[str, str] = {}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     err = [ctypes.c_char_p, _c_i64]
     lib.lw_abi_version.restype = ctypes.c_int
-    lib.lw_can_interleave.restype = ctypes.c_int
+    lib.lw_isa.restype = ctypes.c_char_p
     lib.lw_int8_decode.argtypes, lib.lw_int8_decode.restype = [ctypes.c_int], ctypes.c_int
     lib.lw_pool_new.argtypes, lib.lw_pool_new.restype = [ctypes.c_int], ctypes.c_void_p
     lib.lw_pool_parts.argtypes, lib.lw_pool_parts.restype = [ctypes.c_void_p], ctypes.c_int
@@ -61,39 +63,47 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lw_forward.restype = ctypes.c_int
 
 
-def library() -> ctypes.CDLL:
-    """The loaded library, built on first use (a few seconds); LeanUnavailable when it cannot be built or loaded."""
-    global _library, _failure
-    if _library is not None:
-        return _library
-    if _failure is not None:
-        raise LeanUnavailable(_failure)
+def library(cpu_target: str = "native") -> ctypes.CDLL:
+    """The library for `cpu_target`, built on first use (a few seconds); LeanUnavailable when it cannot be built
+    or loaded."""
+    if cpu_target in _libraries:
+        return _libraries[cpu_target]
+    if cpu_target in _failures:
+        raise LeanUnavailable(_failures[cpu_target])
     if sys.platform == "win32" or os.environ.get("LLAMAWORKS_NO_NATIVE"):
-        _failure = "the torch-free runtime needs the native library (not built on Windows or with LLAMAWORKS_NO_NATIVE)"
-        raise LeanUnavailable(_failure)
-    target = library_path("llamaworks_lean", [SOURCE, CORE_HEADER])
+        _failures[cpu_target] = ("the torch-free runtime needs the native library (not built on Windows or with "
+                                 "LLAMAWORKS_NO_NATIVE)")
+        raise LeanUnavailable(_failures[cpu_target])
+    target = library_path("llamaworks_lean", [SOURCE, CORE_HEADER], cpu_target=cpu_target)
     try:
         if not target.exists():
-            log.info("building the torch-free native library (once per machine) into %s", target.parent)
-            compile_library(SOURCE, target, ["-pthread"])
+            log.info("building the torch-free native library for %s (once per machine) into %s", cpu_target,
+                     target.parent)
+            compile_library(SOURCE, target, ["-pthread"], cpu_target=cpu_target)
         lib = ctypes.CDLL(str(target))
         _declare(lib)
         if lib.lw_abi_version() != ABI_VERSION:
             raise OSError(f"{target}: ABI version {lib.lw_abi_version()}, expected {ABI_VERSION}")
     except (OSError, subprocess.CalledProcessError) as e:
-        _failure = f"the torch-free native library could not be built or loaded: {first_error(e)}"
-        raise LeanUnavailable(_failure) from None
+        _failures[cpu_target] = (f"the torch-free native library for {cpu_target} could not be built or loaded: "
+                                 f"{first_error(e)}")
+        raise LeanUnavailable(_failures[cpu_target]) from None
     for name, switch in (("LLAMAWORKS_INT8_DECODE", lib.lw_int8_decode),):
         if name in os.environ:
             switch(int(os.environ[name] not in ("", "0")))
-    _library = lib
+    _libraries[cpu_target] = lib
     return lib
 
 
-def int8_decode(enable: bool | None = None) -> bool:
-    """Whether the library's kernels quantize activations to int8 blocks (VNNI dot products: the default where
-    the CPU has them) or keep them float32; `enable` switches it. Shared by every LeanModel in the process."""
-    return bool(library().lw_int8_decode(-1 if enable is None else int(enable)))
+def int8_decode(enable: bool | None = None, cpu_target: str = "native") -> bool:
+    """Whether the library's kernels quantize activations to int8 blocks (integer dot products: the default on
+    every CPU) or keep them float32; `enable` switches it. Shared by every LeanModel on that library."""
+    return bool(library(cpu_target).lw_int8_decode(-1 if enable is None else int(enable)))
+
+
+def isa(cpu_target: str = "native") -> str:
+    """The SIMD level of each kernel family in the library for `cpu_target`."""
+    return library(cpu_target).lw_isa().decode()
 
 
 def call(fn: ctypes._CFuncPtr, *args: object) -> None:  # type: ignore[name-defined]
@@ -103,4 +113,4 @@ def call(fn: ctypes._CFuncPtr, *args: object) -> None:  # type: ignore[name-defi
         raise RuntimeError(err.value.decode("utf-8", "replace") or f"{fn.__name__} failed")
 
 
-__all__ = ["LeanUnavailable", "LwLayer", "LwModel", "call", "int8_decode", "library"]
+__all__ = ["LeanUnavailable", "LwLayer", "LwModel", "call", "int8_decode", "isa", "library"]
