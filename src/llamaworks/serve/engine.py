@@ -40,6 +40,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is full: answer 503 with Retry-After."""
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the context: answer 400 context_length_exceeded."""
+
+
 # -- events the engine sends to a request's consumer (called from the engine thread) -----------------
 @dataclass
 class TokenInfo:
@@ -226,13 +230,16 @@ class Engine:
             raise ValueError("prompt: at least one token expected")
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in the {self.max_context}-token context")
+            raise PromptTooLongError(f"prompt: {len(prompt_ids)} tokens leave no room in the {self.max_context}-token "
+                                     "context")
         request = Request(list(prompt_ids), emit, logprobs, json_mode)
         seqs = []
         stop_ids = self.stop_ids | {int(t) for t in params.stop_token_ids}
         for i in range(n):
             # Choice i of a seeded request draws from seed + i: reproducible, yet the n choices differ.
             seed = params.seed + i if params.seed is not None else random.getrandbits(63)
+            if seed >= 1 << 64:  # seed + i past 64 bits wraps around (the API accepts any 64-bit seed)
+                seed -= 1 << 64
             generator = torch.Generator(device=self._device).manual_seed(seed)
             max_new = min(params.max_new_tokens, room)
             text = StopStringFilter(self.tokenizer, params.stop)
