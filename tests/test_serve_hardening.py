@@ -224,3 +224,68 @@ def test_api_key_is_checked_before_the_body(model, tokenizer):
         r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=auth, timeout=30)
         assert r.status_code == 200, r.text
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # no key needed outside /v1
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_kv_cache_follows_the_live_rows_and_comes_back(tokenizer):
+    """One long prompt used to grow the cache for all max_batch rows for good (427 -> 1,897 MiB in the issue).
+    Now the buffer holds the live rows only, and an idle engine is back to one row of the initial size."""
+    import queue
+
+    import torch
+
+    from llamaworks.config import ModelConfig
+    from llamaworks.generate import SamplingParams
+    from llamaworks.model import Transformer
+    from llamaworks.serve.engine import FinishEvent
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(256, 4, 4, tokenizer.vocab_size, 512, n_kv_heads=4, tie_embeddings=True, max_seq_len=4096,
+                      name="kv-growth")
+    model = Transformer(cfg)
+    model.reset_parameters()
+    model.eval()
+    per_row_column = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_size * model.kv_cache_dtype().itemsize
+    engine = Engine(model, tokenizer, max_batch=8, queue_size=16, initial_capacity=64).start()
+    seen: list[tuple[int, int, int]] = []
+
+    def run(prompt: list[int], n: int) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+
+        def emit(event):
+            stats = engine.stats
+            seen.append((stats.kv_cache_rows, stats.kv_cache_columns, stats.kv_cache_bytes))
+            q.put(event)
+
+        engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=n), emit)
+        return q
+
+    def wait(q: queue.Queue) -> FinishEvent:
+        while not isinstance(event := q.get(timeout=120), FinishEvent):
+            pass
+        return event
+
+    try:
+        assert wait(run(tokenizer.encode("warm up"), 3)).reason == "length"
+        idle = engine.stats.kv_cache_bytes
+        assert (engine.stats.kv_cache_rows, engine.stats.kv_cache_columns) == (1, 64)
+        assert idle == 64 * per_row_column
+        before = _rss_mib()
+        seen.clear()
+        long_prompt = [100 + i % 1000 for i in range(3000)]
+        long_q, short_q = run(long_prompt, 4), run(tokenizer.encode("and a short one"), 40)
+        assert wait(long_q).completion_tokens == 4 and wait(short_q).completion_tokens == 40
+        peak_rss = _rss_mib()
+        rows, columns, peak = max(seen, key=lambda s: s[2])
+        assert rows <= 2 and columns == 4096, seen[-5:]  # two live rows, never the 8 of max_batch
+        assert peak == 2 * 4096 * per_row_column  # 32 MiB/row here; the old layout held 8 rows: 256 MiB
+        assert (engine.stats.kv_cache_rows, engine.stats.kv_cache_columns, engine.stats.kv_cache_bytes) == \
+            (1, 64, idle)  # all finished: back to the idle size
+        after = _rss_mib()
+        assert after - before < 40, (before, peak_rss, after)  # the memory went back to the OS
+    finally:
+        engine.stop()
