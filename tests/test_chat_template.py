@@ -174,3 +174,93 @@ def test_encode_chat_never_doubles_bos(sentencepiece_model: Path, smollm2: Token
     ids = encode_chat(smollm2, CONVERSATIONS["single"])
     assert ids[:1] == [smollm2.token_to_id("<|im_start|>")]
     assert smollm2.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+HOSTILE_TEMPLATES = {
+    "nested range loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops over a list": "{% set l = range(100000) | list %}{% for a in l %}{% for b in l %}{% endfor %}"
+                                "{% endfor %}",
+    "output flood": "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+    "exponential macro": "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                         "{{ f(40) }}",
+    "macro recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "recursive loop": "{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}",
+    "huge power": "{{ 10 ** 100000000 }}",
+    "huge repeat": "{{ 'x' * 10000000000 }}",
+    "doubling concat": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s | length }}",
+    "doubling plus": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                     "{% endfor %}",
+    "squaring integer": "{% set ns = namespace(n=3) %}{% for i in range(60) %}{% set ns.n = ns.n * ns.n %}"
+                        "{% endfor %}{{ ns.n }}",
+    "wide filter argument": "{{ 'x' | center(1000000000) }}",
+    "wide format": "{{ '{:>999999999}'.format(1) }}",
+    "wide percent format": "{{ '%999999999d' % 1 }}",
+    "float overflow": "{{ 1e308 * 1e308 }}{{ 10.0 ** 400 }}",
+    "huge range": "{{ range(10 ** 30) }}",
+    "deep nesting": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TEMPLATES))
+def test_hostile_templates_end_quickly_as_one_line_errors(kind: str) -> None:
+    """Loops, recursion, output and value sizes are bounded; Overflow/Recursion/Memory errors are ours too."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError) as info:
+        ChatTemplate(HOSTILE_TEMPLATES[kind], name="hostile.jinja").render([{"role": "user", "content": "hi"}])
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert message.startswith("hostile.jinja: ") and "\n" not in message and len(message) < 400, message
+    assert elapsed < 5.0, (kind, elapsed)  # the wall-clock budget is 2 s; most stop in milliseconds
+
+
+def test_template_limits_are_configurable_and_real_templates_fit(smollm2: Tokenizer) -> None:
+    from llamaworks.chat_template import TemplateLimits
+
+    long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(2000)]
+    text = template_for(smollm2).render(long_chat)  # SmolLM2's own template, 2000 turns: well within the budget
+    assert text.count("<|im_start|>") == 2002  # + the default system message and the assistant cue
+    tight = ChatTemplate(smollm2.chat_template, name="tight", limits=TemplateLimits(steps=1000))
+    with pytest.raises(ChatTemplateError, match=r"^tight: rendering stopped by the template limits: more than 1000"):
+        tight.render(long_chat)
+    slow = ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                        name="slow", limits=TemplateLimits(seconds=0.2, steps=10**12))
+    with pytest.raises(ChatTemplateError, match=r"^slow: .*took longer than 0.2 s"):
+        slow.render([])
+
+
+def test_template_that_is_not_utf8_is_one_line(tmp_path: Path, smollm2: Tokenizer) -> None:
+    bad = b"{{ messages[0]['content'] }}\xff\xfe"
+    with pytest.raises(ChatTemplateError, match=r"^from-gguf: not valid UTF-8 \(byte 28: invalid start byte\)$"):
+        ChatTemplate(bad, name="from-gguf")  # a GGUF string that is not UTF-8 reaches us as bytes
+    gguf_like = Tokenizer(smollm2.engine, kind="gpt2", bos_token="<|im_start|>", eos_token="<|im_end|>",
+                          chat_template=bad)
+    with pytest.raises(ChatTemplateError, match=r"^chat template of .*: not valid UTF-8"):
+        template_for(gguf_like)
+    file = tmp_path / "bad.jinja"
+    file.write_bytes(bad)
+    with pytest.raises(ChatTemplateError, match=rf"^{file}: not valid UTF-8"):
+        template_for(smollm2, str(file))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "chat_template.jinja").write_bytes(bad)
+    with pytest.raises(FormatError, match=r"chat_template.jinja: chat template is not valid UTF-8"):
+        Tokenizer.from_dir(folder)
+
+
+def test_cli_chat_with_a_hostile_template_prints_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    file = tmp_path / "loops.jinja"
+    file.write_text(HOSTILE_TEMPLATES["nested range loops"])
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "llamaworks", "chat", "--chat-template", str(file)],
+                         input="hello\n", capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = [line for line in run.stderr.splitlines() if str(file) in line]
+    assert len(lines) == 1 and "template limits" in lines[0], run.stderr

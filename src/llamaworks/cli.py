@@ -179,12 +179,14 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503 (default 64)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint's name)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body accepted; larger ones get 413 (default 4194304 = 4 MiB)")
 
     def run(a: argparse.Namespace) -> int:
         from .serve.app import serve
 
         return serve(**model_kwargs(a), host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch,
-                     queue_size=a.queue_size, model_name=a.model_name)
+                     queue_size=a.queue_size, model_name=a.model_name, max_body_bytes=a.max_body_bytes)
 
     p.set_defaults(run=run)
 

@@ -312,7 +312,11 @@ class Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         template_file = path / "chat_template.jinja"
         if template_file.is_file() and not config.get("chat_template"):
-            config["chat_template"] = template_file.read_text(encoding="utf-8")
+            try:
+                config["chat_template"] = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise FormatError(f"{template_file}: chat template is not valid UTF-8 (byte {exc.start}: "
+                                  f"{exc.reason})") from None
         stops = _generation_eos_ids(path)
         if (path / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(path / "tokenizer.json", config, stops)

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from .engine import Engine, EngineStats, QueueFullError
+from .engine import Engine, EngineStats, PromptTooLongError, QueueFullError
 
-__all__ = ["Engine", "EngineStats", "QueueFullError", "create_app", "serve"]
+__all__ = ["Engine", "EngineStats", "PromptTooLongError", "QueueFullError", "create_app", "serve"]
 
 
 def create_app(*args, **kwargs):  # imported lazily: FastAPI is only needed when serving

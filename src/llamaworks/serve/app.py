@@ -4,6 +4,13 @@ Every request becomes one or more sequences in the `Engine` (one per choice and 
 thread calls back with events, which cross into the event loop through `call_soon_threadsafe` and an
 asyncio.Queue per request. A streaming client that disconnects cancels its sequences (the response
 generator is closed); a non-streaming one is noticed by polling `request.is_disconnected()`.
+
+No request can hold up the others (docs/security.md):
+- `_Guard`, in front of everything: the API key is checked before a body is read (401 first), and bodies larger
+  than `max_body_bytes` are refused with 413 without being buffered.
+- Chat-template rendering and tokenization run on a small worker pool, never on the event loop; the template runs
+  under its own limits (chat_template.TemplateLimits), a prompt too long to ever fit the context is refused from
+  its length before it is tokenized, and the whole preparation has a wall-clock budget (`prompt_seconds`).
 """
 
 from __future__ import annotations
@@ -16,22 +23,26 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .engine import Engine, FinishEvent, QueueFullError, TokenEvent, TokenInfo
+from .engine import Engine, FinishEvent, PromptTooLongError, QueueFullError, TokenEvent, TokenInfo
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+MAX_BODY_BYTES = 4 * 1024 * 1024  # default request body cap (`serve --max-body-bytes`)
+PROMPT_SECONDS = 10.0  # default wall-clock budget for rendering + tokenizing one request's prompts
+PROMPT_WORKERS = 2  # threads that render and tokenize prompts (the event loop never does)
 FINGERPRINT = f"llamaworks-{__version__}"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 # How a template without its own tool support is told about tools (Hermes / SmolLM2 / Qwen style).
@@ -52,9 +63,65 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def body(self) -> dict:
+        # A message quoting client text must still encode: lone surrogates become U+FFFD.
+        message = self.message.encode("utf-8", "replace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _Guard:
+    """Pure-ASGI front door: API key first (401), then the body size cap (413), both in OpenAI's error shape.
+
+    The body is read here, at most `max_body_bytes` of it, and replayed to the app; a declared Content-Length
+    over the cap is refused before anything is read.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.max_body_bytes
+        too_large = APIError(413, f"request body larger than {limit} bytes (the server's --max-body-bytes)",
+                             code="request_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_large.response()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await too_large.response()(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: the client's disconnect, for streaming responses
+
+        return await self.app(scope, replay, send)
 
 
 def _now() -> int:
@@ -64,12 +131,33 @@ def _now() -> int:
 class _Server:
     """State shared by the routes: the engine, its tokenizer and chat template, the model's public name."""
 
-    def __init__(self, engine: Engine, model_name: str, chat_template: Any = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, chat_template: Any = None,
+                 prompt_seconds: float = PROMPT_SECONDS) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.created = _now()
         self._template = chat_template
+        self.prompt_seconds = prompt_seconds
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.max_context)
+        self.pool: ThreadPoolExecutor | None = None
+
+    async def prepare(self, fn: Callable, *args: Any) -> Any:
+        """Run prompt work (template rendering, tokenization) on the worker pool within `prompt_seconds`."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="llamaworks-prompt")
+        future = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.wait_for(future, self.prompt_seconds)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"preparing the prompt took longer than {self.prompt_seconds:g} s; retry shortly",
+                           type="server_error", code="timeout", headers={"Retry-After": "1"}) from None
+
+    def check_length(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing, text that cannot fit the context whatever it tokenizes to."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(400, f"{param}: {len(text)} characters cannot fit the {self.engine.max_context}-token "
+                           "context", param=param, code="context_length_exceeded")
 
     @property
     def template(self):
@@ -107,9 +195,10 @@ class _Server:
         template = self.template
         try:
             text = template.render(messages, add_generation_prompt=True, **kwargs)
-        except Exception as exc:  # the model's own Jinja template may raise on an unexpected conversation
+        except Exception as exc:  # ChatTemplateError: the template raised, or went over its limits
             raise APIError(400, f"messages: the chat template rejected the conversation: {exc}",
-                           param="messages") from exc
+                           param="messages") from None
+        self.check_length(text, "messages")
         return self.encode_text(text), text
 
     @staticmethod
@@ -158,9 +247,16 @@ class _Server:
         except ConfigError as exc:
             raise APIError(400, str(exc)) from exc
 
+    def check_fan_out(self, prompts: int, n: int) -> None:
+        """A request whose sequences (prompts x n) exceed the queue could never be admitted: 400, not 503."""
+        if prompts * n > self.engine.queue_size:
+            raise APIError(400, f"n: {prompts} prompt(s) x n={n} = {prompts * n} sequences; this server queues at "
+                           f"most {self.engine.queue_size} per request", param="n", code="invalid_value")
+
     def submit(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompts: list[list[int]], params,
                n: int, logprobs: int | None, json_mode: bool) -> list:
         """Submit every prompt (n choices each); choice index = prompt_index * n + choice."""
+        self.check_fan_out(len(prompts), n)
         handles = []
         for p_index, prompt in enumerate(prompts):
             offset = p_index * n
@@ -176,12 +272,28 @@ class _Server:
                     h.cancel()
                 raise APIError(503, f"server busy: {exc}; retry shortly", type="server_error", code="queue_full",
                                headers={"Retry-After": "1"}) from exc
-            except ValueError as exc:
+            except PromptTooLongError as exc:
                 for h in handles:
                     h.cancel()
                 raise APIError(400, f"{exc}", param="messages" if "messages" in str(exc) else "prompt",
                                code="context_length_exceeded") from exc
+            except ValueError as exc:
+                for h in handles:
+                    h.cancel()
+                raise APIError(400, f"{exc}") from exc
         return handles
+
+
+def prompt_char_limit(tokenizer: Any, max_context: int) -> int:
+    """Characters beyond which a text cannot fit `max_context` tokens: no token covers more input characters
+    than its vocabulary piece is long (byte-level pieces are one character per byte; SentencePiece's '▁' is one
+    space), so a text needs at least len(text) / longest-piece tokens."""
+    engine = getattr(tokenizer, "engine", None)
+    try:
+        longest = max(len(piece) for piece in engine.get_vocab(with_added_tokens=True))
+    except Exception:  # not an HF `tokenizers` engine: no early refusal, the engine still checks the length
+        return 1 << 62
+    return max_context * max(1, longest)
 
 
 def _json_or_text(s: str) -> Any:
@@ -285,9 +397,17 @@ def _finish_reason(reason: str) -> str:
 
 
 def create_app(engine: Engine, api_key: str | None = None, model_name: str = "llamaworks",
-               chat_template: Any = None) -> FastAPI:
-    """The ASGI app. Starts `engine` at startup if it is not running (and then stops it at shutdown)."""
-    server = _Server(engine, model_name, chat_template)
+               chat_template: Any = None, *, max_body_bytes: int = MAX_BODY_BYTES,
+               prompt_seconds: float = PROMPT_SECONDS) -> FastAPI:
+    """The ASGI app. Starts `engine` at startup if it is not running (and then stops it at shutdown).
+
+    max_body_bytes: larger request bodies get 413. prompt_seconds: budget for rendering + tokenizing a request.
+    """
+    from ..errors import ConfigError
+
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes {max_body_bytes}: expected a positive number of bytes")
+    server = _Server(engine, model_name, chat_template, prompt_seconds=prompt_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -297,9 +417,13 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
         yield
         if started_here:
             engine.stop()
+        if server.pool is not None:
+            server.pool.shutdown(wait=False, cancel_futures=True)
+            server.pool = None
 
     app = FastAPI(title="llamaworks", version=__version__, lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -308,10 +432,14 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        # Of a union's several complaints, a value error (a surrogate, a range) says more than "not a str".
+        errors = sorted(errors, key=lambda e: e.get("type") != "value_error")
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+        # Union members show up as type tags in the location ("prompt.list[int].0"): leave them out.
+        loc = [x for x in loc if not re.fullmatch(r"[a-z_]+\[.*\]|str|int|float|bool|dict|list", x)]
         where = ".".join(loc) or "body"
-        return APIError(400, f"{where}: {first.get('msg')}", param=where or None,
+        return APIError(400, f"{where}: {first.get('msg')}", param=loc[0] if loc else None,
                         code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -319,16 +447,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    auth = [Depends(check_key)]
-
+    auth: list = []  # the API key is checked by _Guard before a body is read
     # -- page and health --------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     async def index():
@@ -365,7 +484,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
                            param="response_format")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs: requires logprobs=true", param="top_logprobs")
-        prompt, _ = server.chat_prompt(req)
+        prompt, _ = await server.prepare(server.chat_prompt, req)
         params = server.sampling(req, req.max_completion_tokens or req.max_tokens, json_mode)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         tools_on = bool(req.tools) and req.tool_choice != "none"
@@ -439,7 +558,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
         if req.echo:
             raise APIError(400, "echo: not supported", param="echo")
         json_mode = bool(req.response_format and req.response_format.type == "json_object")
-        prompts = _completion_prompts(req.prompt, server, engine.tokenizer.vocab_size)
+        server.check_fan_out(_prompt_count(req.prompt), req.n)
+        prompts = await server.prepare(_completion_prompts, req.prompt, server, engine.tokenizer.vocab_size)
         params = server.sampling(req, req.max_tokens, json_mode)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -499,8 +619,14 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict:
             "top_logprobs": [{s: lp for _, s, lp in (t.top or [])} for t in tokens], "text_offset": text_offset}
 
 
+def _prompt_count(prompt: Any) -> int:
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return 1
+    return len(prompt)
+
+
 def _completion_prompts(prompt: Any, server: _Server, vocab_size: int) -> list[list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> token id lists."""
+    """str | list[str] | list[int] | list[list[int]] -> token id lists (runs on the prompt worker pool)."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif prompt and all(isinstance(x, int) for x in prompt):
@@ -512,6 +638,7 @@ def _completion_prompts(prompt: Any, server: _Server, vocab_size: int) -> list[l
     out = []
     for item in items:
         if isinstance(item, str):
+            server.check_length(item, "prompt")
             ids = server.tokenizer.encode(item)
         else:
             ids = list(item)
@@ -540,18 +667,22 @@ def _stream_response(gen: AsyncIterator[str], handles: list) -> StreamingRespons
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, queue_size: int = 64, device: str | None = None, dtype: str | None = None,
           chat_template: str | None = None, max_context: int | None = None, model_name: str | None = None,
-          fast: bool | None = None, mmap: bool | None = None) -> int:
+          fast: bool | None = None, mmap: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> int:
     """`llamaworks serve`: load a model and serve it until interrupted. Returns an exit code."""
     import uvicorn
 
     from .. import load
+    from ..errors import ConfigError
 
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes {max_body_bytes}: expected a positive number of bytes")
     sock = listen_socket(host, port)  # before loading: a busy port should fail in a second, not after the model
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
                fast=fast, mmap=mmap)
     name = model_name or _model_name(llm.checkpoint, llm.model)
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, queue_size=queue_size, max_context=max_context)
-    app = create_app(engine, api_key=api_key, model_name=name, chat_template=llm.template)
+    app = create_app(engine, api_key=api_key, model_name=name, chat_template=llm.template,
+                     max_body_bytes=max_body_bytes)
     print(f"llamaworks: serving {name} at http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)",
           flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

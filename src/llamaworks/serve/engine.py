@@ -16,12 +16,22 @@ of the row's own sequence. This keeps model.py's single `start_pos` contract whi
 - A finished row is replaced by the last active row (a copy of one row), keeping rows contiguous.
 - When `end` reaches the capacity, the timeline is compacted left by the smallest row start; the
   capacity grows (doubling, up to the context limit) only when the oldest row really needs it.
+
+Cache memory follows the live rows: the buffer holds a power of two of rows (1, 2, 4 … max_batch), grown
+when a row is admitted into a full buffer, and both its rows and its columns shrink (halving, with
+hysteresis) when rows finish; an idle engine holds one row of `initial_capacity` columns. So one long
+prompt costs one row of its length while it runs, and that memory is freed (and trimmed back to the OS)
+when it finishes. What remains of the shared timeline: while rows run *together*, each of them spans the
+columns of the oldest one (a long and a short row cost two long rows); a paged cache (per-row block
+tables) would remove that, at the price of a gathered attention in the decode kernels.
 Prefill is not chunked: a long prompt delays the next decode step of the other rows by its prefill time.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import random
@@ -38,6 +48,10 @@ log = logging.getLogger("llamaworks.serve")
 
 class QueueFullError(RuntimeError):
     """The waiting queue is full: answer 503 with Retry-After."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the context: answer 400 context_length_exceeded."""
 
 
 # -- events the engine sends to a request's consumer (called from the engine thread) -----------------
@@ -84,6 +98,9 @@ class EngineStats:
     errors: int = 0
     active: int = 0
     waiting: int = 0
+    kv_cache_bytes: int = 0       # keys + values the engine holds right now (all layers)
+    kv_cache_rows: int = 0        # rows of the cache buffer (a power of two up to max_batch)
+    kv_cache_columns: int = 0     # positions per row
 
     @property
     def mean_batch(self) -> float:
@@ -191,7 +208,7 @@ class Engine:
     def start(self) -> Engine:
         if self._running:
             return self
-        self._allocate(self._initial_capacity)
+        self._allocate(self._initial_capacity, 1)
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="llamaworks-engine", daemon=True)
         self._thread.start()
@@ -226,13 +243,16 @@ class Engine:
             raise ValueError("prompt: at least one token expected")
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in the {self.max_context}-token context")
+            raise PromptTooLongError(f"prompt: {len(prompt_ids)} tokens leave no room in the {self.max_context}-token "
+                                     "context")
         request = Request(list(prompt_ids), emit, logprobs, json_mode)
         seqs = []
         stop_ids = self.stop_ids | {int(t) for t in params.stop_token_ids}
         for i in range(n):
             # Choice i of a seeded request draws from seed + i: reproducible, yet the n choices differ.
             seed = params.seed + i if params.seed is not None else random.getrandbits(63)
+            if seed >= 1 << 64:  # seed + i past 64 bits wraps around (the API accepts any 64-bit seed)
+                seed -= 1 << 64
             generator = torch.Generator(device=self._device).manual_seed(seed)
             max_new = min(params.max_new_tokens, room)
             text = StopStringFilter(self.tokenizer, params.stop)
@@ -300,7 +320,7 @@ class Engine:
                 self.stats.active = 0
                 self._end = 0
                 self._last_prefill = None
-                self._allocate(self._initial_capacity)
+                self._allocate(self._initial_capacity, 1)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -326,25 +346,72 @@ class Engine:
                 raise
 
     # -- cache management ---------------------------------------------------------------------------
-    def _allocate(self, capacity: int) -> None:
+    def _allocate(self, capacity: int, rows: int | None = None) -> None:
+        """(Re)allocate the cache as `rows` x `capacity` columns, keeping the active rows' columns [0, end)."""
         cfg = self.model.config
         dtype = self.model.kv_cache_dtype()
-        shape = (self.max_batch, cfg.kv_heads, capacity, cfg.head_size)
+        rows = rows or self.rows_capacity
+        shape = (rows, cfg.kv_heads, capacity, cfg.head_size)
         old = self._caches
+        n, end = len(self._active), min(self._end, capacity)
         self._caches = []
         for i, layer in enumerate(self.model.layers):
             k = torch.zeros(shape, dtype=dtype, device=self._device)
             v = torch.zeros(shape, dtype=dtype, device=self._device)
-            if old and self._end:
-                k[:, :, :self._end] = old[i].k[:, :, :self._end]
-                v[:, :, :self._end] = old[i].v[:, :, :self._end]
+            if old and n and end:
+                k[:n, :, :end] = old[i].k[:n, :, :end]
+                v[:n, :, :end] = old[i].v[:n, :, :end]
+                old[i].k = old[i].v = None  # free layer by layer: the peak is one layer's copy, not two caches
             cache = SlotCache(self._rows, k, v)
             self._caches.append(cache)
             layer.attention.cache = cache
+        shrunk = bool(old) and self.stats.kv_cache_bytes > 0 and \
+            2 * len(self.model.layers) * k.numel() * k.element_size() < self.stats.kv_cache_bytes
+        self.stats.kv_cache_rows, self.stats.kv_cache_columns = rows, capacity
+        self.stats.kv_cache_bytes = 2 * len(self.model.layers) * k.numel() * k.element_size()
+        del old
+        if shrunk:
+            _release_free_memory()
 
     @property
     def capacity(self) -> int:
         return self._caches[0].k.shape[2]
+
+    @property
+    def rows_capacity(self) -> int:
+        return self._caches[0].k.shape[0] if self._caches else 1
+
+    def _fit(self) -> None:
+        """Shrink the cache to what the active rows need (called when rows finish): halve the rows while at most
+        a quarter are used, and the columns while the live span uses at most a quarter (never below the initial
+        size); an idle engine goes back to one row of `initial_capacity`."""
+        n = len(self._active)
+        rows, capacity = self.rows_capacity, self.capacity
+        if not n:
+            self._end = 0
+            if rows > 1 or capacity > self._initial_capacity:
+                self._allocate(self._initial_capacity, 1)
+            return
+        while rows > 1 and n <= rows // 4:
+            rows //= 2
+        lo = min(s.start for s in self._active)
+        span = self._end - lo
+        while capacity > self._initial_capacity and span + 1 <= capacity // 4:
+            capacity //= 2
+        if rows == self.rows_capacity and capacity == self.capacity:
+            return
+        if lo:
+            self._shift(-lo)
+        self._allocate(max(capacity, self._initial_capacity), rows)
+
+    def _ensure_row(self, row: int) -> None:
+        """Make row index `row` exist (doubling the rows, up to max_batch)."""
+        rows = self.rows_capacity
+        if row < rows:
+            return
+        while rows <= row:
+            rows *= 2
+        self._allocate(self.capacity, min(rows, self.max_batch))
 
     def _shift(self, delta: int) -> None:
         """Move the active rows' columns by `delta` (right if positive) and the timeline with them."""
@@ -392,6 +459,7 @@ class Engine:
                 self._shift(P - self._end)
             self._end = P
         row = len(self._active)
+        self._ensure_row(row)
         start = self._end - P
         sibling = self._last_prefill
         if (sibling is not None and sibling[0] is seq.request and sibling[1] in self._active
@@ -524,8 +592,9 @@ class Engine:
                 self._active[i] = moved
             self._active.pop()
             self.stats.active = len(self._active)
-            if not self._active:
-                self._end = 0
+            if self._last_prefill is not None and self._last_prefill[1] is seq:
+                self._last_prefill = None
+            self._fit()
         self._finish(seq, reason)
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
@@ -539,3 +608,19 @@ class Engine:
         # Like generate.py: token_ids include a final stop token (counted in usage), the text does not.
         self._send(seq, FinishEvent(seq.index, reason, seq.text.text, list(seq.generated),
                                     len(seq.request.prompt_ids), len(seq.generated), error))
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps freed blocks below its mmap threshold otherwise)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -1,7 +1,9 @@
 """Pydantic request models of the OpenAI-compatible API (responses are built as plain dicts in app.py).
 
-Unknown fields are ignored (clients send vendor extras); out-of-range values fail validation, which the
-app turns into a 400 in OpenAI's error shape.
+Unknown fields are ignored (clients send vendor extras). Types are strict, as OpenAI's are: `"max_tokens": "10"`,
+`"stream": "yes"` or `"prompt": [true, false]` are rejected, not coerced (an int is still accepted for a float).
+Out-of-range values, and strings holding lone UTF-16 surrogates (`"\\ud800"`: valid JSON, not valid Unicode),
+fail validation, which the app turns into a 400 in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -10,9 +12,36 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
+
+
+def _has_surrogate(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if depth > 64:
+        return False
+    if isinstance(value, BaseModel):
+        return False  # validated by its own class
+    if isinstance(value, dict):
+        return any(_has_surrogate(k, depth + 1) or _has_surrogate(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_surrogate(v, depth + 1) for v in value)
+    return False
+
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        if _has_surrogate(v):
+            raise ValueError("contains a lone UTF-16 surrogate (not valid Unicode)")
+        return v
 
 
 class StreamOptions(_Lenient):
@@ -75,7 +104,7 @@ class _SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
