@@ -153,8 +153,10 @@ def test_cp949_crlf_bom_exports_are_read_and_decode_errors_name_file_and_line(tm
         cp949.read_bytes().decode("utf-8")
     export = read_kakao(cp949)
     assert export.encoding == "cp949" and export.format == "pc" and export.messages[1].who == "홍길동"
-    convs, _ = load_conversations([cp949], kakao_assistant="홍길동")
+    report = DataReport()
+    convs, _ = load_conversations([cp949], kakao_assistant="홍길동", report=report)
     assert convs[0].messages == DAY1
+    assert f"not UTF-8, read as: {cp949} (cp949)" in report.summary()
     bom = tmp_path / "KakaoTalk_bom.txt"
     bom.write_bytes(b"\xef\xbb\xbf" + PC_KO.replace("\n", "\r\n").encode())
     assert read_kakao(bom).encoding == "utf-8-sig"

@@ -88,6 +88,9 @@ class DataReport:
         """A few lines on what happened to the data (printed by finetune, data inspect)."""
         lines = [f"data: {len(self.files)} file(s), {self.conversations} conversation(s)"
                  + (f" -> {self.examples} example(s)" if self.examples is not None else "")]
+        legacy = [f"{f.path} ({f.encoding})" for f in self.files if f.encoding not in ("utf-8", "utf-8-sig")]
+        if legacy:
+            lines.append(f"  not UTF-8, read as: {', '.join(legacy)}")
         if self.split_conversations:
             lines.append(f"  {self.split_conversations} conversation(s) longer than --seq-len {self.max_seq_len} "
                          f"split into {self.windows} windows of whole turns")

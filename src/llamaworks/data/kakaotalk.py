@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import FormatError
 from .records import BadRecord, Conversation
-from .textfile import read_text
+from .textfile import read_head, read_text
 
 Message = dict[str, str]
 
@@ -128,10 +128,9 @@ def looks_like_kakao(text: str) -> bool:
 
 def is_kakao_text(path: str | Path) -> bool:
     try:
-        text, _ = read_text(path)
-    except (OSError, FormatError):
+        return looks_like_kakao(read_head(path))
+    except OSError:
         return False
-    return looks_like_kakao(text)
 
 
 def read_kakao(path: str | Path) -> KakaoExport:

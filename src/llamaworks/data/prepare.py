@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import FormatError
 from .kakaotalk import looks_like_kakao
 from .records import BadRecord, DatasetError
-from .textfile import read_text
+from .textfile import read_head, read_text
 
 MANIFEST = "manifest.json"
 FORMAT = "llamaworks-tokens-v1"
@@ -127,11 +127,7 @@ def check_not_chat_export(path: Path) -> None:
     """A KakaoTalk export is chat data for `finetune`, not pretraining text: say what to run instead."""
     if path.suffix.lower() not in (".txt", ".csv", ""):
         return
-    try:
-        text, _ = read_text(path)
-    except FormatError:
-        return
-    if looks_like_kakao(text):
+    if looks_like_kakao(read_head(path)):
         raise FormatError(f"{path}: a KakaoTalk chat export, not pretraining text; fine-tune on it directly: "
                           f"`llamaworks data inspect {path}` (speakers, what is kept), then `llamaworks finetune "
                           f"lora --data {path} --kakao-assistant YOUR_NAME --out DIR`")

@@ -49,5 +49,19 @@ def read_text(path: str | Path, *, fallback: bool = True) -> tuple[str, str]:
     return decode_text(p.read_bytes(), str(p), fallback=fallback)
 
 
+def read_head(path: str | Path, n_bytes: int = 65536) -> str:
+    """The start of a file as text, for sniffing its format: decoded like `read_text`, a character cut at the
+    end (or a stray byte) replaced instead of raising."""
+    with Path(path).open("rb") as f:
+        data = f.read(n_bytes)
+    try:
+        return decode_text(data, str(path))[0]
+    except FormatError:
+        text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
+        if text.count("\ufffd") > 4:
+            text = data.decode(LEGACY, errors="replace")
+        return _newlines(text)
+
+
 def _newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
