@@ -326,8 +326,10 @@ def test_kakaotalk_pc_export(tmp_path):
     convs = kakao_conversations(msgs, "라마", str(path))
     assert [c.messages for c in convs] == [
         FIRST_DAY,
-        # The second day starts a new conversation; its leading assistant message and trailing user message go.
-        [{"role": "user", "content": "오늘 뭐해?"}, {"role": "assistant", "content": "공부해"}],
+        # The second day starts a new conversation. The persona opens it: its first message stays, after an
+        # empty user turn; the unanswered trailing user message goes.
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": "좋은 아침"},
+         {"role": "user", "content": "오늘 뭐해?"}, {"role": "assistant", "content": "공부해"}],
     ]
     with pytest.raises(FormatError, match="speaker '나' not found"):
         kakao_conversations(msgs, "나", str(path))

@@ -192,7 +192,7 @@ def _add_serve(sub: Subparsers) -> None:
 
 
 def _add_data(sub: Subparsers) -> None:
-    p = sub.add_parser("data", help="prepare training data (tokenize text corpora into shards)")
+    p = sub.add_parser("data", help="prepare pretraining data (tokenize text into shards); inspect chat data")
     data_sub = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
     q = data_sub.add_parser("prepare", help="text/JSONL/Parquet files -> tokenized train/val shards + manifest")
     q.add_argument("sources", nargs="+", metavar="SRC", help="files or directories (.txt, .jsonl, .json, .parquet)")
@@ -215,6 +215,43 @@ def _add_data(sub: Subparsers) -> None:
         return 0
 
     q.set_defaults(run=run, needs_torch=False)
+
+    i = data_sub.add_parser("inspect", help="show how chat/instruction data will be read, before training",
+                            description="Per file: format, encoding, messages per speaker; what is dropped and "
+                                        "why, what is scrubbed, and the first conversations as they will be "
+                                        "trained. With --tokenizer: token counts and what --seq-len splits or cuts.")
+    i.add_argument("sources", nargs="+", metavar="FILE", help="KakaoTalk exports, JSONL/JSON files or directories")
+    add_chat_data_options(i)
+    i.add_argument("--system", default=None, help="system prompt added to every example")
+    i.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="also count tokens with this tokenizer/model ('default': the bundled model)")
+    i.add_argument("--seq-len", type=int, default=1024, help="row length to check against (with --tokenizer)")
+    i.add_argument("--chat-template", default=None, metavar="NAME|FILE", help="default: the model's own")
+    i.add_argument("--show", type=int, default=3, help="conversations to print (default 3)")
+
+    def run_inspect(a: argparse.Namespace) -> int:
+        from .data.inspect import inspect_main
+
+        return inspect_main(paths=a.sources, kakao_assistant=a.kakao_assistant,
+                            kakao_gap_minutes=a.kakao_gap_minutes, scrub=a.scrub, scrub_names=a.scrub_name,
+                            tokenizer=a.tokenizer, seq_len=a.seq_len, chat_template=a.chat_template,
+                            system=a.system, show=a.show)
+
+    i.set_defaults(run=run_inspect, needs_torch=False)
+
+
+def add_chat_data_options(p: argparse.ArgumentParser) -> None:
+    """Options of chat exports and privacy, shared by `finetune` and `data inspect`."""
+    p.add_argument("--kakao-assistant", action="append", default=None, metavar="NAME",
+                   help="KakaoTalk speaker to imitate (you); repeat or comma-separate aliases across exports, "
+                        "e.g. --kakao-assistant '나,회원님,홍길동'")
+    p.add_argument("--kakao-gap-minutes", type=float, default=360.0, metavar="MIN",
+                   help="a silence this long starts a new conversation (default 360; a new day always does)")
+    p.add_argument("--scrub", default=None, metavar="KINDS",
+                   help="personal data to replace: phone,email,id,account,name, 'all' or 'none' "
+                        "(default: phone,email,id,account in chat exports, nothing in other files)")
+    p.add_argument("--scrub-name", action="append", default=[], metavar="NAME",
+                   help="a name to replace too (repeatable); other speakers' names: --scrub all")
 
 
 def _add_pretrain(sub: Subparsers) -> None:
@@ -289,6 +326,10 @@ def _add_finetune(sub: Subparsers) -> None:
                    help="alpaca / sharegpt / openai-messages JSONL or a KakaoTalk export (repeatable); "
                         "with --dpo: {prompt, chosen, rejected} JSONL")
     p.add_argument("--val-data", action="append", default=[], metavar="FILE", help="validation file (repeatable)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this share of the conversations and report validation loss (e.g. 0.1)")
+    p.add_argument("--preview", action="store_true",
+                   help="read the data as training would, print what was kept/dropped/scrubbed, and stop")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -303,7 +344,7 @@ def _add_finetune(sub: Subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true", help="report malformed records and continue")
     p.add_argument("--system", default=None, help="system prompt added to every example")
     p.add_argument("--chat-template", default=None, metavar="NAME|FILE", help="default: the model's own")
-    p.add_argument("--kakao-assistant", default=None, metavar="NAME", help="KakaoTalk speaker to imitate")
+    add_chat_data_options(p)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: full 2e-5, lora 2e-4)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the data when --max-steps is not set")
     p.add_argument("--max-steps", type=int, default=None)
@@ -332,8 +373,9 @@ def _add_finetune(sub: Subparsers) -> None:
                  "system", "chat_template", "kakao_assistant", "lr", "epochs", "max_steps", "micro_batch_size",
                  "grad_accum_steps", "warmup_steps", "weight_decay", "save_every", "keep_last", "eval_every",
                  "log_every", "precision", "activation_checkpointing", "seed", "device", "dtype", "save_dtype",
-                 "resume")
-        return run_finetune(pack=not a.no_pack, progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+                 "resume", "kakao_gap_minutes", "scrub", "val_fraction", "preview")
+        return run_finetune(pack=not a.no_pack, progress=not a.no_progress, scrub_names=a.scrub_name,
+                            **{n: getattr(a, n) for n in names})
 
     p.set_defaults(run=run)
 

@@ -6,13 +6,12 @@ Formats (detected per record in JSONL/JSON files; KakaoTalk by file content):
 - ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
   ("user"/"assistant" are accepted for `from`, as are "role"/"content" keys)
 - OpenAI:   {"messages": [{"role": "system"|"user"|"assistant", "content": str | [{"type":"text","text":..}]}]}
-- KakaoTalk chat exports (one chosen speaker becomes the assistant, everyone else the user):
-  * PC text export:  "--------------- 2024년 1월 15일 월요일 ---------------" date lines and
-                     "[홍길동] [오후 3:15] 메시지" (English UI: "[John] [3:15 PM] message") message lines;
-  * mobile text export: "2024. 1. 15. 오후 3:15, 홍길동 : 메시지" or "2024년 1월 15일 오후 3:15, 홍길동 : 메시지";
-  * CSV export: header "Date,User,Message".
-  Lines that continue a multi-line message are appended to it. A new day (or a gap of more than
-  `kakao_gap_minutes`) starts a new conversation; media placeholders ("사진", "이모티콘", ...) are dropped.
+- KakaoTalk chat exports (`kakaotalk.py`): the persona (one speaker, under any of its aliases) becomes the
+  assistant, everyone else the user. Several exports are merged; a conversation found in two overlapping
+  exports is kept once. Personal data is scrubbed from chat exports by default (`privacy.py`).
+
+Long conversations are split into windows of whole exchanges (user turns + the persona's reply) that fit
+`max_seq_len`; only an exchange longer than a row on its own is cut, and `SFTDataset.report` counts that.
 
 Every malformed record becomes a `BadRecord(file, line, reason)`; `load_sft_dataset(..., skip_bad=False)`
 raises `DatasetError` listing them, so a run stops before training starts.
@@ -20,53 +19,107 @@ raises `DatasetError` listing them, so a run stops before training starts.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import re
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .kakaotalk import (  # noqa: F401  (re-exported: the KakaoTalk API used to live here)
+    KakaoMessage,
+    KakaoStats,
+    is_kakao_text,
+    kakao_conversations,
+    looks_like_kakao,
+    parse_kakao,
+    persona_speakers,
+    read_kakao,
+    split_names,
+)
 from .loader import Example
+from .privacy import DEFAULT_CHAT_KINDS, Scrubber, parse_kinds
+from .records import BadRecord, Conversation, DatasetError
+from .textfile import read_text
 
 Message = dict[str, str]
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
-KAKAO_MEDIA = {"사진", "동영상", "이모티콘", "(이모티콘)", "(이모티콘) ", "파일", "음성메시지", "삭제된 메시지입니다.",
-               "Photo", "Video", "Emoticon", "This message was deleted."}
 
 
 @dataclass
-class BadRecord:
-    file: str
-    line: int
-    reason: str
+class FileReport:
+    """How one input file was read."""
 
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}"
+    path: str
+    format: str  # "jsonl", "json", "kakaotalk pc", "kakaotalk mobile", "kakaotalk android-en", "kakaotalk csv"
+    encoding: str
+    records: int  # JSON records or chat messages
+    conversations: int = 0
+    speakers: Counter[str] = field(default_factory=Counter)  # chat exports: messages per speaker
+    persona: list[str] = field(default_factory=list)  # chat exports: the speakers that became the assistant
+    events: int = 0  # chat exports: room events skipped
 
 
 @dataclass
-class Conversation:
-    messages: list[Message]
-    file: str
-    line: int
+class DataReport:
+    """Everything a user should see before training: per-file reading, what was dropped and why, scrubbing,
+    and (after tokenizing) how long conversations were fitted into rows."""
 
+    files: list[FileReport] = field(default_factory=list)
+    kakao: KakaoStats = field(default_factory=KakaoStats)
+    duplicates: int = 0  # conversations dropped because an earlier export already had them
+    scrub_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # file -> kinds scrubbed there
+    scrubbed: Counter[str] = field(default_factory=Counter)
+    conversations: int = 0
+    examples: int | None = None  # set once tokenized
+    split_conversations: int = 0  # conversations longer than a row, split into windows of whole turns
+    windows: int = 0  # examples those conversations became
+    truncated: int = 0  # examples still longer than a row (one exchange alone does not fit): cut
+    truncated_tokens: int = 0  # tokens cut off those
+    dropped_examples: int = 0  # examples with no reply token left inside the row: not used at all
+    dropped_tokens: int = 0
+    max_seq_len: int | None = None
 
-class DatasetError(FormatError):
-    """One or more records are malformed; `.bad` has them all, the message names the first."""
+    def summary(self) -> str:
+        """A few lines on what happened to the data (printed by finetune, data inspect)."""
+        lines = [f"data: {len(self.files)} file(s), {self.conversations} conversation(s)"
+                 + (f" -> {self.examples} example(s)" if self.examples is not None else "")]
+        legacy = [f"{f.path} ({f.encoding})" for f in self.files if f.encoding not in ("utf-8", "utf-8-sig")]
+        if legacy:
+            lines.append(f"  not UTF-8, read as: {', '.join(legacy)}")
+        if self.split_conversations:
+            lines.append(f"  {self.split_conversations} conversation(s) longer than --seq-len {self.max_seq_len} "
+                         f"split into {self.windows} windows of whole turns")
+        if self.max_seq_len is not None:
+            if self.truncated:
+                lines.append(f"  {self.truncated} example(s) still longer than --seq-len {self.max_seq_len} "
+                             f"(a single exchange too long): {self.truncated_tokens} token(s) cut off the end")
+            else:
+                lines.append(f"  nothing truncated at --seq-len {self.max_seq_len}")
+        if self.dropped_examples:
+            lines.append(f"  {self.dropped_examples} example(s) ({self.dropped_tokens} tokens) dropped: no reply "
+                         f"token within --seq-len {self.max_seq_len}; raise --seq-len to use them")
+        if self.kakao.dropped:
+            shown = ", ".join(f"{n} {reason}" for reason, n in self.kakao.dropped.most_common())
+            lines.append(f"  chat messages dropped: {shown}")
+        if self.kakao.persona_openings:
+            lines.append(f"  {self.kakao.persona_openings} conversation(s) opened by the persona (kept, after an "
+                         "empty user turn)")
+        if self.duplicates:
+            lines.append(f"  {self.duplicates} duplicate conversation(s) from overlapping exports kept once")
+        if self.scrub_kinds:
+            from .privacy import describe_counts
 
-    def __init__(self, bad: list[BadRecord]) -> None:
-        self.bad = bad
-        more = f" (and {len(bad) - 1} more malformed record(s); --skip-bad skips them)" if len(bad) > 1 else \
-            " (--skip-bad skips it)"
-        super().__init__(f"{bad[0]}{more}")
+            kinds = tuple(dict.fromkeys(k for ks in self.scrub_kinds.values() for k in ks))
+            if kinds:
+                lines.append(f"  privacy: scrubbed {describe_counts(self.scrubbed, kinds)} (--scrub to change)")
+            else:
+                lines.append("  privacy: no scrubbing (--scrub none)")
+        return "\n".join(lines)
 
 
 class _Bad(Exception):
@@ -174,7 +227,7 @@ def _json_array_records(path: Path, text: str) -> Iterable[tuple[int, Any] | Bad
 
 def read_json_records(path: Path) -> Iterable[tuple[int, Any] | BadRecord]:
     """Records of a JSONL file (one per line) or a JSON array file, with their line numbers."""
-    text = path.read_text(encoding="utf-8-sig")
+    text, _ = read_text(path, fallback=False)  # JSON is UTF-8; a bad byte is reported with its file:line
     if text.lstrip().startswith("["):
         yield from _json_array_records(path, text)
         return
@@ -187,198 +240,109 @@ def read_json_records(path: Path) -> Iterable[tuple[int, Any] | BadRecord]:
             yield BadRecord(str(path), n, f"invalid JSON: {e.msg} at column {e.colno}")
 
 
-# -- KakaoTalk -----------------------------------------------------------------------------------
-
-_K_PC_DATE = re.compile(r"^-{3,}\s*(?P<y>\d{4})년\s*(?P<m>\d{1,2})월\s*(?P<d>\d{1,2})일.*-{3,}\s*$")
-_K_PC_DATE_EN = re.compile(r"^-{3,}\s*\w+day,\s*(?P<rest>\w+ \d{1,2}, \d{4})\s*-{3,}\s*$")
-_K_PC_MSG = re.compile(r"^\[(?P<who>[^\]]+)\]\s*\[(?P<ampm>오전|오후)\s*(?P<h>\d{1,2}):(?P<mi>\d{2})\]\s?(?P<text>.*)$")
-_K_PC_MSG_EN = re.compile(r"^\[(?P<who>[^\]]+)\]\s*\[(?P<h>\d{1,2}):(?P<mi>\d{2})\s*(?P<ampm>AM|PM)\]\s?(?P<text>.*)$")
-_K_MOBILE_MSG = re.compile(
-    r"^(?P<y>\d{4})(?:\.|년)\s*(?P<m>\d{1,2})(?:\.|월)\s*(?P<d>\d{1,2})(?:\.|일)\s*(?P<ampm>오전|오후)\s*"
-    r"(?P<h>\d{1,2}):(?P<mi>\d{2}),\s*(?P<who>.+?)\s:\s(?P<text>.*)$")
-_K_MOBILE_EVENT = re.compile(r"^\d{4}(?:\.|년)\s*\d{1,2}(?:\.|월)\s*\d{1,2}(?:\.|일)\s*(오전|오후)\s*\d{1,2}:\d{2}[:,]")
-_K_EVENT = re.compile(r"님(이|을) .*(들어왔습니다|나갔습니다|초대했습니다|내보냈습니다)\.?$")
-_K_MOBILE_DATE = re.compile(r"^(?P<y>\d{4})년\s*(?P<m>\d{1,2})월\s*(?P<d>\d{1,2})일\s*\S*요일\s*$")
-
-
-def _hour24(h: int, ampm: str) -> int:
-    pm = ampm in ("오후", "PM")
-    return (h % 12) + (12 if pm else 0)
-
-
-@dataclass
-class KakaoMessage:
-    when: datetime | None
-    who: str
-    text: str
-    line: int
-
-
-def is_kakao_text(path: Path) -> bool:
-    try:
-        with path.open(encoding="utf-8-sig", errors="replace") as f:
-            head = [next(f, "") for _ in range(40)]
-    except OSError:
-        return False
-    text = "".join(head)
-    if head and head[0].strip().replace(" ", "") in ("Date,User,Message",):
-        return True
-    return bool("카카오톡 대화" in text or "KakaoTalk Chats" in text
-                or any(_K_PC_MSG.match(h) or _K_MOBILE_MSG.match(h) or _K_PC_MSG_EN.match(h) for h in head))
-
-
-def parse_kakao(path: Path) -> tuple[list[KakaoMessage], list[BadRecord]]:
-    """Messages of a KakaoTalk export (text or CSV) in file order."""
-    raw = path.read_text(encoding="utf-8-sig", errors="strict")
-    lines = raw.splitlines()
-    if lines and lines[0].strip().replace(" ", "") == "Date,User,Message":
-        return _parse_kakao_csv(path, raw)
-    messages: list[KakaoMessage] = []
-    bad: list[BadRecord] = []
-    day: datetime | None = None
-    for n, line in enumerate(lines, start=1):
-        s = line.rstrip("\r")
-        m = _K_PC_DATE.match(s) or _K_MOBILE_DATE.match(s)
-        if m:
-            day = datetime(int(m["y"]), int(m["m"]), int(m["d"]))
-            continue
-        m = _K_PC_DATE_EN.match(s)
-        if m:
-            try:
-                day = datetime.strptime(m["rest"], "%B %d, %Y")
-            except ValueError:
-                bad.append(BadRecord(str(path), n, f"unreadable date line {s.strip()!r}"))
-            continue
-        m = _K_PC_MSG.match(s) or _K_PC_MSG_EN.match(s)
-        if m:
-            base = day
-            when = None if base is None else base.replace(hour=_hour24(int(m["h"]), m["ampm"]), minute=int(m["mi"]))
-            messages.append(KakaoMessage(when, m["who"].strip(), m["text"], n))
-            continue
-        m = _K_MOBILE_MSG.match(s)
-        if m:
-            when = datetime(int(m["y"]), int(m["m"]), int(m["d"]), _hour24(int(m["h"]), m["ampm"]), int(m["mi"]))
-            messages.append(KakaoMessage(when, m["who"].strip(), m["text"], n))
-            continue
-        if _K_MOBILE_EVENT.match(s) or _K_EVENT.search(s):
-            continue  # "… 홍길동님이 들어왔습니다." and similar room events
-        if messages:
-            messages[-1].text += "\n" + s  # a line matching nothing continues the previous message
-        # Lines before the first message ("… 님과 카카오톡 대화", "저장한 날짜 : …") are the file header.
-    for m in messages:
-        m.text = m.text.rstrip()
-    return messages, bad
-
-
-def _parse_kakao_csv(path: Path, raw: str) -> tuple[list[KakaoMessage], list[BadRecord]]:
-    messages: list[KakaoMessage] = []
-    bad: list[BadRecord] = []
-    reader = csv.reader(io.StringIO(raw))
-    next(reader)
-    end = reader.line_num
-    for row in reader:
-        n, end = end + 1, reader.line_num  # the line a (possibly multi-line) row starts on
-        if not row or not any(c.strip() for c in row):
-            continue
-        if len(row) != 3:
-            bad.append(BadRecord(str(path), n, f"expected 3 CSV columns Date,User,Message, got {len(row)}"))
-            continue
-        date_s, who, text = row
-        try:
-            when = datetime.fromisoformat(date_s.strip())
-        except ValueError:
-            bad.append(BadRecord(str(path), n, f"Date {date_s!r} is not YYYY-MM-DD HH:MM:SS"))
-            continue
-        messages.append(KakaoMessage(when, who.strip(), text, n))
-    return messages, bad
-
-
-def kakao_conversations(messages: Sequence[KakaoMessage], assistant: str, file: str, *,
-                        gap_minutes: float = 360.0, system: str | None = None) -> list[Conversation]:
-    """Split a chat into conversations and map `assistant` -> assistant role, everyone else -> user.
-
-    Consecutive messages of one side are joined with newlines. In a group chat (more than one other speaker)
-    user turns are prefixed with "name: " so the model knows who said what."""
-    speakers = {m.who for m in messages}
-    if assistant not in speakers:
-        shown = ", ".join(sorted(speakers)[:10])
-        raise FormatError(f"{file}: speaker {assistant!r} not found in the chat; speakers are: {shown}")
-    group = len(speakers - {assistant}) > 1
-    sessions: list[list[KakaoMessage]] = []
-    for m in messages:
-        if m.text.strip() in KAKAO_MEDIA:
-            continue
-        prev = sessions[-1][-1] if sessions and sessions[-1] else None
-        new = prev is None or (m.when is not None and prev.when is not None and (
-            m.when.date() != prev.when.date() or m.when - prev.when > timedelta(minutes=gap_minutes)))
-        if new:
-            sessions.append([])
-        sessions[-1].append(m)
-    conversations = []
-    for session in sessions:
-        turns: list[Message] = []
-        for m in session:
-            role = "assistant" if m.who == assistant else "user"
-            text = m.text if role == "assistant" or not group else f"{m.who}: {m.text}"
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"] += "\n" + text
-            else:
-                turns.append({"role": role, "content": text})
-        while turns and turns[0]["role"] == "assistant":  # a conversation opens with the user
-            turns.pop(0)
-        while turns and turns[-1]["role"] == "user":
-            turns.pop()
-        if not turns:
-            continue
-        if system:
-            turns.insert(0, {"role": "system", "content": system})
-        conversations.append(Conversation(turns, file, session[0].line))
-    return conversations
-
-
 # -- loading -------------------------------------------------------------------------------------
 
-def load_conversations(paths: str | Path | Sequence[str | Path], *, kakao_assistant: str | None = None,
-                       system: str | None = None, kakao_gap_minutes: float = 360.0
-                       ) -> tuple[list[Conversation], list[BadRecord]]:
-    """All conversations of the given files (and directories, recursively) plus every malformed record."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+def _input_files(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
+            if (p / "manifest.json").exists() and '"llamaworks-tokens' in (p / "manifest.json").read_text(
+                    encoding="utf-8", errors="replace")[:200]:
+                raise FormatError(f"{p}: a `data prepare` output (pretraining tokens), not chat data; give "
+                                  "finetune the chat files themselves (e.g. --data KakaoTalk.txt "
+                                  "--kakao-assistant NAME, or a .jsonl of conversations)")
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in (".jsonl", ".json", ".txt", ".csv"))
         elif p.exists():
             files.append(p)
         else:
             raise FormatError(f"{p}: no such file or directory")
+    return files
+
+
+def load_conversations(paths: str | Path | Sequence[str | Path], *,
+                       kakao_assistant: str | Sequence[str] | None = None, system: str | None = None,
+                       kakao_gap_minutes: float = 360.0, scrub: str | Sequence[str] | None = None,
+                       scrub_names: Sequence[str] = (), report: DataReport | None = None
+                       ) -> tuple[list[Conversation], list[BadRecord]]:
+    """All conversations of the given files (and directories, recursively) plus every malformed record.
+
+    kakao_assistant: the persona in chat exports, a name or aliases ("나,홍길동" or a list); in each export
+    the speakers matching any alias become the assistant. scrub: kinds of personal data to replace (see
+    `privacy.parse_kinds`; None: phone/email/id/account in chat exports, nothing elsewhere); scrub_names: more
+    names to replace. `report`, when given, is filled with what was read, dropped and scrubbed."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    report = report if report is not None else DataReport()
+    aliases = split_names(kakao_assistant)
+    scrubber = Scrubber(kinds=())
+    scrubber.add_names(scrub_names)
     conversations: list[Conversation] = []
     bad: list[BadRecord] = []
-    for f in files:
-        if f.suffix.lower() in (".txt", ".csv") and is_kakao_text(f):
-            if not kakao_assistant:
+    seen_chats: set[tuple[tuple[str, str], ...]] = set()
+    for f in _input_files(paths):
+        chat = f.suffix.lower() in (".txt", ".csv") and is_kakao_text(f)
+        kinds = parse_kinds(scrub, default=DEFAULT_CHAT_KINDS if chat else ())
+        if scrub_names and "name" not in kinds and scrub not in ("none", "off", "no"):
+            kinds = (*kinds, "name")
+        scrubber.kinds = kinds
+        report.scrub_kinds[str(f)] = kinds
+        if chat:
+            if not aliases:
                 raise FormatError(f"{f}: a KakaoTalk chat export; name the speaker to imitate with "
-                                  "--kakao-assistant NAME")
-            msgs, file_bad = parse_kakao(f)
-            bad += file_bad
-            conversations += kakao_conversations(msgs, kakao_assistant, str(f), gap_minutes=kakao_gap_minutes,
-                                                 system=system)
+                                  "--kakao-assistant NAME (`llamaworks data inspect FILE` lists the speakers)")
+            export = read_kakao(f)
+            bad += export.bad
+            pairs = kakao_conversations(export.messages, aliases, str(f), gap_minutes=kakao_gap_minutes,
+                                        system=system, stats=report.kakao)
+            persona = persona_speakers(export.speakers, aliases)
+            if "name" in kinds:
+                scrubber.add_names(sorted(set(export.speakers) - persona))
+            kept = 0
+            for conv in pairs:
+                msgs = [m if m["role"] == "system" else {**m, "content": scrubber(m["content"])}
+                        for m in conv.messages]
+                key = tuple((m["role"], m["content"].strip()) for m in msgs)
+                if key in seen_chats:  # the same conversation in another (overlapping) export
+                    report.duplicates += 1
+                    continue
+                seen_chats.add(key)
+                conversations.append(Conversation(msgs, str(f), conv.line))
+                kept += 1
+            report.files.append(FileReport(str(f), f"kakaotalk {export.format}", export.encoding,
+                                           len(export.messages), kept, export.speakers, sorted(persona),
+                                           export.events))
             continue
         if f.suffix.lower() not in (".jsonl", ".json"):
-            raise FormatError(f"{f}: expected .jsonl/.json records or a KakaoTalk .txt/.csv export")
+            hint = ""
+            if f.suffix.lower() in (".txt", ".csv"):
+                try:
+                    read_text(f)
+                except FormatError as e:
+                    raise FormatError(f"{e} (expected .jsonl/.json records or a KakaoTalk .txt/.csv export)") \
+                        from None
+                hint = "; it does not look like a KakaoTalk export (`llamaworks data inspect FILE` shows why)"
+            raise FormatError(f"{f}: expected .jsonl/.json records or a KakaoTalk .txt/.csv export{hint}")
+        n_records, before = 0, len(conversations)
         for item in read_json_records(f):
             if isinstance(item, BadRecord):
                 bad.append(item)
                 continue
+            n_records += 1
             line, record = item
             try:
                 msgs = record_to_messages(record)
             except _Bad as e:
                 bad.append(BadRecord(str(f), line, str(e)))
                 continue
+            if kinds:
+                msgs = [m if m["role"] == "system" else {**m, "content": scrubber(m["content"])} for m in msgs]
             if system and msgs[0]["role"] != "system":
                 msgs.insert(0, {"role": "system", "content": system})
             conversations.append(Conversation(msgs, str(f), line))
+        report.files.append(FileReport(str(f), f.suffix.lower().lstrip("."), "utf-8", n_records,
+                                       len(conversations) - before))
+    report.scrubbed.update(scrubber.counts)
+    report.conversations = len(conversations)
     return conversations, bad
 
 
@@ -427,7 +391,10 @@ class SFTDataset:
     examples: list[Example]
     bad: list[BadRecord] = field(default_factory=list)
     conversations: int = 0
-    truncated: int = 0  # examples longer than max_seq_len + 1 (cut to fit)
+    truncated: int = 0  # examples longer than max_seq_len + 1 even after windowing (cut to fit)
+    report: DataReport = field(default_factory=DataReport)
+    groups: list[int] = field(default_factory=list)  # the conversation each example comes from
+    parsed: list[Conversation] = field(default_factory=list)  # the conversations, before tokenizing
 
     @property
     def n_tokens(self) -> int:
@@ -437,37 +404,120 @@ class SFTDataset:
     def n_loss_tokens(self) -> int:
         return sum(sum(e.loss_mask) for e in self.examples)
 
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[SFTDataset, SFTDataset]:
+        """(train, validation): a seeded share `val_fraction` of the conversations (all windows of a
+        conversation stay on one side), at least one when there are two or more conversations."""
+        import numpy as np
+
+        ids = sorted(set(self.groups))
+        n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids)))) if val_fraction > 0 else 0
+        if n_val <= 0:
+            raise FormatError(f"--val-fraction {val_fraction}: {len(ids)} conversation(s) are too few to hold "
+                              "any out; use more data or --val-data FILE")
+        picked = {ids[int(i)] for i in np.random.default_rng([seed, 17]).permutation(len(ids))[:n_val]}
+        parts: tuple[list[int], list[int]] = ([], [])
+        for i, g in enumerate(self.groups):
+            parts[g in picked].append(i)
+
+        def subset(idx: list[int]) -> SFTDataset:
+            return SFTDataset([self.examples[i] for i in idx], [], len({self.groups[i] for i in idx}),
+                              sum(1 for i in idx if self.report.max_seq_len is not None
+                                  and len(self.examples[i]) > self.report.max_seq_len + 1),
+                              self.report, [self.groups[i] for i in idx], self.parsed)
+
+        return subset(parts[0]), subset(parts[1])
+
+
+def fit_conversation(messages: list[Message], tokenize: Callable[[list[Message]], Example],
+                     max_len: int | None) -> list[Example]:
+    """`messages` as one example, or, when longer than `max_len` tokens, as windows of whole exchanges (the
+    user turns before a reply and the reply) that each fit; the system message heads every window. An exchange
+    that does not fit on its own becomes one window, longer than max_len (the batch source cuts it)."""
+    whole = tokenize(messages)
+    if max_len is None or len(whole) <= max_len:
+        return [whole]
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    exchanges: list[list[Message]] = []
+    current: list[Message] = []
+    for m in messages[len(head):]:
+        current.append(m)
+        if m["role"] == "assistant":
+            exchanges.append(current)
+            current = []
+    if len(exchanges) < 2:
+        return [whole]
+    windows: list[Example] = []
+    start = 0
+    while start < len(exchanges):
+        end = start + 1
+        best = tokenize(head + [m for ex in exchanges[start:end] for m in ex])
+        while end < len(exchanges):
+            candidate = tokenize(head + [m for ex in exchanges[start:end + 1] for m in ex])
+            if len(candidate) > max_len:
+                break
+            best, end = candidate, end + 1
+        windows.append(best)
+        start = end
+    return windows
+
 
 def load_sft_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, *, template: Any = None,
                      train_on_prompt: bool = False, skip_bad: bool = False, max_seq_len: int | None = None,
-                     kakao_assistant: str | None = None, system: str | None = None,
-                     kakao_gap_minutes: float = 360.0) -> SFTDataset:
+                     kakao_assistant: str | Sequence[str] | None = None, system: str | None = None,
+                     kakao_gap_minutes: float = 360.0, scrub: str | Sequence[str] | None = None,
+                     scrub_names: Sequence[str] = (), split_long: bool = True) -> SFTDataset:
     """Read, validate, render and tokenize SFT data. Raises DatasetError naming file:line: reason of the first
     malformed record (with the count of the others) unless skip_bad, which reports them and continues.
 
-    template: a ChatTemplate (default: `chat_template.template_for(tokenizer)`, the model's own template)."""
+    template: a ChatTemplate (default: `chat_template.template_for(tokenizer)`, the model's own template).
+    max_seq_len: the row length; longer conversations are split into windows of whole turns (split_long) and
+    what is still cut or dropped is counted in `.report` (see `DataReport.summary()`)."""
     if template is None:
         from ..chat_template import template_for
 
         template = template_for(tokenizer)
+    report = DataReport(max_seq_len=max_seq_len)
     conversations, bad = load_conversations(paths, kakao_assistant=kakao_assistant, system=system,
-                                            kakao_gap_minutes=kakao_gap_minutes)
+                                            kakao_gap_minutes=kakao_gap_minutes, scrub=scrub,
+                                            scrub_names=scrub_names, report=report)
+    limit = max_seq_len + 1 if max_seq_len else None  # a row of seq_len positions reads seq_len + 1 tokens
+
+    def tokenize(messages: list[Message]) -> Example:
+        return tokenize_conversation(messages, tokenizer, template, train_on_prompt=train_on_prompt)
+
     examples: list[Example] = []
-    for conv in conversations:
+    groups: list[int] = []
+    for index, conv in enumerate(conversations):
         try:
-            examples.append(tokenize_conversation(conv.messages, tokenizer, template,
-                                                  train_on_prompt=train_on_prompt))
+            fitted = fit_conversation(conv.messages, tokenize, limit if split_long else None)
         except _Bad as e:
             bad.append(BadRecord(conv.file, conv.line, str(e)))
+            continue
         except Exception as e:  # a template raising on this record (e.g. roles not alternating)
             bad.append(BadRecord(conv.file, conv.line, f"chat template failed: {e}"))
+            continue
+        if len(fitted) > 1:
+            report.split_conversations += 1
+            report.windows += len(fitted)
+        for ex in fitted:
+            if limit is not None and len(ex) > limit:
+                if not any(ex.loss_mask[1:limit]):
+                    report.dropped_examples += 1
+                    report.dropped_tokens += len(ex)
+                    continue
+                report.truncated += 1
+                report.truncated_tokens += len(ex) - limit
+            examples.append(ex)
+            groups.append(index)
     bad.sort(key=lambda b: (b.file, b.line))
     if bad and not skip_bad:
         raise DatasetError(bad)
     if not examples:
-        raise FormatError(f"no usable training example in {', '.join(map(str, _as_list(paths)))}")
-    truncated = sum(1 for e in examples if max_seq_len and len(e) > max_seq_len + 1)
-    return SFTDataset(examples, bad, len(conversations), truncated)
+        why = f" ({report.dropped_examples} dropped: no reply within --seq-len {max_seq_len})" \
+            if report.dropped_examples else ""
+        raise FormatError(f"no usable training example in {', '.join(map(str, _as_list(paths)))}{why}")
+    report.examples = len(examples)
+    return SFTDataset(examples, bad, len(conversations), report.truncated, report, groups, conversations)
 
 
 def _as_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:

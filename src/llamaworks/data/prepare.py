@@ -18,11 +18,14 @@ lines (up to `block_chars` characters each), so a corpus that is one big file st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +35,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .instruct import BadRecord, DatasetError
+from .kakaotalk import looks_like_kakao
+from .records import BadRecord, DatasetError
+from .textfile import read_head, read_text
 
 MANIFEST = "manifest.json"
 FORMAT = "llamaworks-tokens-v1"
@@ -68,10 +73,9 @@ def _files(sources: Sequence[str | Path]) -> list[Path]:
 
 
 def _text_blocks(path: Path, block_chars: int) -> Iterator[Document]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text (byte {e.start}); convert it or leave it out") from None
+    text, encoding = read_text(path)  # a BOM never becomes text; cp949 files are read, and said so
+    if encoding == "cp949":
+        print(f"note: {path} is not UTF-8; read it as cp949 (EUC-KR)", file=sys.stderr)
     if not text.strip():
         return
     start, index = 0, 0
@@ -117,6 +121,16 @@ def _parquet_documents(path: Path, field: str, bad: list[BadRecord]) -> Iterator
                 bad.append(BadRecord(str(path), row, f"row {row}: column {field!r} is not a string ({value!r:.40})"))
             elif value.strip():
                 yield Document(value, f"{path}:row{row}", True)
+
+
+def check_not_chat_export(path: Path) -> None:
+    """A KakaoTalk export is chat data for `finetune`, not pretraining text: say what to run instead."""
+    if path.suffix.lower() not in (".txt", ".csv", ""):
+        return
+    if looks_like_kakao(read_head(path)):
+        raise FormatError(f"{path}: a KakaoTalk chat export, not pretraining text; fine-tune on it directly: "
+                          f"`llamaworks data inspect {path}` (speakers, what is kept), then `llamaworks finetune "
+                          f"lora --data {path} --kakao-assistant YOUR_NAME --out DIR`")
 
 
 def iter_documents(files: Sequence[Path], text_field: str, bad: list[BadRecord],
@@ -211,11 +225,71 @@ def prepare_corpus(sources: Sequence[str | Path], tokenizer: Any, out_dir: str |
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tok = resolve_tokenizer(tokenizer)
     files = _files(sources)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # A previous run's manifest must not survive a failed run and describe the new shards.
-    for stale in [*out.glob("train-*.bin"), *out.glob("val-*.bin"), out / MANIFEST]:
-        stale.unlink(missing_ok=True)
+    for f in files:
+        check_not_chat_export(f)
+    final = Path(out_dir)
+    # Everything is written into a fresh folder next to OUT and moved into OUT only when the run succeeded, so
+    # a failed run leaves a previous good output as it was (and no empty OUT when there was none).
+    created = _missing_parents(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        manifest = _prepare_into(out, files, tok, tokenizer, sources, val_fraction=val_fraction, seed=seed,
+                                 text_field=text_field, add_bos=add_bos, add_eos=add_eos, shard_tokens=shard_tokens,
+                                 block_chars=block_chars, skip_bad=skip_bad, progress=progress,
+                                 save_tokenizer=save_tokenizer)
+        _publish(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        for d in created:  # parents this run created, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    elapsed = manifest.pop("_elapsed")
+    n_tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+    rate = n_tokens / elapsed if elapsed > 0 else float("inf")
+    print(f"{n_tokens:,} tokens ({manifest['splits']['train']['tokens']:,} train / "
+          f"{manifest['splits']['val']['tokens']:,} val) from {len(files)} file(s) in {elapsed:.1f}s: "
+          f"{rate:,.0f} tokens/s -> {final}", file=sys.stderr)
+    if manifest["skipped_records"]:
+        print(f"skipped {len(manifest['skipped_records'])} malformed record(s); first: "
+              f"{manifest['skipped_records'][0]}", file=sys.stderr)
+    manifest["tokens_per_s"] = rate
+    return manifest
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of `path` that do not exist yet, deepest first."""
+    missing = []
+    p = path.parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished output from `tmp` into `final`: the old shards and manifest go first, the new manifest
+    (the mark of a complete output) last. Other files a user keeps in `final` are left alone."""
+    final.mkdir(exist_ok=True)
+    (final / MANIFEST).unlink(missing_ok=True)
+    for stale in [*final.glob("train-*.bin"), *final.glob("val-*.bin")]:
+        stale.unlink()
+    for item in sorted(tmp.iterdir()):
+        if item.name == MANIFEST:
+            continue
+        target = final / item.name
+        if item.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(item, target)
+    os.replace(tmp / MANIFEST, final / MANIFEST)
+
+
+def _prepare_into(out: Path, files: list[Path], tok: Any, tokenizer: Any, sources: Sequence[str | Path], *,
+                  val_fraction: float, seed: int, text_field: str, add_bos: bool | None, add_eos: bool,
+                  shard_tokens: int, block_chars: int, skip_bad: bool, progress: bool,
+                  save_tokenizer: bool) -> dict[str, Any]:
     dtype = token_dtype(tok.vocab_size)
     bos = tok.bos_id if (tok.add_bos if add_bos is None else add_bos) else None
     eos = tok.eos_id if add_eos else None
@@ -309,15 +383,8 @@ def prepare_corpus(sources: Sequence[str | Path], tokenizer: Any, out_dir: str |
                    for name, w in writers.items()},
         "skipped_records": [str(b) for b in bad[:1000]],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / MANIFEST)
-    rate = n_tokens / elapsed if elapsed > 0 else float("inf")
-    print(f"{n_tokens:,} tokens ({writers['train'].tokens:,} train / {writers['val'].tokens:,} val) from "
-          f"{len(files)} file(s) in {elapsed:.1f}s: {rate:,.0f} tokens/s -> {out}", file=sys.stderr)
-    if bad:
-        print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}", file=sys.stderr)
-    manifest["tokens_per_s"] = rate
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    manifest["_elapsed"] = elapsed
     return manifest
 
 

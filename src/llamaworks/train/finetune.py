@@ -67,7 +67,12 @@ class FinetuneConfig:
     skip_bad: bool = False
     system: str | None = None
     chat_template: str | None = None  # built-in name or Jinja file; default: the model's own
-    kakao_assistant: str | None = None
+    kakao_assistant: str | list[str] | None = None  # the persona; aliases as a list or "나,홍길동"
+    kakao_gap_minutes: float = 360.0  # a silence this long starts a new conversation
+    scrub: str | None = None  # kinds of personal data to replace (None: phone,email,id,account in chat exports)
+    scrub_names: list[str] = field(default_factory=list)  # more names to replace
+    val_fraction: float = 0.0  # share of the conversations held out for validation (when no val_data)
+    preview: bool = False  # read and report the data, then stop before loading the model
     # optimisation (None = recipe default)
     lr: float | None = None
     epochs: float = 3.0  # used when max_steps is None
@@ -100,6 +105,12 @@ class FinetuneConfig:
             self.val_data = [str(self.val_data)]
         if not self.data:
             raise ConfigError("--data: give at least one training file")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction and self.val_data:
+            raise ConfigError("--val-fraction and --val-data both choose validation data; give one")
+        if self.val_fraction and self.dpo:
+            raise ConfigError("--val-fraction is for SFT data; with --dpo give --val-data FILE")
         if self.seq_len < 8:
             raise ConfigError(f"--seq-len must be >= 8, got {self.seq_len}")
 
@@ -163,19 +174,34 @@ def _template(tokenizer: Any, override: str | None) -> Any:
     return template_for(tokenizer, override)
 
 
-def _sft_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneConfig, *, train: bool) -> Any:
+def load_sft_data(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneConfig, *,
+                  quiet: bool = False) -> Any:
+    """The SFTDataset of `paths` as this run reads it; prints what was dropped, split, cut and scrubbed."""
     from ..data.instruct import load_sft_dataset, report_bad
-    from ..data.loader import ExampleBatchSource
 
     ds = load_sft_dataset(paths, tokenizer, template=template, train_on_prompt=cfg.train_on_prompt,
                           skip_bad=cfg.skip_bad, max_seq_len=cfg.seq_len, kakao_assistant=cfg.kakao_assistant,
-                          system=cfg.system)
-    if ds.bad:
+                          system=cfg.system, kakao_gap_minutes=cfg.kakao_gap_minutes, scrub=cfg.scrub,
+                          scrub_names=cfg.scrub_names)
+    if ds.bad and not quiet:
         print(f"skipped {len(ds.bad)} malformed record(s):\n{report_bad(ds.bad)}", flush=True)
+    if not quiet:
+        print(ds.report.summary(), flush=True)
+    return ds
+
+
+def _example_source(ds: Any, tokenizer: Any, cfg: FinetuneConfig, *, train: bool) -> Any:
+    from ..data.loader import ExampleBatchSource
+
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     src = ExampleBatchSource(ds.examples, cfg.seq_len, cfg.micro_batch_size, pack=cfg.pack, pad_id=pad,
                              shuffle=train, seed=cfg.seed)
     src.n_examples = len(ds.examples)  # for the summary line
+    return src
+
+
+def _sft_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneConfig, *, train: bool) -> Any:
+    src = _example_source(load_sft_data(paths, tokenizer, template, cfg), tokenizer, cfg, train=train)
     return src, src.rows_per_epoch
 
 
@@ -215,6 +241,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     from ..checkpoints import load_model
     from .loop import TrainConfig, run_training
 
+    if cfg.preview:
+        preview(cfg)
+        return FinetuneResult(Path(cfg.out), None, 0, None, None, 0, 0, 0.0, 0.0, None, [])
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     model, tokenizer, ckpt = load_model(cfg.model, dtype=parse_dtype(cfg.dtype), device=device)
@@ -223,9 +252,25 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     template = _template(tokenizer, cfg.chat_template)
     chat_template_source = getattr(template, "source", None) or ckpt.chat_template
 
-    build = _dpo_source if cfg.dpo else _sft_source
-    train_src, rows = build(cfg.data, tokenizer, template, cfg, train=True)
-    val_src = build(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
+    data_report: dict[str, Any] = {}
+    if cfg.val_fraction and not cfg.dpo:
+        train_ds, val_ds = load_sft_data(cfg.data, tokenizer, template, cfg).split(cfg.val_fraction, cfg.seed)
+        print(f"validation: {val_ds.conversations} of {train_ds.conversations + val_ds.conversations} "
+              f"conversation(s) held out ({len(val_ds.examples)} example(s), --val-fraction {cfg.val_fraction})",
+              flush=True)
+        train_src = _example_source(train_ds, tokenizer, cfg, train=True)
+        rows = train_src.rows_per_epoch
+        val_src = _example_source(val_ds, tokenizer, cfg, train=False)
+        data_report = _report_dict(train_ds.report, val_examples=len(val_ds.examples))
+    elif cfg.dpo:
+        train_src, rows = _dpo_source(cfg.data, tokenizer, template, cfg, train=True)
+        val_src = _dpo_source(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
+    else:
+        train_ds = load_sft_data(cfg.data, tokenizer, template, cfg)
+        data_report = _report_dict(train_ds.report)
+        train_src = _example_source(train_ds, tokenizer, cfg, train=True)
+        rows = train_src.rows_per_epoch
+        val_src = _sft_source(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
 
     prepare_model(model, cfg)
     trainable, total = trainable_parameter_count(model)
@@ -248,7 +293,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                        weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        keep_last=cfg.keep_last, log_every=cfg.log_every, precision=cfg.precision,
                        activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
-                       progress=cfg.progress, tensorboard=cfg.tensorboard, plot=cfg.plot, save_final=False)
+                       progress=cfg.progress, tensorboard=cfg.tensorboard, plot=cfg.plot, save_final=False,
+                       eval_batches=0 if val_src is not None and not cfg.dpo else 10)  # SFT validation: all of it
     generation_config = dict(ckpt.generation_config or {})
     # Intermediate checkpoints of LoRA runs hold only the adapter (MBs, not the whole model again).
     ckpt_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=not lora)
@@ -268,11 +314,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         model.eval()
         final_save(model, out)
         summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
-                   "val_loss": result.val_loss, "trainable_params": trainable, "total_params": total,
-                   "seconds": seconds}
+                   "val_loss": result.val_loss, "val_ppl": result.val_ppl, "trainable_params": trainable,
+                   "total_params": total, "seconds": seconds, "data": data_report}
         tmp = out / ".finetune.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, out / "finetune.json")
+        if result.val_loss is not None:
+            print(f"validation loss {result.val_loss:.4f} (perplexity {result.val_ppl:.2f}) after {result.step} "
+                  "steps", flush=True)
         where = f"{out}" + (f" (adapter: {out / 'adapter'})" if lora else "")
         print(f"saved the fine-tuned model to {where}; chat with: llamaworks chat --model {out}", flush=True)
     done_steps = max(0, result.step)
@@ -280,6 +329,35 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                           train_loss=result.train_loss, val_loss=result.val_loss, trainable_params=trainable,
                           total_params=total, seconds=seconds, steps_per_s=done_steps / seconds if seconds else 0.0,
                           peak_memory_bytes=peak, history=result.history)
+
+
+def _report_dict(report: Any, **extra: Any) -> dict[str, Any]:
+    """The numbers of a DataReport for finetune.json."""
+    return {"conversations": report.conversations, "examples": report.examples,
+            "split_conversations": report.split_conversations, "windows": report.windows,
+            "truncated_examples": report.truncated, "truncated_tokens": report.truncated_tokens,
+            "dropped_examples": report.dropped_examples, "dropped_tokens": report.dropped_tokens,
+            "dropped_messages": dict(report.kakao.dropped), "duplicate_conversations": report.duplicates,
+            "scrubbed": dict(report.scrubbed), **extra}
+
+
+def preview(cfg: FinetuneConfig) -> str:
+    """`finetune --preview`: read the data exactly as training would (tokenizer only, no weights), print the
+    `data inspect` report with token counts, and stop."""
+    from ..data.inspect import format_report
+    from ..data.prepare import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(cfg.model or "default")
+    template = _template(tokenizer, cfg.chat_template)
+    ds = load_sft_data(cfg.data, tokenizer, template, cfg, quiet=True)
+    text = format_report(ds.report, ds.parsed, dataset=ds, bad=ds.bad)
+    if cfg.val_fraction:
+        train_ds, val_ds = ds.split(cfg.val_fraction, cfg.seed)
+        text += (f"\nvalidation: {val_ds.conversations} conversation(s) held out, {train_ds.conversations} "
+                 "for training")
+    print(text, flush=True)
+    print("preview only: nothing was trained (drop --preview to train)", flush=True)
+    return text
 
 
 def _peak_rss() -> int | None:
