@@ -18,7 +18,9 @@ first token of a short chat prompt, prefill tok/s (--prompt-tokens in one batch)
 greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians, under
 the CPU's name and SIMD features. llama-bench reports prefill and decode speed only (its own prompt of the same
 length; peak RSS is its process's). llama-cpp-python and transformers are optional: an engine that is not
-installed is reported and skipped.
+installed is reported and skipped. So that a speed figure is never one for different work, the report ends
+with the engines' greedy tokens compared (identical, or where they part: int8 and float paths may part at a near
+tie).
 """
 
 from __future__ import annotations
@@ -100,14 +102,14 @@ def _timed(a: argparse.Namespace, step: Any, load_s: float, short: list[int], pr
     step([step(short, 0)], len(short))
     ttft_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tok = step(prompt, 0)
+    tokens = [step(prompt, 0)]
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(a.gen_tokens - 1):
-        tok = step([tok], len(prompt) + i)
+        tokens.append(step([tokens[-1]], len(prompt) + i))
     decode = time.perf_counter() - t0
     return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
-            "decode_tok_s": (a.gen_tokens - 1) / decode}
+            "decode_tok_s": (a.gen_tokens - 1) / decode, "tokens": tokens}
 
 
 def work_llamaworks_torch(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
@@ -155,14 +157,14 @@ def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) ->
     ttft_s = time.perf_counter() - t0
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     t0 = time.perf_counter()
-    tok = step(prompt)
+    tokens = [step(prompt)]
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(a.gen_tokens - 1):
-        tok = step([tok])
+        tokens.append(step([tokens[-1]]))
     decode = time.perf_counter() - t0
     return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
-            "decode_tok_s": (a.gen_tokens - 1) / decode}
+            "decode_tok_s": (a.gen_tokens - 1) / decode, "tokens": tokens}
 
 
 def work_transformers(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
@@ -176,24 +178,25 @@ def work_transformers(a: argparse.Namespace, short: list[int], prompt: list[int]
     load_s = time.perf_counter() - t0
 
     @torch.inference_mode()
-    def run(ids: list[int], n_new: int) -> tuple[float, float]:
+    def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         t0 = time.perf_counter()
         out = model(torch.tensor([ids]), use_cache=True)
         tok = out.logits[0, -1].argmax()
         first = time.perf_counter() - t0
-        past = out.past_key_values
+        past, tokens = out.past_key_values, [int(tok)]
         t0 = time.perf_counter()
         for _ in range(n_new - 1):
             out = model(tok.view(1, 1), past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[0, -1].argmax()
-        return first, time.perf_counter() - t0
+            tokens.append(int(tok))
+        return first, time.perf_counter() - t0, tokens
 
     t0 = time.perf_counter()
     run(short, 2)
     ttft_s = time.perf_counter() - t0
-    prefill, decode = run(prompt, a.gen_tokens)
+    prefill, decode, tokens = run(prompt, a.gen_tokens)
     return {"load_s": load_s, "ttft_s": ttft_s, "prefill_tok_s": len(prompt) / prefill,
-            "decode_tok_s": (a.gen_tokens - 1) / decode}
+            "decode_tok_s": (a.gen_tokens - 1) / decode, "tokens": tokens}
 
 
 WORKERS = {"llamaworks": work_llamaworks, "llamaworks-torch": work_llamaworks_torch, "llama.cpp": work_llamacpp,
@@ -251,6 +254,21 @@ def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str,
                     print(f"  {label:26s} {ratio:6.2f}x")
     for engine, message in errors.items():
         print(f"\n{engine}: skipped ({message})")
+
+
+def print_agreement(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Whether the engines did the same work: their greedy tokens after the same prompt (first run of each)."""
+    tokens = {e: runs[0]["tokens"] for e, runs in results.items() if runs and "tokens" in runs[0]}
+    names = list(tokens)
+    if len(names) < 2:
+        return
+    print("\ngreedy tokens after the benchmark prompt (first run of each engine):")
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            same = next((k for k, (p, q) in enumerate(zip(tokens[x], tokens[y])) if p != q), None)
+            n = min(len(tokens[x]), len(tokens[y]))
+            verdict = f"identical for all {n}" if same is None else f"identical for {same}, then part at token {same}"
+            print(f"  {x} vs {y}: {verdict}")
 
 
 def main() -> int:
@@ -326,11 +344,13 @@ def main() -> int:
                 errors[engine] = out
                 continue
             label = f"run {r + 1}" if r >= 0 else "warm-up (not counted)"
-            print(f"{label} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), file=sys.stderr)
+            print(f"{label} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k != "tokens"),
+                  file=sys.stderr)
             if r >= 0:
                 results[engine].append(out)
     table = summarize(results)
     print_report(a, table, errors)
+    print_agreement(results)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results, "summary": table, "errors": errors},
                                            indent=2))
