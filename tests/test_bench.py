@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+from pathlib import Path
 
 import pytest
 
@@ -35,8 +38,21 @@ def test_bench_of_the_torch_free_runtime(mmap: bool | None) -> None:
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and len(r["prefill_tok_s_all"]) == 2
     assert r["int8_decode"] == lean_kernels.int8_decode()
     assert r["weights_in"] == ("mmap" if mmap else "memory")
-    owned = not mmap and bool(lean_kernels.library().lw_can_interleave())
+    owned = not mmap
     assert r["interleaved_linears"] == (1.0 if owned else 0.0)  # every layer matrix; the tied output stays plain
+    # Every figure names the machine: the CPU as /proc/cpuinfo has it and the kernel paths in use.
+    cpuinfo = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    assert name in r["cpu"] and r["cpu_target"] == "native" and r["kernel_isa"] == lean_kernels.isa()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64-v3 is an x86 target (aarch64: test_kernel_matrix)")
+def test_bench_builds_the_kernels_for_another_cpu_class() -> None:
+    r = bench.run_bench(None, prompt_tokens=8, gen_tokens=2, ctx=64, runs=1, cpu_target="x86-64-v3")
+    assert r["runtime"] == "lean" and r["cpu_target"] == "x86-64-v3"
+    assert r["kernel_isa"].startswith("avx2 (int8 dot: maddubs)") and "avx512" not in r["kernel_isa"]
+    with pytest.raises(ValueError, match="CPU target"):
+        bench.run_bench(None, prompt_tokens=8, gen_tokens=2, ctx=16, runs=1, cpu_target="native; rm -rf /")
 
 
 def test_bench_json_output_and_bad_sizes(capsys) -> None:
