@@ -846,23 +846,42 @@ class SpinPool {
   // The first exception thrown by any task reaches the caller (the remaining tasks are skipped).
   void run(int64_t tasks, const std::function<void(int64_t)>& fn) {
     std::lock_guard<std::mutex> one_caller(run_mu_);
-    parked_.store(false);
     fn_ = &fn;
     tasks_ = tasks;
     next_.store(0, std::memory_order_relaxed);
+    if (solo_left_ > 0) {  // the workers lost more than they gave lately: this region runs on the caller alone
+      --solo_left_;
+      take_tasks();
+      std::exception_ptr error = std::exchange(error_, nullptr);
+      if (error) std::rethrow_exception(error);
+      return;
+    }
+    parked_.store(false);
     const uint64_t gen = (state_.load() >> 32) + 1;
     state_.store(gen << 32, std::memory_order_release);  // open, no worker joined yet
     if (sleepers_.load() > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait sees the new generation
       cv_.notify_all();
     }
+    const auto t0 = std::chrono::steady_clock::now();
     take_tasks();
+    const auto t1 = std::chrono::steady_clock::now();
     // Close the region to late workers, then wait for those inside (they hold tasks already started).
     uint64_t s = state_.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
     for (int spins = 0; (s & kCount) != 0; ++spins) {
       if (spins < 2000) cpu_relax();
       else sched_yield();  // a joined worker may be waiting for this core
       s = state_.load(std::memory_order_acquire);
+    }
+    // A worker the OS preempted in the middle of a task makes the caller wait for a whole time slice. When
+    // that happens often (other processes want these cores), waiting costs more than the workers' help: run
+    // the next regions on the caller alone, then try the workers again. On idle cores the wait is at most one
+    // small task, shorter than the caller's own share, so this never triggers.
+    const auto t2 = std::chrono::steady_clock::now();
+    stalls_ = (stalls_ << 1) | (t2 - t1 > t1 - t0 + std::chrono::microseconds(20) ? 1u : 0u);
+    if (__builtin_popcount(stalls_ & 0xffffu) >= 3) {
+      solo_left_ = kSoloRegions;
+      stalls_ = 0;
     }
     std::exception_ptr error = std::exchange(error_, nullptr);
     if (error) std::rethrow_exception(error);  // a failed check inside a region reaches Python as usual
@@ -871,6 +890,7 @@ class SpinPool {
  private:
   static constexpr uint64_t kClosed = uint64_t{1} << 31, kCount = kClosed - 1;
   static constexpr auto kSpin = std::chrono::milliseconds(2);
+  static constexpr int kSoloRegions = 1024;  // about five tokens of a small model
 
   void take_tasks() {
     for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
@@ -919,6 +939,8 @@ class SpinPool {
   std::vector<std::thread> threads_;
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t tasks_ = 0;
+  uint32_t stalls_ = 0;  // one bit per recent region: did the caller wait longer than it worked?
+  int solo_left_ = 0;    // regions still to run without the workers
   std::atomic<int64_t> next_{0};
   std::atomic<uint64_t> state_{0};  // generation << 32 | closed bit | number of workers inside
   std::atomic<int> sleepers_{0};
@@ -933,11 +955,12 @@ class SpinPool {
 // fn(lo, hi) over [begin, end) in chunks of at least `grain` (about four per part, so that whoever is running
 // picks up the share of a descheduled thread), on `pool`; align: chunk sizes are rounded up to a multiple of it
 // (8 for output rows: an x8 group split between two chunks would be computed twice).
+constexpr int64_t kChunksPerPart = 4;
 template <typename F>
 void pool_for(SpinPool& pool, int64_t begin, int64_t end, int64_t grain, const F& f, int64_t align = 1) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t chunks = std::min<int64_t>(4 * pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  const int64_t chunks = std::min<int64_t>(kChunksPerPart * pool.parts(), (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1 || pool.parts() == 1) return f(begin, end);
   const int64_t chunk = ((n + chunks - 1) / chunks + align - 1) / align * align;
   pool.run((n + chunk - 1) / chunk, [&](int64_t c) { f(begin + c * chunk, std::min(end, begin + (c + 1) * chunk)); });
@@ -1166,6 +1189,23 @@ inline float v8_sum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 inline v8f v8_set(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+inline v8f v8_fma(v8f a, v8f b, v8f c) {  // a * b + c, fused (the file is built with -ffp-contract=off)
+#if defined(LW_AVX2)
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  float32x4_t r[2];
+  for (int h = 0; h < 2; ++h) {
+    float32x4_t x, y, z;
+    std::memcpy(&x, reinterpret_cast<const char*>(&a) + 16 * h, 16);
+    std::memcpy(&y, reinterpret_cast<const char*>(&b) + 16 * h, 16);
+    std::memcpy(&z, reinterpret_cast<const char*>(&c) + 16 * h, 16);
+    r[h] = vfmaq_f32(z, x, y);
+  }
+  v8f out;
+  std::memcpy(&out, r, 32);
+  return out;
+#endif
+}
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum), Cephes' expf polynomial: within ~2 ulp.
 inline v8f v8_exp_nonpositive(v8f x) {
@@ -1202,7 +1242,7 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
   for (int64_t s = 0; s < n_keys; ++s) {
     const KV* k = keys + s * D;
     v8f a = qv[0] * v8_load(k);
-    for (int64_t c = 1; c < nd; ++c) a += qv[c] * v8_load(k + 8 * c);
+    for (int64_t c = 1; c < nd; ++c) a = v8_fma(qv[c], v8_load(k + 8 * c), a);
     scores[s] = visible != nullptr && !visible[s] ? -INFINITY : v8_sum(a);
     mx = std::max(mx, scores[s]);
   }
@@ -1224,7 +1264,7 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
   for (s = 0; s < n_keys; ++s) {
     if (scores[s] == 0.f) continue;
     const v8f p = v8_set(scores[s]);
-    for (int64_t c = 0; c < nd; ++c) acc[c] += p * v8_load(vals + s * D + 8 * c);
+    for (int64_t c = 0; c < nd; ++c) acc[c] = v8_fma(p, v8_load(vals + s * D + 8 * c), acc[c]);
   }
   const v8f inv_total = v8_set(1.f / total);
   for (int64_t c = 0; c < nd; ++c) {
