@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import remove_dir, replace_dir
 from . import checkpointing as ckpt
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 
@@ -288,6 +289,8 @@ def run_training(model: nn.Module, *, train_data: Any, val_data: Any = None, los
     autocast_dtype = resolve_precision(cfg.precision, device)
 
     # -- resume ---------------------------------------------------------------------------------
+    if main:
+        ckpt.prune_checkpoints(ckpt_root, 0)  # only what killed runs left: `.tmp` builds, half-deleted folders
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     last_val: tuple[float, float] | None = None
     if resume:
@@ -540,7 +543,7 @@ def _load_trainable(raw_model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def _save_artifact(raw_model: nn.Module, shadow: nn.Module | None, save_fn: SaveFn, target: Path, fsdp: bool,
                    rank: int, world: int) -> None:
-    """save_fn into `target` atomically (build `target.tmp`, then swap it in)."""
+    """save_fn into `target` atomically (built in a sibling temp folder, then swapped in)."""
     model_for_save = raw_model
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -550,16 +553,8 @@ def _save_artifact(raw_model: nn.Module, shadow: nn.Module | None, save_fn: Save
             shadow.load_state_dict(full, strict=False)
             model_for_save = shadow
     if rank == 0:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _call_save_fn(save_fn, model_for_save, tmp)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with replace_dir(target) as stage:  # built beside `target`, swapped in whole
+            _call_save_fn(save_fn, model_for_save, stage)
     _barrier(world)
 
 
@@ -596,8 +591,7 @@ def _save_checkpoint(raw_model: nn.Module, shadow: nn.Module | None, optimizer: 
                          "tokens": extra.get("tokens")}, tmp / "trainer_state.json")
     _barrier(world)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        remove_dir(final)
         os.replace(tmp, final)
         ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
     _barrier(world)
