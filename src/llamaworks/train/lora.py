@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..checkpoints.hf_names import rotary_halves_from_pairs, rotary_pairs_from_halves
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
-from ..files import atomic_write_with
+from ..files import atomic_write_with, read_json
 
 # Short user-facing names -> (our module path inside a layer, the HF/PEFT module name).
 TARGETS: dict[str, tuple[str, str]] = {
@@ -382,10 +382,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FormatError(f"{path}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return LoRAConfig.from_peft(d, str(path))
