@@ -2,10 +2,11 @@
 benchmarks/fuzz_checkpoints.py (long runs).
 
 Seeds are small valid checkpoints of every format (a GGUF with a byte-level vocabulary and Q8_0 + F32 tensors,
-an HF folder, a Meta folder). Each input is one seed with one mutation: bit flips, truncation, huge counts and
-lengths written over header fields, type ids changed, safetensors header JSON edits, config.json/params.json
-values replaced with hostile ones (wrong types, 2^31, 0, deep nesting, NaN). Every input must load or raise
-`LlamaworksError` (one line); anything else is a traceback.
+an HF folder with a tokenizer and chat template, a Meta folder). Each input is one seed with one mutation: bit
+flips, truncation, huge counts and lengths written over header fields, type ids changed, safetensors header
+edits (valid files with wrong shapes included), config.json/params.json/tokenizer file values replaced with
+hostile ones (wrong types, 2^31, 0, deep nesting, NaN). Every input must load or raise `LlamaworksError` (one
+line); anything else is a traceback.
 
 Each input runs in a worker process (address space capped with RLIMIT_AS, recycled after a failure) that the
 parent kills when it takes longer than the per-input timeout: a hang is counted, never waited out.
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HUGE = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 0xFFFFFFFF00000000, 7]
 JSON_HOSTILE: list[Any] = [2.0, "tiny", "llama3", 2**31, 2**63, -1, 0, None, True, [], {}, 1e308, float("nan"),
                            float("inf"), "x" * 1000, [[[[[]]]]], {"rope_type": "llama3"}, 1e-300, 3]
-KINDS = ("gguf", "safetensors", "config", "params", "pth")
+KINDS = ("gguf", "safetensors", "config", "tokenizer", "params", "pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 # -- seeds --------------------------------------------------------------------------------------------------
@@ -56,7 +58,10 @@ def make_seeds(directory: Path) -> dict[str, Path]:
              "tokenizer.ggml.add_bos_token": False}
     gguf_path = save_gguf(directory / "seed.gguf", model, model.config, None, tensor_type="q8_0",
                           tokenizer_metadata=vocab)
-    hf = save_hf(directory / "hf", model, model.config)
+    from llamaworks.tokenizer import Tokenizer
+
+    hf = save_hf(directory / "hf", model, model.config, Tokenizer.from_gguf_metadata(vocab, "seed"),
+                 chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     llama2 = Transformer(get_preset("tiny-llama2")).eval()
     llama2.reset_parameters(std=0.05)
     meta = save_meta(directory / "meta", llama2, llama2.config)
@@ -218,9 +223,12 @@ def make_input(kind: str, rng: random.Random, seeds: dict[str, Path], cache: dic
         path = target / "m.gguf"
         path.write_bytes(mutate_gguf(data, rng, offsets))
         return path
-    if kind in ("safetensors", "config"):
+    if kind in ("safetensors", "config", "tokenizer"):
         shutil.copytree(seeds["hf"], target)
-        if kind == "safetensors":
+        if kind == "tokenizer":
+            f = target / rng.choice(TOKENIZER_FILES)
+            f.write_bytes(mutate_json(json.loads(f.read_text()), rng).encode("utf-8", errors="surrogateescape"))
+        elif kind == "safetensors":
             st = target / "model.safetensors"
             st.write_bytes(mutate_safetensors(st.read_bytes(), rng))
         else:

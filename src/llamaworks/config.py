@@ -102,8 +102,9 @@ class ModelConfig:
             else:
                 d = json.loads(text)
             return cls.from_dict(d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid model config: {e}") from None
+        except Exception as e:  # YAML/JSON syntax, deep nesting, wrong types, out-of-range values
+            raise ConfigError(f"{path}: not a valid model config: {str(e).splitlines()[0] if str(e) else e!r}") \
+                from None
 
 
 # -- validation -------------------------------------------------------------------------------------

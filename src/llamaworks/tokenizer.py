@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as Engine
 from tokenizers import processors
 
 from llamaworks.errors import ConfigError, FormatError
-from llamaworks.files import atomic_write_text
+from llamaworks.files import atomic_write_text, read_json
 from llamaworks.tokenizer_engines import (
     LLAMA3_PATTERN,
     TOKEN_BYTE,
@@ -500,10 +500,7 @@ def _plain(value: Any) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: invalid JSON ({exc})") from None
+    value = read_json(path)  # one FormatError line for bad UTF-8, deep nesting, huge numbers, ...
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return value

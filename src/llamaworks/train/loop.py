@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..files import remove_dir, replace_dir
 from . import checkpointing as ckpt
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
@@ -602,17 +603,26 @@ def load_train_config(path: str | Path) -> TrainConfig:
     """A TrainConfig from a JSON or YAML file (unknown keys are an error)."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        d = yaml.safe_load(text) or {}
-    else:
-        d = json.loads(text)
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # YAML/JSON syntax errors, deep nesting
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of training options")
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"{path}: unknown training option(s) {', '.join(sorted(unknown))}")
-    return TrainConfig(**d)
+    try:
+        return TrainConfig(**d)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 __all__ = [
