@@ -135,7 +135,7 @@ def test_pruning_killed_midway_leaves_no_half_deleted_step(tmp_path):
     names = sorted(p.name for p in root.iterdir())
     assert "step-000001" not in names and "step-000002" in names  # renamed away before the delete began
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
-    assert any(n.startswith(".step-000001.") and n.endswith(".old") for n in names)
+    assert any(n.startswith(".step-000001.") and n.endswith(".trash") for n in names)
     (root / "step-000000").mkdir()  # what an older version's killed rmtree left: no trainer_state.pt
     ckpt.prune_checkpoints(root, 0)  # the next run
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
@@ -491,3 +491,46 @@ def test_replace_dir_keeps_other_files_and_drops_stale_outputs(tmp_path):
         (stage / "config.json").write_text("newer")
         raise RuntimeError
     assert (out / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_plain_but_malformed_training_state_is_one_line(tmp_path):
+    _train(tmp_path, 1)
+    step = tmp_path / "checkpoints" / "step-000001"
+    rank = torch.load(step / "rank0.pt", weights_only=True)
+    rank["rng"]["numpy"]["key"] = [1, 2, 3]  # loads with weights_only, but is not an RNG state
+    torch.save(rank, step / "rank0.pt")
+    with pytest.raises(FormatError) as e:
+        _train(tmp_path, 2, resume=True)
+    one_line(e, str(step / "rank0.pt"), "bad numpy RNG state")
+    shared = torch.load(step / "trainer_state.pt", weights_only=True)
+    shared["step"] = "1"
+    torch.save(shared, step / "trainer_state.pt")
+    with pytest.raises(FormatError) as e:
+        _train(tmp_path, 2, resume=True)
+    one_line(e, str(step / "trainer_state.pt"), "'step' must be a non-negative integer")
+
+
+def test_replace_dir_without_atomic_exchange_and_recovery(tmp_path, monkeypatch):
+    """Where renameat2 is missing: two renames, and a kill between them is undone by the next write."""
+    import llamaworks.files as files
+
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    with files.replace_dir(out) as stage:
+        (stage / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    # the state a kill between the two renames leaves: no `out`, the old folder under its .old name
+    out.rename(tmp_path / f".out.{dead_pid()}-x2.old")
+    files.recover_dir(out)
+    assert (out / "config.json").read_text() == "new"
+
+
+def test_a_step_saved_again_replaces_the_old_one_whole(tmp_path):
+    _train(tmp_path / "a", 2)
+    root = tmp_path / "a" / "checkpoints"
+    (root / "step-000002" / "stale-marker").write_text("from the first run")
+    _train(tmp_path / "a", 2, resume=False)  # same steps again: step-000002 is written a second time
+    assert not (root / "step-000002" / "stale-marker").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]

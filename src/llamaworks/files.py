@@ -63,8 +63,9 @@ def _remove(path: Path) -> None:
 
 
 def clean_stale_temps(directory: Path, name: str) -> list[Path]:
-    """Remove `.{name}.{pid}-*.tmp|.old` leftovers of processes that no longer run; returns what was removed."""
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)-[^./]+\.(tmp|old)$")
+    """Remove `.{name}.{pid}-*.tmp|.old|.trash` leftovers of processes that no longer run; returns what was
+    removed."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)-[^./]+\.(tmp|old|trash)$")
     removed = []
     try:
         entries = list(os.scandir(directory))
@@ -181,6 +182,8 @@ def replace_dir(target: str | os.PathLike[str], *, drop: Callable[[str], bool] =
     temp folder is removed by the next write of the same target.
     """
     target = Path(target)
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()  # swap the folder the link points to, keep the user's link
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
@@ -191,29 +194,36 @@ def replace_dir(target: str | os.PathLike[str], *, drop: Callable[[str], bool] =
     try:
         os.chmod(stage, DIR_MODE)
         yield stage
-        if not target.exists():
-            os.rename(stage, target)
-            return
         written = set(os.listdir(stage))
-        for entry in os.scandir(target):
+        for entry in os.scandir(target) if target.exists() else ():
             if entry.name not in written and not drop(entry.name):
                 _link_tree(Path(entry.path), stage / entry.name)
-        if not _exchange(stage, target):
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".old", dir=parent))
-            os.rename(target, old)  # replaces the empty folder; a kill before the next line: recover_dir
-            os.rename(stage, target)
-            stage = old
+        stage = swap_in(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def swap_in(new: Path, target: Path) -> Path:
+    """Put folder `new` at `target` in one step; returns where the old `target` now is (to be deleted). Where
+    the system cannot swap atomically, `target` is missing for an instant, and recover_dir() undoes a kill there."""
+    if not target.exists():
+        os.rename(new, target)
+        return new
+    if _exchange(new, target):
+        return new
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".old", dir=target.parent))
+    os.rename(target, old)  # replaces the empty folder; a kill before the next line: recover_dir
+    os.rename(new, target)
+    return old
+
+
 def remove_dir(path: Path) -> None:
     """Delete a folder so that a kill midway never leaves a half-deleted one under its name: rename it to
-    `.{name}.{pid}-{random}.old` first (removed by the next clean_stale_temps of that name if we die)."""
+    `.{name}.{pid}-{random}.trash` first (removed by the next clean_stale_temps of that name if we die)."""
     path = Path(path)
     if not path.exists():
         return
-    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".old", dir=path.parent))
+    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".trash", dir=path.parent))
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -264,4 +274,4 @@ def contained_path(folder: Path, relative: Any, source: Path | str, field: str) 
 
 
 __all__ = ["DIR_MODE", "FILE_MODE", "atomic_write", "atomic_write_text", "atomic_write_with", "clean_stale_temps",
-           "contained_path", "read_json", "recover_dir", "remove_dir", "replace_dir"]
+           "contained_path", "read_json", "recover_dir", "remove_dir", "replace_dir", "swap_in"]

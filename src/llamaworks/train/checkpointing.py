@@ -13,7 +13,7 @@ tensors and lists, never numpy or other objects), so it is read with `torch.load
 
 The directory is built as `step-XXXXXX.tmp` and renamed into place with os.replace, so a crash never
 leaves a half-written checkpoint that `--resume` would pick up; pruning renames a checkpoint to a hidden
-`.step-XXXXXX.<pid>-<random>.old` name before deleting it, so a kill never leaves a half-deleted `step-N`.
+`.step-XXXXXX.<pid>-<random>.trash` name before deleting it, so a kill never leaves a half-deleted `step-N`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and the leftovers of killed runs
-    (`step-*.tmp` being written, `.step-*.old` being deleted, half-deleted folders of older versions)."""
+    (`step-*.tmp` being written, `.step-*.trash` being deleted, half-deleted folders of older versions)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return
@@ -68,7 +68,7 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
         if STEP_DIR.match(p.name):
             if p.is_dir() and not (p / "trainer_state.pt").exists():
                 remove_dir(p)  # half-deleted by an older version that removed it in place
-        elif p.name.startswith(".step-") and p.name.endswith(".old"):
+        elif p.name.startswith(".step-") and p.name.endswith((".trash", ".old")):
             clean_stale_temps(root, p.name.split(".")[1])
     if keep_last > 0:
         for _, p in list_checkpoints(root)[:-keep_last]:
@@ -159,7 +159,54 @@ def load_trainer_state(ckpt_dir: Path, rank: int) -> tuple[dict[str, Any], dict[
     shared = load_plain(ckpt_dir / "trainer_state.pt")
     rank_file = ckpt_dir / f"rank{rank}.pt"
     per_rank = load_plain(rank_file) if rank_file.exists() else None
-    for path, obj in ((ckpt_dir / "trainer_state.pt", shared), (rank_file, per_rank)):
-        if obj is not None and not isinstance(obj, dict):
-            raise FormatError(f"{path}: expected a dict of training state, found {type(obj).__name__}")
+    _check_shared(shared, ckpt_dir / "trainer_state.pt")
+    if per_rank is not None:
+        _check_rank(per_rank, rank_file)
     return shared, per_rank
+
+
+def _require(ok: bool, path: Path, what: str) -> None:
+    if not ok:
+        raise FormatError(f"{path}: not a training state this version wrote ({what})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_shared(state: Any, path: Path) -> None:
+    """The shape of trainer_state.pt, checked before the loop uses it (a wrong value is one line, not a traceback)."""
+    _require(isinstance(state, dict), path, f"expected a dict, found {type(state).__name__}")
+    _require(_is_int(state.get("step")) and state["step"] >= 0, path, "'step' must be a non-negative integer")
+    trainable = state.get("trainable")
+    _require(isinstance(trainable, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in trainable.items()), path,
+             "'trainable' must map parameter names to tensors")
+    optim = state.get("optimizer")
+    _require(isinstance(optim, dict) and isinstance(optim.get("state"), dict)
+             and isinstance(optim.get("param_groups"), list), path, "'optimizer' must be an optimizer state dict")
+    for key in ("tokens", "elapsed_s"):
+        _require(state.get(key) is None or isinstance(state[key], (int, float)), path, f"'{key}' must be a number")
+    last_val = state.get("last_val")
+    _require(last_val is None or (isinstance(last_val, (list, tuple)) and len(last_val) == 2
+                                  and all(isinstance(x, (int, float)) for x in last_val)), path,
+             "'last_val' must be a pair of numbers")
+
+
+def _check_rank(state: Any, path: Path) -> None:
+    """The shape of rank{r}.pt: every RNG state exactly as rng_state() writes it."""
+    _require(isinstance(state, dict) and isinstance(state.get("rng"), dict), path, "expected a dict with 'rng'")
+    rng = state["rng"]
+    py, npy, tt = rng.get("python"), rng.get("numpy"), rng.get("torch")
+    _require(isinstance(py, dict) and _is_int(py.get("version")) and isinstance(py.get("state"), (list, tuple))
+             and len(py["state"]) == 625 and all(_is_int(x) and 0 <= x < 2**32 for x in py["state"])
+             and (py.get("gauss") is None or isinstance(py["gauss"], float)), path, "bad Python RNG state")
+    _require(isinstance(npy, dict) and npy.get("bit_generator") == "MT19937"
+             and isinstance(npy.get("key"), torch.Tensor) and tuple(npy["key"].shape) == (624,)
+             and _is_int(npy.get("pos")) and 0 <= npy["pos"] <= 624 and _is_int(npy.get("has_gauss"))
+             and isinstance(npy.get("cached_gaussian"), float), path, "bad numpy RNG state")
+    _require(isinstance(tt, torch.Tensor) and tt.dtype == torch.uint8 and tt.shape == torch.get_rng_state().shape,
+             path, "bad torch RNG state")
+    data = state.get("data")
+    _require(data is None or (isinstance(data, dict) and _is_int(data.get("batches"))), path,
+             "'data' must be a sampler position")

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..files import remove_dir, replace_dir
+from ..files import remove_dir, replace_dir, swap_in
 from . import checkpointing as ckpt
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 
@@ -538,8 +538,15 @@ def _load_trainable(raw_model: nn.Module, optimizer: torch.optim.Optimizer,
     with torch.no_grad():
         for n, p in raw_model.named_parameters():
             if n in params:
+                if params[n].shape != p.shape:
+                    raise ValueError(f"checkpoint parameter {n} has shape {list(params[n].shape)}, the model's is "
+                                     f"{list(p.shape)}: resume with the same model and recipe options")
                 p.copy_(params[n])
-    optimizer.load_state_dict(shared["optimizer"])
+    try:
+        optimizer.load_state_dict(shared["optimizer"])
+    except (KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"checkpoint optimizer state does not fit this run ({str(e).splitlines()[0][:200]})") \
+            from None
 
 
 def _save_artifact(raw_model: nn.Module, shadow: nn.Module | None, save_fn: SaveFn, target: Path, fsdp: bool,
@@ -592,8 +599,7 @@ def _save_checkpoint(raw_model: nn.Module, shadow: nn.Module | None, optimizer: 
                          "tokens": extra.get("tokens")}, tmp / "trainer_state.json")
     _barrier(world)
     if rank == 0:
-        remove_dir(final)
-        os.replace(tmp, final)
+        remove_dir(swap_in(tmp, final))  # a step saved again (resumed run): the old one leaves in one rename
         ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
     _barrier(world)
     return final
