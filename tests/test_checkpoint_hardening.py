@@ -534,3 +534,35 @@ def test_a_step_saved_again_replaces_the_old_one_whole(tmp_path):
     _train(tmp_path / "a", 2, resume=False)  # same steps again: step-000002 is written a second time
     assert not (root / "step-000002" / "stale-marker").exists()
     assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_a_kv_cache_the_machine_cannot_hold_is_one_line():
+    """A context_length within the checked range can still ask for more than the machine has: one line."""
+    from llamaworks.model import lazy_zeros
+
+    with pytest.raises(ConfigError) as e:
+        lazy_zeros((1, 8, 2**24, 2**17), torch.float16)
+    one_line(e, "cannot reserve 35,184,372,088,832 bytes", "--max-context")
+
+
+MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, {src!r})
+import torch  # noqa: F401 (imported before measuring: the reader would import it)
+from llamaworks.checkpoints import load_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ckpt = load_checkpoint(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(type(ckpt.metadata["general.junk"]).__name__, (after - before) // 1024)
+"""
+
+
+def test_a_98_mb_metadata_array_costs_no_memory(tmp_path):
+    """The issue's file: a bool array spanning a 98 MB GGUF peaked at 908 MB as a Python list."""
+    path = write_gguf_raw(tmp_path / "big.gguf", CFG)
+    _insert_array_kv(path, "general.junk", 7, 98_000_000, 1)
+    child = tmp_path / "child.py"
+    child.write_text(MEMORY_CHILD.format(src=str(SRC)))
+    out = subprocess.run([sys.executable, str(child), str(path)], capture_output=True, text=True, check=True)
+    kind, grown_mib = out.stdout.split()
+    assert kind == "ndarray" and int(grown_mib) < 60, out.stdout
