@@ -181,7 +181,7 @@ def replace_dir(target: str | os.PathLike[str], *, drop: Callable[[str], bool] =
     killed at any moment leaves either the old folder or the new one at `target`, never a mix; its
     temp folder is removed by the next write of the same target.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and "out/" have a real name and parent
     if target.is_symlink() and target.is_dir():
         target = target.resolve()  # swap the folder the link points to, keep the user's link
     parent = target.parent
