@@ -100,8 +100,13 @@ def test_lora_finetune_writes_a_chat_ready_model_and_a_peft_adapter(tmp_path, ti
     torch.testing.assert_close(with_adapter, merged, atol=1e-4, rtol=1e-4)
     cli("merge-lora", "--base", tiny_base, "--adapter", out / "adapter", "--out", tmp_path / "merged")
     torch.testing.assert_close(logits_of(tmp_path / "merged", tokens), merged, atol=1e-4, rtol=1e-4)
-    # Without --base, merge-lora finds the base the adapter recorded.
-    cli("merge-lora", "--adapter", out, "--out", tmp_path / "merged.gguf", "--gguf-type", "f32")
+    # Without --base, a base path the adapter records outside its folder is not opened (issue 13: no path read
+    # from a file reaches outside its folder): one line asking for --base.
+    from llamaworks.cli import main
+
+    assert main(["merge-lora", "--adapter", str(out), "--out", str(tmp_path / "merged.gguf")]) == 2
+    assert not (tmp_path / "merged.gguf").exists()
+    cli("merge-lora", "--base", tiny_base, "--adapter", out, "--out", tmp_path / "merged.gguf", "--gguf-type", "f32")
     torch.testing.assert_close(logits_of(tmp_path / "merged.gguf", tokens), merged, atol=1e-4, rtol=1e-4)
 
 

@@ -136,7 +136,7 @@ def test_checkpoints_keep_last_metrics_and_artifacts(tmp_path):
     assert float(rows[-1]["tokens_per_s"]) > 0 and 0 < float(rows[-1]["mfu"]) < 1
     assert r.tokens == 40 * 8 * 32
     # The saved model is the trained one.
-    sd = torch.load(out / "final" / "model.pt")
+    sd = torch.load(out / "final" / "model.pt", weights_only=True)
     torch.testing.assert_close(sd["norm.weight"], m.norm.weight.detach())
 
 
@@ -160,7 +160,7 @@ def test_frozen_parameters_and_custom_loss(tmp_path):
     for n, p in m.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         assert changed == n.startswith("layers.1."), n
-    state = torch.load(tmp_path / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
     assert set(state["trainable"]) == {n for n in before if n.startswith("layers.1.")}
 
 
@@ -271,7 +271,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
         assert (got["val_loss"] == "") == (ref["val_loss"] == "")
         if ref["val_loss"]:
             assert float(got["val_loss"]) == pytest.approx(float(ref["val_loss"]), rel=1e-6)
-    a = torch.load(tmp_path / "ref" / "final" / "model.pt")
-    b = torch.load(killed_dir / "final" / "model.pt")
+    a = torch.load(tmp_path / "ref" / "final" / "model.pt", weights_only=True)
+    b = torch.load(killed_dir / "final" / "model.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import ConfigError, FormatError
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
+            unknown = set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
+            if unknown:
+                raise InvalidConfigField("rope_scaling", self.rope_scaling,
+                                         f"only {', '.join(f.name for f in dataclasses.fields(RopeScaling))}")
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        validate_config(self)
+        for f in dataclasses.fields(self):  # plain Python numbers (JSON writes 500000 for 500000.0)
+            v = getattr(self, f.name)
+            if f.name in ("norm_eps", "rope_theta"):
+                object.__setattr__(self, f.name, float(v))
+            elif _is_int(v):
+                object.__setattr__(self, f.name, int(v))
 
     # Derived sizes are computed, never stored, so a config cannot contradict itself.
     @property
@@ -90,8 +102,129 @@ class ModelConfig:
             else:
                 d = json.loads(text)
             return cls.from_dict(d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid model config: {e}") from None
+        except Exception as e:  # YAML/JSON syntax, deep nesting, wrong types, out-of-range values
+            raise ConfigError(f"{path}: not a valid model config: {str(e).splitlines()[0] if str(e) else e!r}") \
+                from None
+
+
+# -- validation -------------------------------------------------------------------------------------
+# Bounds no published LLaMA-family checkpoint comes near (405B: dim 16384, 126 layers, 128 heads; the largest
+# vocabularies ~256k; contexts up to ~10M). Outside them a value is damage or an attack, and believing it
+# would allocate without end before a single tensor is checked.
+MAX_DIM = 1 << 16
+MAX_HIDDEN = 1 << 20
+MAX_LAYERS = 1 << 10
+MAX_HEAD_DIM = 1 << 12
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 24
+
+
+class InvalidConfigField(ConfigError):
+    """A ModelConfig field out of range or of the wrong type; `field` is our name for it (the readers
+    re-raise it as a FormatError naming the file and the file's own key)."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"{field} is {_short(value)}, expected {expected}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _int_in(config: Any, name: str, lo: int, hi: int, optional: bool = False) -> None:
+    v = getattr(config, name)
+    if v is None and optional:
+        return
+    if not _is_int(v) or not lo <= v <= hi:
+        raise InvalidConfigField(name, v, f"an integer from {lo} to {hi}")
+
+
+def _number_in(config: Any, name: str, lo: float, hi: float, field: str | None = None) -> None:
+    v = getattr(config, name)
+    if not _is_number(v) or not math.isfinite(v) or not lo < v < hi:
+        raise InvalidConfigField(field or name, v, f"a number greater than {lo:g} and less than {hi:g}")
+
+
+def validate_config(config: ModelConfig) -> None:
+    """Types, ranges and relations of every field (InvalidConfigField naming the first bad one). Every
+    ModelConfig passes through here when it is made, whatever file it came from."""
+    _int_in(config, "dim", 1, MAX_DIM)
+    _int_in(config, "hidden_dim", 1, MAX_HIDDEN)
+    _int_in(config, "n_layers", 1, MAX_LAYERS)
+    _int_in(config, "vocab_size", 1, MAX_VOCAB)
+    _int_in(config, "n_heads", 1, config.dim)
+    _int_in(config, "n_kv_heads", 1, config.n_heads, optional=True)
+    if config.n_heads % config.kv_heads:
+        raise InvalidConfigField("n_kv_heads", config.n_kv_heads, f"a divisor of n_heads ({config.n_heads})")
+    _int_in(config, "head_dim", 2, MAX_HEAD_DIM, optional=True)
+    if config.head_dim is None and config.dim % config.n_heads:
+        raise InvalidConfigField("n_heads", config.n_heads,
+                                 f"a divisor of dim ({config.dim}) when head_dim is not given")
+    if config.head_size % 2:
+        raise InvalidConfigField("head_dim", config.head_size, "an even number (rotary embeddings rotate pairs)")
+    _int_in(config, "max_seq_len", 1, MAX_CONTEXT)
+    _int_in(config, "sliding_window", 1, MAX_CONTEXT, optional=True)
+    _number_in(config, "norm_eps", 0.0, 1.0)
+    _number_in(config, "rope_theta", 0.0, 1e12)
+    if not isinstance(config.tie_embeddings, bool):
+        raise InvalidConfigField("tie_embeddings", config.tie_embeddings, "true or false")
+    if not isinstance(config.name, str):
+        raise InvalidConfigField("name", config.name, "a string")
+    s = config.rope_scaling
+    if s is None:
+        return
+    if not isinstance(s, RopeScaling):
+        raise InvalidConfigField("rope_scaling", s, "null or an object with the scaling parameters")
+    if s.kind not in ("llama3", "linear"):
+        raise InvalidConfigField("rope_scaling.kind", s.kind, "'llama3' or 'linear'")
+    _number_in(s, "factor", 0.0, 1e6, "rope_scaling.factor")
+    if s.kind == "llama3":
+        _number_in(s, "low_freq_factor", 0.0, 1e6, "rope_scaling.low_freq_factor")
+        _number_in(s, "high_freq_factor", s.low_freq_factor, 1e6, "rope_scaling.high_freq_factor")
+        v = s.original_max_seq_len
+        if not _is_int(v) or not 1 <= v <= MAX_CONTEXT:
+            raise InvalidConfigField("rope_scaling.original_max_seq_len", v, f"an integer from 1 to {MAX_CONTEXT}")
+
+
+def config_from_fields(source: Any, names: dict[str, str], **values: Any) -> ModelConfig:
+    """ModelConfig(**values) for a reader: a bad field is one FormatError line naming the file (`source`) and
+    the file's own key for it (`names`: our field name -> theirs)."""
+    try:
+        return ModelConfig(**values)
+    except InvalidConfigField as e:
+        raise FormatError(f"{source}: {names.get(e.field, e.field)} is {_short(e.value)}, expected {e.expected}") \
+            from None
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+_MISSING = object()
+_KINDS = {int: (_is_int, "an integer"), float: (_is_number, "a number"),
+          str: (lambda v: isinstance(v, str), "a string"), bool: (lambda v: isinstance(v, bool), "true or false"),
+          dict: (lambda v: isinstance(v, dict), "an object")}
+
+
+def typed_field(d: dict[str, Any], key: str, kind: type, source: Any, default: Any = _MISSING,
+                label: str | None = None) -> Any:
+    """d[key] if it has the JSON type `kind` (int: not 2.0 nor true; float: any number); `default` when it is
+    missing or null; else one FormatError line naming the file and key."""
+    value = d.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise FormatError(f"{source}: missing field {label or key!r}")
+        return default
+    check, what = _KINDS[kind]
+    if not check(value):
+        raise FormatError(f"{source}: {label or key} is {_short(value)} ({type(value).__name__}), expected {what}")
+    return value
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -171,4 +304,5 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "get_preset"]
+__all__ = ["PRESETS", "InvalidConfigField", "ModelConfig", "RopeScaling", "config_from_fields", "get_preset",
+           "typed_field", "validate_config"]

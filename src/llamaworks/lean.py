@@ -37,7 +37,7 @@ import numpy as np
 from .checkpoints.ggml_types import KERNEL_TYPES, REQUANT_TARGET, GGMLType
 from .checkpoints.gguf import _generation_config, read_gguf_layout
 from .config import ModelConfig, rope_inverse_frequencies
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .hardware import physical_cores
 from .quant import lean_kernels
 from .quant.lean_kernels import LwLayer, LwModel, call
@@ -217,7 +217,11 @@ class LeanModel:
         cache_shape = (config.n_layers, config.kv_heads, ctx, config.head_size)
         kv_type = np.dtype(kv_dtype)
         nbytes = math.prod(cache_shape) * kv_type.itemsize  # resident only as positions are written
-        k_cache, v_cache = (np.frombuffer(lazy_zeros_buffer(nbytes), kv_type).reshape(cache_shape) for _ in "kv")
+        try:
+            k_cache, v_cache = (np.frombuffer(lazy_zeros_buffer(nbytes), kv_type).reshape(cache_shape) for _ in "kv")
+        except (OSError, MemoryError, ValueError):
+            raise ConfigError(f"{path}: cannot reserve {2 * nbytes:,} bytes of KV cache for a context of {ctx:,} "
+                              f"positions; pass a smaller --max-context") from None
 
         layers = (LwLayer * config.n_layers)()
         for i in range(config.n_layers):

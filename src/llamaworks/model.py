@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, rope_inverse_frequencies
+from .errors import ConfigError
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +58,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
     from .quant.memory import lazy_zeros_buffer
 
-    return torch.frombuffer(lazy_zeros_buffer(nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    try:
+        buffer = lazy_zeros_buffer(nbytes)
+    except (OSError, ValueError, MemoryError):
+        raise ConfigError(f"cannot reserve {nbytes:,} bytes for a KV cache of shape {list(shape)}; "
+                          f"pass a smaller --max-context") from None
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class KVCache(nn.Module):

@@ -12,8 +12,6 @@ recognised; BOS/EOS are added by this class (never by the engine's post-processo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tokenizers import Tokenizer as Engine
 from tokenizers import processors
 
 from llamaworks.errors import ConfigError, FormatError
+from llamaworks.files import atomic_write_text, read_json
 from llamaworks.tokenizer_engines import (
     LLAMA3_PATTERN,
     TOKEN_BYTE,
@@ -59,14 +58,7 @@ def _token_text(value: Any) -> str | None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)  # 0644-style mode (umask), stale temps of killed writers removed
 
 
 class Tokenizer:
@@ -512,10 +504,7 @@ def _plain(value: Any) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: invalid JSON ({exc})") from None
+    value = read_json(path)  # one FormatError line for bad UTF-8, deep nesting, huge numbers, ...
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return value

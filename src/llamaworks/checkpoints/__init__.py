@@ -6,16 +6,14 @@ so `Transformer(ckpt.config).load_state_dict(ckpt.state_dict)` works whatever th
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..files import atomic_write, atomic_write_with, replace_dir  # noqa: F401 (re-exported for the writers)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading a GGUF header needs numpy alone
     import torch
@@ -63,8 +61,27 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source: Path | str) -> None:
-    """Raise a one-line FormatError for a missing tensor or a shape that does not fit the config."""
+def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source: Path | str,
+                        fields: dict[str, str] | None = None) -> None:
+    """Raise a one-line FormatError for a missing tensor or a shape that does not fit the config.
+
+    The config is first held against what the file holds -- layer count, embedding rows and width -- so a
+    damaged count (block_count = 2^31) is refused before anything is sized from it. `fields` maps our field
+    names to the file's keys for the message (GGUF_FIELDS, HF_FIELDS, META_FIELDS)."""
+    def field(name: str) -> str:
+        return (fields or {}).get(name, name)
+
+    layers = {int(k.split(".", 2)[1]) for k in state_dict if k.startswith("layers.") and k.split(".", 2)[1].isdigit()}
+    if config.n_layers > len(layers):
+        raise FormatError(f"{source}: {field('n_layers')} is {config.n_layers}, but the file holds tensors for "
+                          f"{len(layers)} layer(s)")
+    emb = state_dict.get("tok_embeddings.weight")
+    if emb is not None and len(emb.shape) == 2 and tuple(emb.shape) != (config.vocab_size, config.dim):
+        rows, cols = emb.shape
+        which, value, expected = (("vocab_size", config.vocab_size, rows) if rows != config.vocab_size
+                                  else ("dim", config.dim, cols))
+        raise FormatError(f"{source}: {field(which)} is {value}, but the token embedding has shape "
+                          f"{[rows, cols]} (expected {expected})")
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in state_dict:
@@ -73,6 +90,14 @@ def validate_state_dict(state_dict: dict[str, Any], config: ModelConfig, source:
         if got != shape:
             raise FormatError(f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
                               f"for the model described by its config")
+
+
+def check_tokenizer_fits(tokenizer: Any, config: ModelConfig, source: Path | str) -> None:
+    """A tokenizer that produces ids past the embedding rows would fail at generation: refuse it at load."""
+    size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    if isinstance(size, int) and size > config.vocab_size:
+        raise FormatError(f"{source}: the tokenizer has {size} tokens, more than the {config.vocab_size} rows of "
+                          f"the token embedding")
 
 
 def writable_tensors(state_dict: dict[str, Any], config: ModelConfig) -> dict[str, Tensor]:
@@ -107,46 +132,6 @@ def _state_of(model_or_state_dict: Any) -> dict[str, Any]:
     """A module's state dict, or the dict itself."""
     get = getattr(model_or_state_dict, "state_dict", None)
     return get() if callable(get) else model_or_state_dict
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _default_file_mode()
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file next to `path`; it replaces `path` only if the block finishes without error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path) for libraries that open the file themselves, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # -- public API ---------------------------------------------------------------------------------------
@@ -237,12 +222,18 @@ def save_hf(directory: str | os.PathLike[str], model_or_state_dict: torch.nn.Mod
             config: ModelConfig, tokenizer: Tokenizer | None = None, chat_template: str | None = None,
             dtype: torch.dtype | None = None, *, max_shard_size: int | str | None = None,
             generation_config: dict[str, Any] | None = None, progress: bool = False) -> Path:
-    """Write a transformers-loadable directory (config.json, safetensors, tokenizer, generation_config)."""
-    from .hf import write_hf
+    """Write a transformers-loadable directory (config.json, safetensors, tokenizer, generation_config).
+
+    The folder is built beside `directory` and swapped in whole; files of an existing `directory` that are
+    not model files (a README, training logs) are kept, stale weights, configs and tokenizer files are not."""
+    from .hf import is_hf_model_file, write_hf
 
     sd = _state_of(model_or_state_dict)
-    return write_hf(Path(directory), sd, config, tokenizer, chat_template=chat_template, dtype=dtype,
-                    max_shard_size=max_shard_size, generation_config=generation_config, progress=progress)
+    directory = Path(directory)
+    with replace_dir(directory, drop=is_hf_model_file) as stage:  # a kill leaves the old folder or the new one
+        write_hf(stage, sd, config, tokenizer, chat_template=chat_template, dtype=dtype,
+                 max_shard_size=max_shard_size, generation_config=generation_config, progress=progress)
+    return directory
 
 
 def save_gguf(path: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
@@ -261,10 +252,13 @@ def save_meta(directory: str | os.PathLike[str], state_dict: dict[str, Tensor] |
               config: ModelConfig, tokenizer_model: str | os.PathLike[str] | None = None,
               dtype: torch.dtype | None = None, *, progress: bool = False) -> Path:
     """Write Meta's layout: params.json + consolidated.00.pth (+ a copy of tokenizer.model if given)."""
-    from .meta import write_meta
+    from .meta import is_meta_model_file, write_meta
 
     sd = _state_of(state_dict)
-    return write_meta(Path(directory), sd, config, tokenizer_model=tokenizer_model, dtype=dtype, progress=progress)
+    directory = Path(directory)
+    with replace_dir(directory, drop=is_meta_model_file) as stage:
+        write_meta(stage, sd, config, tokenizer_model=tokenizer_model, dtype=dtype, progress=progress)
+    return directory
 
 
 def __getattr__(name: str) -> Any:

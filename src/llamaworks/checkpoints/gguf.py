@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, RopeScaling, rope_inverse_frequencies
+from ..config import MAX_LAYERS, ModelConfig, RopeScaling, config_from_fields, rope_inverse_frequencies
 from ..errors import FormatError
 from . import (
     Checkpoint,
@@ -196,29 +196,46 @@ def _rope_divisors(config: ModelConfig) -> np.ndarray:
     return (base / rope_inverse_frequencies(config)).astype(np.float32)
 
 
-def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source: Path) -> tuple[ModelConfig, Any]:
-    """ModelConfig from llama.* keys; also returns explicit inverse frequencies when no RopeScaling fits."""
-    def key(name: str, default: Any = KeyError) -> Any:
-        full = f"{ARCH}.{name}"
-        if full in meta:
-            value = meta[full]
-            if isinstance(value, list):  # per-layer arrays (some converters); we need one value
-                if len(set(value)) != 1:
-                    raise FormatError(f"{source}: {full} differs between layers ({value[:4]}...), not supported")
-                value = value[0]
-            return value
-        if default is KeyError:
-            raise FormatError(f"{source}: missing metadata key {full!r}")
-        return default
+GGUF_FIELDS = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+               "n_heads": "llama.attention.head_count",
+               "n_kv_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
+               "vocab_size": "llama.vocab_size", "hidden_dim": "llama.feed_forward_length",
+               "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+               "max_seq_len": "llama.context_length", "sliding_window": "llama.attention.sliding_window",
+               "rope_scaling.factor": "llama.rope.scaling.factor"}
 
-    dim = int(key("embedding_length"))
-    n_heads = int(key("attention.head_count"))
-    n_kv = int(key("attention.head_count_kv", n_heads))
-    head_dim = int(key("attention.key_length", dim // n_heads))
-    rope_dims = int(key("rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise FormatError(f"{source}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
-    vocab = key("vocab_size", None)
+
+def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source: Path) -> tuple[ModelConfig, Any]:
+    """ModelConfig from llama.* keys; also returns explicit inverse frequencies when no RopeScaling fits.
+    Every value is type- and range-checked (config_from_fields) before anything is sized from it."""
+    def key(name: str, kind: type, default: Any = KeyError) -> Any:
+        full = f"{ARCH}.{name}"
+        if full not in meta:
+            if default is KeyError:
+                raise FormatError(f"{source}: missing metadata key {full!r}")
+            return default
+        value = meta[full]
+        if isinstance(value, (list, np.ndarray)):  # per-layer arrays (some converters); we need one value
+            if len(value) > MAX_LAYERS or len(value) == 0:
+                raise FormatError(f"{source}: {full} is an array of {len(value)} values, expected one per layer "
+                                  f"(at most {MAX_LAYERS})")
+            distinct = {v.item() if isinstance(v, np.generic) else v for v in list(value)}
+            if len(distinct) != 1:
+                raise FormatError(f"{source}: {full} differs between layers ({list(value)[:4]}...), not supported")
+            value = distinct.pop()
+        ok = (isinstance(value, str) if kind is str else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            what = {str: "a string", float: "a number", int: "an integer"}[kind]
+            raise FormatError(f"{source}: {full} is {str(value)[:60]!r} ({type(value).__name__}), expected {what}")
+        return value
+
+    dim = key("embedding_length", int)
+    n_heads = key("attention.head_count", int)
+    n_kv = key("attention.head_count_kv", int, n_heads)
+    head_dim = key("attention.key_length", int, None)
+    vocab = key("vocab_size", int, None)
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
         emb = tensors.get("tok_embeddings.weight")
@@ -226,21 +243,27 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source:
         if vocab is None:
             raise FormatError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
     scaling: RopeScaling | None = None
-    scaling_type = key("rope.scaling.type", None)
+    scaling_type = key("rope.scaling.type", str, None)
     if scaling_type == "linear":
-        scaling = RopeScaling("linear", _round(float(key("rope.scaling.factor"))))
+        scaling = RopeScaling("linear", _round(float(key("rope.scaling.factor", float))))
     elif scaling_type not in (None, "none"):
         raise FormatError(f"{source}: unsupported rope scaling type {scaling_type!r}")
-    config = ModelConfig(
-        dim=dim, n_layers=int(key("block_count")), n_heads=n_heads, vocab_size=int(vocab),
-        hidden_dim=int(key("feed_forward_length")), n_kv_heads=n_kv,
-        head_dim=None if head_dim == dim // n_heads else head_dim,
-        norm_eps=_round(float(key("attention.layer_norm_rms_epsilon", 1e-5)), 6),
-        rope_theta=_round(float(key("rope.freq_base", 10000.0))), rope_scaling=scaling,
-        max_seq_len=int(key("context_length", 2048)), tie_embeddings="output.weight" not in tensors,
-        sliding_window=(int(key("attention.sliding_window")) if f"{ARCH}.attention.sliding_window" in meta else None),
-        name=str(meta.get("general.name") or source.stem),
+    name = meta.get("general.name")
+    config = config_from_fields(
+        source, GGUF_FIELDS,
+        dim=dim, n_layers=key("block_count", int), n_heads=n_heads, vocab_size=vocab,
+        hidden_dim=key("feed_forward_length", int), n_kv_heads=n_kv,
+        head_dim=None if isinstance(n_heads, int) and n_heads > 0 and head_dim == dim // n_heads else head_dim,
+        norm_eps=_round(float(key("attention.layer_norm_rms_epsilon", float, 1e-5)), 6),
+        rope_theta=_round(float(key("rope.freq_base", float, 10000.0))), rope_scaling=scaling,
+        max_seq_len=key("context_length", int, 2048), tie_embeddings="output.weight" not in tensors,
+        sliding_window=key("attention.sliding_window", int, None),
+        name=name if isinstance(name, str) and name else source.stem,
     )
+    rope_dims = key("rope.dimension_count", int, config.head_size)
+    if rope_dims != config.head_size:
+        raise FormatError(f"{source}: partial rotary embeddings ({rope_dims} of {config.head_size} dims) are not "
+                          f"supported")
     divisors = tensors.get("rope_freqs.weight")
     if divisors is None:
         return config, None
@@ -252,9 +275,10 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], source:
     if exact:
         try:
             fitted = RopeScaling(**json.loads(exact))
-        except (ValueError, TypeError):
+            exact_config = config.replace(rope_scaling=fitted)  # validated like any config
+        except (ValueError, TypeError, RecursionError):
             fitted = None
-    if fitted is None or not np.allclose(_rope_divisors(config.replace(rope_scaling=fitted)), divisors, rtol=1e-5):
+    if fitted is None or not np.allclose(_rope_divisors(exact_config), divisors, rtol=1e-5):
         fitted = _rope_scaling_from_divisors(divisors, config)
     if fitted is not None:
         return config.replace(rope_scaling=fitted), None
@@ -281,9 +305,19 @@ class _RawTensor:
     data: np.ndarray | None = None
 
 
+# Limits of what a header may ask us to build. Real files: ~40 keys, < 2,000 tensors, vocabularies of ~256k
+# tokens and merges. Numeric arrays outside tokenizer.* above the limit stay lazy numpy views of the file.
+MAX_METADATA_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_ARRAY = 1 << 16
+MAX_TOKENIZER_ARRAY = 1 << 21
+MAX_ARRAY_DEPTH = 3
+
+
 class _Cursor:
     def __init__(self, buf: memoryview) -> None:
         self.buf, self.pos = buf, 0
+        self.key = ""  # the metadata key being read, for limits and messages
 
     def scalar(self, fmt: str) -> Any:
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -301,23 +335,32 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw  # some SentencePiece vocabularies hold partial UTF-8; the tokenizer accepts bytes
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
+            limit = MAX_TOKENIZER_ARRAY if self.key.startswith("tokenizer.") else MAX_ARRAY
             if item in _NUMPY:
                 size = np.dtype(_NUMPY[item]).itemsize * count
                 if self.pos + size > len(self.buf):
                     raise EOFError("array runs past the end of the file")
-                values = np.frombuffer(self.buf, dtype=_NUMPY[item], count=count, offset=self.pos).tolist()
+                values = np.frombuffer(self.buf, dtype=_NUMPY[item], count=count, offset=self.pos)
                 self.pos += size
-                return values
+                if count <= limit:
+                    return values.tolist()
+                if limit == MAX_TOKENIZER_ARRAY:
+                    raise _TooLarge(f"{self.key} holds {count:,} values, more than the {limit:,} allowed")
+                return values  # lazy: a read-only view of the file, never a Python list
+            if count > limit:
+                raise _TooLarge(f"{self.key} holds {count:,} values, more than the {limit:,} allowed")
             if item == _STRING:
                 return self.strings(count)
-            return [self.value(item) for _ in range(count)]
+            if depth >= MAX_ARRAY_DEPTH:
+                raise _TooLarge(f"{self.key} nests arrays deeper than {MAX_ARRAY_DEPTH}")
+            return [self.value(item, depth + 1) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {vtype}")
 
     def strings(self, count: int) -> list[str | bytes]:
@@ -342,8 +385,25 @@ class _Cursor:
         return out
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
-    """(metadata, tensors with memory-mapped data) of a GGUF v2/v3 little-endian file."""
+    """(metadata, tensors with memory-mapped data) of a GGUF v2/v3 little-endian file. Anything wrong with
+    the file, whatever it provokes, is one FormatError line."""
+    path = Path(path)
+    try:
+        return _parse_gguf(path)
+    except FormatError:
+        raise
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file is missing") from None
+    except Exception as e:  # anything else a damaged header can provoke
+        raise FormatError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
+
+
+def _parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
     size = path.stat().st_size
     if size < 24:
         raise FormatError(f"{path}: file is truncated ({size} bytes, smaller than a GGUF header)")
@@ -359,18 +419,29 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
         raise FormatError(f"{path}: unsupported GGUF version {version}{hint}")
     try:
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        if n_kv > MAX_METADATA_KEYS or n_tensors > MAX_TENSORS:
+            raise FormatError(f"{path}: header counts {n_kv:,} metadata keys and {n_tensors:,} tensors, more than "
+                              f"the {MAX_METADATA_KEYS:,} / {MAX_TENSORS:,} allowed")
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = cur.string()
-            meta[str(key)] = cur.value(cur.scalar("<I"))
+            cur.key = str(cur.string())
+            meta[cur.key] = cur.value(cur.scalar("<I"))
         infos = []
         for _ in range(n_tensors):
             name = str(cur.string())
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > 4:
+                raise FormatError(f"{path}: tensor {name[:80]!r} has {n_dims} dimensions, at most 4 are allowed")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, cur.scalar("<I"), dims, cur.scalar("<Q")))
     except (struct.error, EOFError) as e:
         raise FormatError(f"{path}: file is truncated (header ends early: {e})") from None
-    alignment = int(meta.get("general.alignment", 32))
+    except _TooLarge as e:
+        raise FormatError(f"{path}: metadata {e}") from None
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16 \
+            or alignment & (alignment - 1):
+        raise FormatError(f"{path}: general.alignment is {str(alignment)[:40]!r}, expected a power of two up to 65536")
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     tensors = []
     for name, raw_type, dims, offset in infos:
@@ -428,12 +499,7 @@ class GGUFLayout:
 def read_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
     """Parse and validate a llama GGUF file's header (one-line FormatError for anything wrong); no torch."""
     path = Path(path)
-    try:
-        meta, raw_tensors = parse_gguf(path)
-    except FormatError:
-        raise
-    except Exception as e:  # anything else a damaged header can provoke
-        raise FormatError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
+    meta, raw_tensors = parse_gguf(path)
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise FormatError(f"{path}: unsupported architecture {arch!r}; only 'llama' GGUFs (LLaMA 1-3, Mistral, "
@@ -454,7 +520,11 @@ def read_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
                               f"(supported: {', '.join(sorted(q.name for q in READ_TYPES))})")
         tensors[ours] = t
     config, inv_freq = _config_from_metadata(meta, {**tensors, **extra}, path)
-    validate_state_dict(tensors, config, path)
+    validate_state_dict(tensors, config, path, GGUF_FIELDS)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > config.vocab_size:
+        raise FormatError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} entries, more than the "
+                          f"{config.vocab_size} rows of token_embd.weight")
     return GGUFLayout(meta, config, tensors, inv_freq)
 
 
@@ -489,18 +559,26 @@ def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ours, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                       ("pad_token_id", "tokenizer.ggml.padding_token_id")):
-        if key in meta:
+        if _is_int(meta.get(key)):
             out[ours] = int(meta[key])
     eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                  "tokenizer.ggml.eom_token_id") if k in meta]
+                                  "tokenizer.ggml.eom_token_id") if _is_int(meta.get(k))]
     if eos:
         out["eos_token_id"] = sorted(set(eos), key=eos.index) if len(set(eos)) > 1 else eos[0]
     for ours, key in (("temperature", "general.sampling.temp"), ("top_k", "general.sampling.top_k"),
                       ("top_p", "general.sampling.top_p"), ("min_p", "general.sampling.min_p"),
                       ("repetition_penalty", "general.sampling.penalty_repeat")):
-        if key in meta:
-            out[ours] = _round(float(meta[key]), 6) if ours != "top_k" else int(meta[key])
+        value = meta.get(key)  # sampling hints: ignored when damaged, like llama.cpp does
+        if ours == "top_k" and _is_int(value):
+            out[ours] = int(value)
+        elif ours != "top_k" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            out[ours] = _round(float(value), 6)
     return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -22,16 +22,18 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..files import contained_path, read_json
 from . import (
     Checkpoint,
     atomic_write,
     atomic_write_with,
     cast_floats,
+    check_tokenizer_fits,
     optional_tokenizer_module,
     validate_state_dict,
     writable_tensors,
 )
-from .hf_names import config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
+from .hf_names import HF_FIELDS, config_from_hf, config_to_hf, hf_to_ours, hf_to_ours_name, ours_to_hf
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -41,10 +43,15 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    return read_json(path)
+
+
+def is_hf_model_file(name: str) -> bool:
+    """Files write_hf owns: when a model is written over an old folder these are replaced, never kept stale."""
+    return (name in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_INDEX, "config.json",
+                     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "special_tokens_map.json")
+            or bool(_SHARD_RE.match(name)) or name.startswith("pytorch_model-"))
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -91,8 +98,13 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
             if not isinstance(weight_map, dict):
                 raise FormatError(f"{index_path}: missing 'weight_map'")
             out: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors = loader(directory / shard)
+            paths = {}  # every entry checked before any file is opened
+            for shard in weight_map.values():
+                if not isinstance(shard, str) or shard not in paths:
+                    paths[shard] = contained_path(directory, shard, index_path, "weight_map entry")
+            shards = sorted(paths)
+            for shard in shards:
+                tensors = loader(paths[shard])
                 out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
             missing = [k for k, shard in weight_map.items() if k not in out]
             if missing:
@@ -113,7 +125,8 @@ def _chat_template(directory: Path) -> str | None:
     tc_path = directory / "tokenizer_config.json"
     if not tc_path.is_file():
         return None
-    template = _read_json(tc_path).get("chat_template")
+    tc = _read_json(tc_path)
+    template = tc.get("chat_template") if isinstance(tc, dict) else None
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
@@ -126,20 +139,18 @@ def read_hf(directory: str | os.PathLike[str], dtype: torch.dtype | None = None)
     hf_config = _read_json(config_path)
     if not isinstance(hf_config, dict):
         raise FormatError(f"{config_path}: expected a JSON object")
-    try:
-        config = config_from_hf(hf_config, str(config_path))
-    except FormatError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise FormatError(str(e).splitlines()[0]) from None
+    config = config_from_hf(hf_config, str(config_path))
     if config.name == "custom":
         config = config.replace(name=directory.name)
     raw = _read_weights(directory)
-    state = hf_to_ours(raw, config)
-    if not config.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+    names = {ours: t for k, t in raw.items() if (ours := hf_to_ours_name(k)) is not None}
+    if not config.tie_embeddings and "output.weight" not in names and "tok_embeddings.weight" in names:
         # Some exports leave lm_head out when it equals the embeddings without setting tie_word_embeddings.
         config = config.replace(tie_embeddings=True)
-    validate_state_dict(state, config, directory)
+    if config.tie_embeddings:
+        names.pop("output.weight", None)
+    validate_state_dict(names, config, config_path, HF_FIELDS)  # shapes first: the q/k permutation needs them
+    state = hf_to_ours(raw, config)
     state = cast_floats(state, dtype)
 
     tokenizer = None
@@ -147,8 +158,11 @@ def read_hf(directory: str | os.PathLike[str], dtype: torch.dtype | None = None)
     if module is not None and any(
             (directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")):
         tokenizer = module.Tokenizer.from_dir(directory)
+        check_tokenizer_fits(tokenizer, config, directory)
     gen_path = directory / "generation_config.json"
     generation_config = _read_json(gen_path) if gen_path.is_file() else {}
+    if not isinstance(generation_config, dict):
+        raise FormatError(f"{gen_path}: expected a JSON object")
     return Checkpoint(config=config, state_dict=state, tokenizer=tokenizer, chat_template=_chat_template(directory),
                       generation_config=generation_config, metadata={"config.json": hf_config},
                       path=directory, format="hf")

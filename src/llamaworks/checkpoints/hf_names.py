@@ -10,7 +10,8 @@ import re
 
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_from_fields, typed_field
+from ..errors import FormatError
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -125,37 +126,60 @@ def config_to_hf(config: ModelConfig, **extra: object) -> dict:
     return d
 
 
+HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+             "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+             "max_seq_len": "max_position_embeddings", "sliding_window": "sliding_window",
+             "tie_embeddings": "tie_word_embeddings", "rope_scaling": "rope_scaling",
+             "rope_scaling.factor": "rope_scaling.factor",
+             "rope_scaling.low_freq_factor": "rope_scaling.low_freq_factor",
+             "rope_scaling.high_freq_factor": "rope_scaling.high_freq_factor",
+             "rope_scaling.original_max_seq_len": "rope_scaling.original_max_position_embeddings"}
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a transformers config.json: every field of the JSON type transformers writes (an integer
+    is not 2.0, a number not "tiny", rope_scaling an object), then range-checked; one FormatError line else."""
     arch = d.get("model_type")
     if arch not in ("llama", "mistral"):
-        raise ValueError(f"{source}: unsupported model_type {arch!r} (expected 'llama' or 'mistral')")
-    try:
-        rs = d.get("rope_scaling") or None
-        scaling = None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind == "llama3":
-                scaling = {"kind": "llama3", "factor": rs["factor"], "low_freq_factor": rs["low_freq_factor"],
-                           "high_freq_factor": rs["high_freq_factor"],
-                           "original_max_seq_len": rs["original_max_position_embeddings"]}
-            elif kind == "linear":
-                scaling = {"kind": "linear", "factor": rs["factor"]}
-            elif kind not in (None, "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r}")
-        n_heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim")
-        if head_dim == d["hidden_size"] // n_heads:
-            head_dim = None
-        theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        return ModelConfig(
-            dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
-            vocab_size=d["vocab_size"], hidden_dim=d["intermediate_size"],
-            n_kv_heads=d.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=scaling, max_seq_len=d.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=d.get("sliding_window") if arch == "mistral" else None,
-            name=d.get("_name_or_path") or "custom",
-        )
-    except KeyError as e:
-        raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+        raise FormatError(f"{source}: unsupported model_type {str(arch)[:60]!r} (expected 'llama' or 'mistral')")
+    scaling = None
+    rs = typed_field(d, "rope_scaling", dict, source, None)
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "llama3":
+            scaling = {"kind": "llama3",
+                       "factor": typed_field(rs, "factor", float, source, label="rope_scaling.factor"),
+                       "low_freq_factor": typed_field(rs, "low_freq_factor", float, source,
+                                                      label="rope_scaling.low_freq_factor"),
+                       "high_freq_factor": typed_field(rs, "high_freq_factor", float, source,
+                                                       label="rope_scaling.high_freq_factor"),
+                       "original_max_seq_len": typed_field(rs, "original_max_position_embeddings", int, source,
+                                                           label="rope_scaling.original_max_position_embeddings")}
+        elif kind == "linear":
+            scaling = {"kind": "linear",
+                       "factor": typed_field(rs, "factor", float, source, label="rope_scaling.factor")}
+        elif kind not in (None, "default"):
+            raise FormatError(f"{source}: unsupported rope_scaling type {str(kind)[:60]!r}")
+    dim = typed_field(d, "hidden_size", int, source)
+    n_heads = typed_field(d, "num_attention_heads", int, source)
+    head_dim = typed_field(d, "head_dim", int, source, None)
+    if n_heads > 0 and head_dim == dim // n_heads:
+        head_dim = None
+    rope_parameters = typed_field(d, "rope_parameters", dict, source, {})
+    theta = typed_field(d, "rope_theta", float, source, None)
+    if theta is None:
+        theta = typed_field(rope_parameters, "rope_theta", float, source, 10000.0, label="rope_parameters.rope_theta")
+    name = d.get("_name_or_path")
+    return config_from_fields(
+        source, HF_FIELDS,
+        dim=dim, n_layers=typed_field(d, "num_hidden_layers", int, source), n_heads=n_heads,
+        vocab_size=typed_field(d, "vocab_size", int, source),
+        hidden_dim=typed_field(d, "intermediate_size", int, source),
+        n_kv_heads=typed_field(d, "num_key_value_heads", int, source, None) or n_heads, head_dim=head_dim,
+        norm_eps=typed_field(d, "rms_norm_eps", float, source, 1e-6), rope_theta=theta,
+        rope_scaling=scaling, max_seq_len=typed_field(d, "max_position_embeddings", int, source, 2048),
+        tie_embeddings=typed_field(d, "tie_word_embeddings", bool, source, False),
+        sliding_window=typed_field(d, "sliding_window", int, source, None) if arch == "mistral" else None,
+        name=name if isinstance(name, str) and name else "custom",
+    )

@@ -21,13 +21,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, RopeScaling
+from ..config import MAX_DIM, MAX_HIDDEN, ModelConfig, RopeScaling, config_from_fields, typed_field
 from ..errors import FormatError
+from ..files import read_json
 from . import (
     Checkpoint,
     atomic_write,
     atomic_write_with,
     cast_floats,
+    check_tokenizer_fits,
     optional_tokenizer_module,
     validate_state_dict,
     writable_tensors,
@@ -62,33 +64,40 @@ def meta_ffn_params(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     raise ValueError(f"hidden_dim {hidden_dim} cannot be expressed with multiple_of/ffn_dim_multiplier for dim {dim}")
 
 
+META_FIELDS = {"rope_scaling.factor": "rope_scaling_factor", "hidden_dim": "multiple_of/ffn_dim_multiplier"}
+
+
 def config_from_params(params: dict[str, Any], vocab_size: int | None, source: Path,
                        name: str = "custom") -> ModelConfig:
-    try:
-        dim, n_heads = int(params["dim"]), int(params["n_heads"])
-        vocab = int(params.get("vocab_size", -1))
-        if vocab <= 0:  # LLaMA 1 writes -1: the tokenizer decides, so read it off the embedding
-            if vocab_size is None:
-                raise FormatError(f"{source}: vocab_size is {vocab} and no tok_embeddings to infer it from")
-            vocab = vocab_size
-        hidden = meta_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
-        use_scaled = bool(params.get("use_scaled_rope", False))
-        factor = float(params.get("rope_scaling_factor") or 8.0)
-        scaling = RopeScaling("llama3", factor, 1.0, 4.0, 8192) if use_scaled else None
-        large_vocab = vocab >= 100_000  # LLaMA 3 (8k context; 128k once rope scaling is on) vs LLaMA 2 (4k)
-        default_len = (131072 if use_scaled else 8192) if large_vocab else 4096
-        return ModelConfig(
-            dim=dim, n_layers=int(params["n_layers"]), n_heads=n_heads, vocab_size=vocab, hidden_dim=hidden,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads), norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            max_seq_len=int(params.get("max_seq_len", default_len)), name=name,
-        )
-    except KeyError as e:
-        raise FormatError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{source}: invalid value ({str(e).splitlines()[0]})") from None
+    """ModelConfig from params.json: strict JSON types (an integer is not 2.0), then the shared range checks."""
+    dim = typed_field(params, "dim", int, source)
+    n_heads = typed_field(params, "n_heads", int, source)
+    vocab = typed_field(params, "vocab_size", int, source, -1)
+    if vocab <= 0:  # LLaMA 1 writes -1: the tokenizer decides, so read it off the embedding
+        if vocab_size is None:
+            raise FormatError(f"{source}: vocab_size is {vocab} and no tok_embeddings to infer it from")
+        vocab = vocab_size
+    multiple_of = typed_field(params, "multiple_of", int, source, 256)
+    multiplier = typed_field(params, "ffn_dim_multiplier", float, source, None)
+    if not 1 <= multiple_of <= MAX_HIDDEN or (multiplier is not None and not 0 < multiplier < 1e3):
+        raise FormatError(f"{source}: multiple_of is {multiple_of} / ffn_dim_multiplier is {multiplier}, expected "
+                          f"1..{MAX_HIDDEN} and a positive factor below 1000")
+    if not 1 <= dim <= MAX_DIM:
+        raise FormatError(f"{source}: dim is {dim}, expected an integer from 1 to {MAX_DIM}")
+    hidden = meta_hidden_dim(dim, multiple_of, multiplier)
+    use_scaled = typed_field(params, "use_scaled_rope", bool, source, False)
+    factor = typed_field(params, "rope_scaling_factor", float, source, 8.0)
+    scaling = RopeScaling("llama3", factor, 1.0, 4.0, 8192) if use_scaled else None
+    large_vocab = vocab >= 100_000  # LLaMA 3 (8k context; 128k once rope scaling is on) vs LLaMA 2 (4k)
+    default_len = (131072 if use_scaled else 8192) if large_vocab else 4096
+    return config_from_fields(
+        source, META_FIELDS,
+        dim=dim, n_layers=typed_field(params, "n_layers", int, source), n_heads=n_heads, vocab_size=vocab,
+        hidden_dim=hidden, n_kv_heads=typed_field(params, "n_kv_heads", int, source, None) or n_heads,
+        norm_eps=typed_field(params, "norm_eps", float, source, 1e-5),
+        rope_theta=typed_field(params, "rope_theta", float, source, 10000.0), rope_scaling=scaling,
+        max_seq_len=typed_field(params, "max_seq_len", int, source, default_len), name=name,
+    )
 
 
 def merge_shards(shards: list[dict[str, Tensor]], dim: int, source: Path) -> dict[str, Tensor]:
@@ -120,18 +129,19 @@ def merge_shards(shards: list[dict[str, Tensor]], dim: int, source: Path) -> dic
 def read_meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Checkpoint:
     directory = Path(directory)
     params_path = directory / "params.json"
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{params_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    params = read_json(params_path)
     if not isinstance(params, dict):
         raise FormatError(f"{params_path}: expected a JSON object")
     files = sorted(directory.glob("consolidated.*.pth"))
     if not files:
         raise FormatError(f"{directory}: no consolidated.NN.pth weight files next to params.json")
     shards = [load_torch_weights(f) for f in tqdm(files, desc="reading shards", unit="file", disable=len(files) < 3)]
-    dim = int(params.get("dim", 0))
-    state = merge_shards(shards, dim, directory)
+    dim = typed_field(params, "dim", int, params_path)
+    try:
+        state = merge_shards(shards, dim, directory)
+    except (RuntimeError, IndexError) as e:  # shards whose shapes do not line up
+        raise FormatError(f"{directory}: model-parallel shards do not fit together ({str(e).splitlines()[0]})") \
+            from None
     emb = state.get("tok_embeddings.weight")
     config = config_from_params(params, emb.shape[0] if emb is not None else None, params_path, name=directory.name)
     out = state.get("output.weight")
@@ -139,19 +149,25 @@ def read_meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = Non
         # Meta writes the output matrix even for tied models (LLaMA 3.2 1B/3B); equal -> tied.
         config = config.replace(tie_embeddings=True)
         state.pop("output.weight", None)
-    validate_state_dict(state, config, directory)
+    validate_state_dict(state, config, params_path, META_FIELDS)
     state = cast_floats(state, dtype)
 
     tokenizer = None
     module = optional_tokenizer_module()
     if module is not None and (directory / "tokenizer.model").is_file():
         tokenizer = module.load_tokenizer(directory / "tokenizer.model")
+        check_tokenizer_fits(tokenizer, config, directory)
     generation_config: dict[str, Any] = {}
     if tokenizer is not None:
         generation_config = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids)}
     return Checkpoint(config=config, state_dict=state, tokenizer=tokenizer, chat_template=None,
                       generation_config=generation_config, metadata={"params.json": params}, path=directory,
                       format="meta")
+
+
+def is_meta_model_file(name: str) -> bool:
+    """Files write_meta owns (replaced, never kept stale, when a model is written over an old folder)."""
+    return name == "params.json" or (name.startswith("consolidated.") and name.endswith(".pth"))
 
 
 def config_to_params(config: ModelConfig) -> dict[str, Any]:

@@ -14,12 +14,11 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from ..files import atomic_write
 
 FORMAT_VERSION = 1
 FULL_HASH_LIMIT = 2 * 1024**3  # hash files up to 2 GiB; bigger ones are fingerprinted by size+mtime+config
@@ -64,15 +63,9 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a temp file in the same directory, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(doc), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(doc), f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..files import atomic_write_text, recover_dir, replace_dir
 from .lora import (
     LoRAConfig,
     apply_lora,
@@ -218,7 +218,7 @@ def _dpo_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneCo
 def make_save_fn(cfg: FinetuneConfig, config: Any, tokenizer: Any, chat_template: str | None,
                  generation_config: dict, *, merged: bool) -> Any:
     """save_fn(model, dir): the HF model (LoRA merged in) when `merged`, and the PEFT adapter for LoRA recipes."""
-    from ..checkpoints import save_hf
+    from ..checkpoints.hf import write_hf
 
     save_dtype = parse_dtype(cfg.save_dtype, "--save-dtype")
     base_name = cfg.model or "SmolLM2-135M-Instruct"
@@ -230,10 +230,17 @@ def make_save_fn(cfg: FinetuneConfig, config: Any, tokenizer: Any, chat_template
             save_adapter(model, directory / "adapter" if merged else directory, base_model=base_name)
         if merged or not has_lora:
             sd = merged_state_dict(model) if has_lora else model.state_dict()
-            save_hf(directory, sd, config, tokenizer, chat_template=chat_template, dtype=save_dtype,
-                    generation_config=generation_config or None)
+            write_hf(directory, sd, config, tokenizer, chat_template=chat_template, dtype=save_dtype,
+                     generation_config=generation_config or None)
 
     return save
+
+
+def _final_output(name: str) -> bool:
+    """What finetune's final save writes into OUT (replaced whole, never kept from an earlier run)."""
+    from ..checkpoints.hf import is_hf_model_file
+
+    return is_hf_model_file(name) or name in ("adapter", "finetune.json")
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
@@ -245,6 +252,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         preview(cfg)
         return FinetuneResult(Path(cfg.out), None, 0, None, None, 0, 0, 0.0, 0.0, None, [])
     out = Path(cfg.out)
+    recover_dir(out)  # a run killed in the middle of swapping in its final model (systems without renameat2)
     device = resolve_device(cfg.device)
     model, tokenizer, ckpt = load_model(cfg.model, dtype=parse_dtype(cfg.dtype), device=device)
     if tokenizer is None:
@@ -312,13 +320,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     if rank_and_world()[0] == 0:
         model.eval()
-        final_save(model, out)
         summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
                    "val_loss": result.val_loss, "val_ppl": result.val_ppl, "trainable_params": trainable,
                    "total_params": total, "seconds": seconds, "data": data_report}
-        tmp = out / ".finetune.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "finetune.json")
+        # OUT is rebuilt beside itself and swapped in whole: a kill leaves the old model or the new one, never
+        # new weights beside an old config.json. Checkpoints, metrics and logs are carried over (hard links).
+        with replace_dir(out, drop=_final_output) as stage:
+            final_save(model, stage)
+            atomic_write_text(stage / "finetune.json", json.dumps(summary, indent=2, default=str) + "\n")
         if result.val_loss is not None:
             print(f"validation loss {result.val_loss:.4f} (perplexity {result.val_ppl:.2f}) after {result.step} "
                   "steps", flush=True)

@@ -49,6 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+from ..files import remove_dir, replace_dir, swap_in
 from . import checkpointing as ckpt
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 
@@ -288,6 +290,8 @@ def run_training(model: nn.Module, *, train_data: Any, val_data: Any = None, los
     autocast_dtype = resolve_precision(cfg.precision, device)
 
     # -- resume ---------------------------------------------------------------------------------
+    if main:
+        ckpt.prune_checkpoints(ckpt_root, 0)  # only what killed runs left: `.tmp` builds, half-deleted folders
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     last_val: tuple[float, float] | None = None
     if resume:
@@ -534,13 +538,20 @@ def _load_trainable(raw_model: nn.Module, optimizer: torch.optim.Optimizer,
     with torch.no_grad():
         for n, p in raw_model.named_parameters():
             if n in params:
+                if params[n].shape != p.shape:
+                    raise ValueError(f"checkpoint parameter {n} has shape {list(params[n].shape)}, the model's is "
+                                     f"{list(p.shape)}: resume with the same model and recipe options")
                 p.copy_(params[n])
-    optimizer.load_state_dict(shared["optimizer"])
+    try:
+        optimizer.load_state_dict(shared["optimizer"])
+    except (KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"checkpoint optimizer state does not fit this run ({str(e).splitlines()[0][:200]})") \
+            from None
 
 
 def _save_artifact(raw_model: nn.Module, shadow: nn.Module | None, save_fn: SaveFn, target: Path, fsdp: bool,
                    rank: int, world: int) -> None:
-    """save_fn into `target` atomically (build `target.tmp`, then swap it in)."""
+    """save_fn into `target` atomically (built in a sibling temp folder, then swapped in)."""
     model_for_save = raw_model
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -550,16 +561,8 @@ def _save_artifact(raw_model: nn.Module, shadow: nn.Module | None, save_fn: Save
             shadow.load_state_dict(full, strict=False)
             model_for_save = shadow
     if rank == 0:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _call_save_fn(save_fn, model_for_save, tmp)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with replace_dir(target) as stage:  # built beside `target`, swapped in whole
+            _call_save_fn(save_fn, model_for_save, stage)
     _barrier(world)
 
 
@@ -596,9 +599,7 @@ def _save_checkpoint(raw_model: nn.Module, shadow: nn.Module | None, optimizer: 
                          "tokens": extra.get("tokens")}, tmp / "trainer_state.json")
     _barrier(world)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        remove_dir(swap_in(tmp, final))  # a step saved again (resumed run): the old one leaves in one rename
         ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
     _barrier(world)
     return final
@@ -608,17 +609,26 @@ def load_train_config(path: str | Path) -> TrainConfig:
     """A TrainConfig from a JSON or YAML file (unknown keys are an error)."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        d = yaml.safe_load(text) or {}
-    else:
-        d = json.loads(text)
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # YAML/JSON syntax errors, deep nesting
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of training options")
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"{path}: unknown training option(s) {', '.join(sorted(unknown))}")
-    return TrainConfig(**d)
+    try:
+        return TrainConfig(**d)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 __all__ = [

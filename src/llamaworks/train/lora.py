@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from ..checkpoints.hf_names import rotary_halves_from_pairs, rotary_pairs_from_halves
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
+from ..files import atomic_write_with, read_json
 
 # Short user-facing names -> (our module path inside a layer, the HF/PEFT module name).
 TARGETS: dict[str, tuple[str, str]] = {
@@ -382,10 +382,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FormatError(f"{path}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return LoRAConfig.from_peft(d, str(path))
@@ -427,14 +424,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, write)  # 0644-style mode (umask), stale temps of killed writers removed
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:

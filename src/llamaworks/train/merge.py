@@ -7,23 +7,38 @@ ends with .gguf.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FormatError
+from ..files import contained_path, read_json
 from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
 
 def _base_from_adapter(adapter_dir: Path) -> str | None:
-    """The adapter's recorded base model, when it names a path that exists here."""
+    """The adapter's recorded base model when it names a path inside the adapter's folder; None when it names
+    no existing path (a hub id: the bundled default model is used). A recorded path outside the folder is
+    refused -- a path read from a file never picks what we open outside that file's folder -- pass --base."""
+    config_path = adapter_dir / ADAPTER_CONFIG
     try:
-        name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError):
+        d = read_json(config_path)
+    except FormatError:
+        return None  # load_adapter reports a broken adapter_config.json with its own message
+    name = d.get("base_model_name_or_path") if isinstance(d, dict) else None
+    if not isinstance(name, str) or not name:
         return None
-    return name if name and Path(name).exists() else None
+    try:
+        inside = contained_path(adapter_dir, name, config_path, "base_model_name_or_path")
+        if inside.exists():
+            return str(inside)
+    except FormatError:
+        pass
+    if "\x00" not in name and Path(name).exists():
+        raise ConfigError(f"{config_path}: base_model_name_or_path {name!r} is outside {adapter_dir}; "
+                          f"pass --base to choose the base model")
+    return None
 
 
 def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *,

@@ -23,6 +23,7 @@ from ..config import ModelConfig, get_preset
 from ..data.loader import TokenWindowSource
 from ..data.prepare import load_prepared
 from ..errors import ConfigError
+from ..files import atomic_write_text
 from .loop import TrainConfig, TrainResult, init_distributed, run_training
 
 
@@ -102,14 +103,12 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
         Path(out).mkdir(parents=True, exist_ok=True)
         run = {"model_config": config.to_dict(), "data": str(data), "seq_len": seq_len, "world_size": world,
                "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
-        tmp = Path(out) / "run.json.tmp"
-        tmp.write_text(json.dumps(run, indent=2) + "\n")
-        os.replace(tmp, Path(out) / "run.json")
+        atomic_write_text(Path(out) / "run.json", json.dumps(run, indent=2) + "\n")
 
     def save_fn(m: nn.Module, directory: Path) -> None:
-        from ..checkpoints import save_hf
+        from ..checkpoints.hf import write_hf  # into the folder the loop swaps in
 
-        save_hf(directory, m, config, tokenizer, dtype=save_dtype)
+        write_hf(Path(directory), m.state_dict(), config, tokenizer, dtype=save_dtype)
 
     return run_training(model, train_data=train_src, val_data=val_src, cfg=cfg, save_fn=save_fn, resume=resume)
 
