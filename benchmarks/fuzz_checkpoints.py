@@ -23,16 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzz_support import KINDS, run_fuzz
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from llamaworks.hardware import cpu_description
 
 
 def main() -> int:
@@ -57,8 +48,8 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    summary = {**stats.summary(), "seed": args.seed, "cpu": cpu_name(), "python": platform.python_version(),
-               "work": str(work)}
+    summary = {**stats.summary(), "seed": args.seed, "cpu": cpu_description()["model"],
+               "python": platform.python_version(), "work": str(work)}
     print(json.dumps(summary, indent=2))
     for line in stats.failures[:50]:
         print(line)

@@ -147,6 +147,11 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--max-context", str(args.max_context)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    return launch_server(cmd, port)
+
+
+def launch_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
+    """Start `cmd` (a `llamaworks serve` on `port`) and wait until its /health answers; (process, base URL)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

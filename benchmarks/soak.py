@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import free_port, launch_server
+
+from llamaworks.hardware import cpu_description
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -257,12 +261,6 @@ async def soak(url: str, model: str, clients: int, duration: float, pid: int | N
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llamaworks", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -272,29 +270,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("server did not come up within 300 s")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return launch_server(cmd, port)
 
 
 def main() -> int:
@@ -329,7 +305,7 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    result["cpu"] = cpu_name()
+    result["cpu"] = cpu_description()["model"]
     rss = result["rss_mib"]
     print(f"CPU: {result['cpu']}")
     print(f"clients={result['clients']} duration={result['duration_s']} s requests={result['requests']} "

@@ -23,9 +23,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from ..files import replace_dir
 from .kakaotalk import looks_like_kakao
 from .records import BadRecord, DatasetError
 from .textfile import read_head, read_text
@@ -228,24 +227,21 @@ def prepare_corpus(sources: Sequence[str | Path], tokenizer: Any, out_dir: str |
     for f in files:
         check_not_chat_export(f)
     final = Path(out_dir)
-    # Everything is written into a fresh folder next to OUT and moved into OUT only when the run succeeded, so
-    # a failed run leaves a previous good output as it was (and no empty OUT when there was none).
+    # Everything is written into a fresh folder next to OUT that replaces OUT in one swap when the run succeeded
+    # (files.replace_dir), so a failed run leaves a previous good output as it was (and no empty OUT when there
+    # was none); files a user keeps in OUT are carried over.
     created = _missing_parents(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        manifest = _prepare_into(out, files, tok, tokenizer, sources, val_fraction=val_fraction, seed=seed,
-                                 text_field=text_field, add_bos=add_bos, add_eos=add_eos, shard_tokens=shard_tokens,
-                                 block_chars=block_chars, skip_bad=skip_bad, progress=progress,
-                                 save_tokenizer=save_tokenizer)
-        _publish(out, final)
+        with replace_dir(final, drop=_is_prepare_output) as out:
+            manifest = _prepare_into(out, files, tok, tokenizer, sources, val_fraction=val_fraction, seed=seed,
+                                     text_field=text_field, add_bos=add_bos, add_eos=add_eos,
+                                     shard_tokens=shard_tokens, block_chars=block_chars, skip_bad=skip_bad,
+                                     progress=progress, save_tokenizer=save_tokenizer)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
         for d in created:  # parents this run created, deepest first, if still empty
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
-    shutil.rmtree(out, ignore_errors=True)
     elapsed = manifest.pop("_elapsed")
     n_tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     rate = n_tokens / elapsed if elapsed > 0 else float("inf")
@@ -269,21 +265,9 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished output from `tmp` into `final`: the old shards and manifest go first, the new manifest
-    (the mark of a complete output) last. Other files a user keeps in `final` are left alone."""
-    final.mkdir(exist_ok=True)
-    (final / MANIFEST).unlink(missing_ok=True)
-    for stale in [*final.glob("train-*.bin"), *final.glob("val-*.bin")]:
-        stale.unlink()
-    for item in sorted(tmp.iterdir()):
-        if item.name == MANIFEST:
-            continue
-        target = final / item.name
-        if item.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(item, target)
-    os.replace(tmp / MANIFEST, final / MANIFEST)
+def _is_prepare_output(name: str) -> bool:
+    """Whether an entry of an old OUT is a previous run's output (replaced), not a file the user keeps there."""
+    return name in (MANIFEST, "tokenizer") or (name.endswith(".bin") and name.startswith(("train-", "val-")))
 
 
 def _prepare_into(out: Path, files: list[Path], tok: Any, tokenizer: Any, sources: Sequence[str | Path], *,
