@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("_kernels.cpp")
 CORE_HEADER = Path(__file__).with_name("_kernels_core.h")  # shared with the torch-free library (_lean.cpp)
 
 _native: bool | None = None  # None: not tried yet
+_failure: str | None = None  # why the native kernels are unavailable, once tried
 
 
 def _build(target: Path) -> None:
@@ -52,11 +53,12 @@ def _build(target: Path) -> None:
 
 def native_available() -> bool:
     """Load (building on first use) the native kernels; False means the torch fallback is in use."""
-    global _native
+    global _native, _failure
     if _native is not None:
         return _native
     _native = False
     if os.environ.get("LLAMAWORKS_NO_NATIVE") or sys.platform == "win32":
+        _failure = "switched off (LLAMAWORKS_NO_NATIVE or Windows)"
         return False
     target = library_path("llamaworks_kernels", [SOURCE, CORE_HEADER], torch.__version__)
     try:
@@ -66,7 +68,8 @@ def native_available() -> bool:
         torch.ops.load_library(str(target))
         _native = True
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
-        log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", first_error(e))
+        _failure = first_error(e)
+        log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", _failure)
     if _native:
         _register_fakes()
         for name, switch in (("LLAMAWORKS_INT8_DECODE", torch.ops.llamaworks.int8_decode),
@@ -75,6 +78,12 @@ def native_available() -> bool:
             if name in os.environ:
                 switch(int(os.environ[name] not in ("", "0")))
     return _native
+
+
+def native_failure() -> str | None:
+    """Why the native kernels are unavailable (the compiler's first error, ...), or None when they loaded."""
+    native_available()
+    return _failure
 
 
 def int8_decode(enable: bool | None = None) -> bool:
