@@ -3,7 +3,7 @@
     python benchmarks/finetune_memory.py [--model PATH] [--steps 3] [--tokens 128] [--methods full,lora,qlora]
 
 For each recipe, in a fresh subprocess: load the model, make it trainable as `llamaworks finetune` does, run
-optimizer steps on random tokens and print
+optimizer steps on random tokens and print, in MiB (2**20 bytes):
   weights   bytes of every parameter and buffer (NF4 blocks for QLoRA's base)
   grads     bytes of the gradients (trainable parameters only)
   optim     bytes of AdamW's state (two fp32 moments per trainable parameter)
@@ -53,10 +53,10 @@ def measure(method: str, model_path: str | None, steps: int, tokens: int, rank: 
     return {
         "method": method,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "weights_mb": (nbytes(model.parameters()) + nbytes(model.buffers())) / 2**20,
-        "grads_mb": nbytes(grads) / 2**20,
-        "optim_mb": nbytes(optim) / 2**20,
-        "peak_rss_mb": (peak_rss_bytes() or 0) / 2**20,
+        "weights_mib": (nbytes(model.parameters()) + nbytes(model.buffers())) / 2**20,
+        "grads_mib": nbytes(grads) / 2**20,
+        "optim_mib": nbytes(optim) / 2**20,
+        "peak_rss_mib": (peak_rss_bytes() or 0) / 2**20,
         "steps_per_s": steps / seconds,
     }
 
@@ -80,9 +80,10 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         r = rows[-1]
-        print(f"{r['method']:6s} trainable {r['trainable']:>12,}  weights {r['weights_mb']:7.1f} MB  "
-              f"grads {r['grads_mb']:7.1f} MB  optim {r['optim_mb']:7.1f} MB  "
-              f"total {r['weights_mb'] + r['grads_mb'] + r['optim_mb']:7.1f} MB  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+        print(f"{r['method']:6s} trainable {r['trainable']:>12,}  weights {r['weights_mib']:7.1f} MiB  "
+              f"grads {r['grads_mib']:7.1f} MiB  optim {r['optim_mib']:7.1f} MiB  "
+              f"total {r['weights_mib'] + r['grads_mib'] + r['optim_mib']:7.1f} MiB  "
+              f"peak RSS {r['peak_rss_mib']:7.0f} MiB  "
               f"{r['steps_per_s']:.3f} steps/s ({a.tokens} tokens/step)", flush=True)
 
 

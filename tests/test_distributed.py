@@ -53,21 +53,38 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+# How far 2 processes may be from 1 at the same global batch. The one-process reference itself moves this much when
+# only the order of its float32 sums changes: the same batch of 8 taken as 2 micro-batches of 4 (--grad-accum 2)
+# gave training losses 1.1e-7 relative (4.8e-7 absolute) and final weights 1.6e-7 absolute from the batch-8 run;
+# DDP and FSDP measured the same (losses 1.1e-7, validation losses 1.0e-7 relative, weights 1.6e-7 absolute).
+# 1e-6 leaves room for other summation orders, and a wrong rank slice or a gradient averaged over the wrong count
+# moves the very first step by orders of magnitude more.
+LOSS_REL = 1e-6  # relative, training and validation losses at every logged step
+WEIGHT_ABS = 1e-6  # absolute, every final weight (they are O(0.01..1))
+
+
+def _max_differences(run: Path, ref: Path) -> tuple[float, float, float]:
+    loss, val = _curve(run)
+    ref_loss, ref_val = _curve(ref)
+    w, ref_w = _weights(run / "final"), _weights(ref / "final")
+    rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+    return rel(loss, ref_loss), rel(val, ref_val), max(float((w[k] - ref_w[k]).abs().max()) for k in ref_w)
+
+
 def test_ddp_and_fsdp_match_one_process(data_dir, tmp_path):
     _pretrain(data_dir, tmp_path / "one", 1, 8)
     out_ddp = _pretrain(data_dir, tmp_path / "ddp", 2, 4)
     _pretrain(data_dir, tmp_path / "fsdp", 2, 4, "--strategy", "fsdp")
     assert "2 process(es) x micro-batch 4" in out_ddp
-    ref_loss, ref_val = _curve(tmp_path / "one")
+    ref_loss, _ = _curve(tmp_path / "one")
     assert ref_loss[-1] < ref_loss[0] - 0.5  # it is actually training
     ref_w = _weights(tmp_path / "one" / "final")
     for run in ("ddp", "fsdp"):
-        loss, val = _curve(tmp_path / run)
-        assert loss == pytest.approx(ref_loss, rel=1e-5), run
-        assert val == pytest.approx(ref_val, rel=1e-5), run
-        w = _weights(tmp_path / run / "final")
-        for k in ref_w:
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-5)
+        loss_rel, val_rel, weight_abs = _max_differences(tmp_path / run, tmp_path / "one")
+        print(f"{run}: losses {loss_rel:.2e} relative, validation {val_rel:.2e} relative, weights {weight_abs:.2e} "
+              "absolute from 1 process")
+        assert loss_rel <= LOSS_REL and val_rel <= LOSS_REL and weight_abs <= WEIGHT_ABS, run
+        assert set(_weights(tmp_path / run / "final")) == set(ref_w)
         assert (tmp_path / run / "checkpoints" / "step-000008" / "rank1.pt").exists()
 
     # Resume under FSDP: drop the last checkpoint and the final model, continue from step 4, same curve.
@@ -75,5 +92,6 @@ def test_ddp_and_fsdp_match_one_process(data_dir, tmp_path):
     shutil.rmtree(tmp_path / "fsdp" / "final")
     out = _pretrain(data_dir, tmp_path / "fsdp", 2, 4, "--strategy", "fsdp", "--resume")
     assert "at step 4" in out
-    loss, val = _curve(tmp_path / "fsdp")
-    assert loss == pytest.approx(ref_loss, rel=1e-5) and val == pytest.approx(ref_val, rel=1e-5)
+    loss_rel, val_rel, weight_abs = _max_differences(tmp_path / "fsdp", tmp_path / "one")
+    print(f"fsdp resumed: losses {loss_rel:.2e}, validation {val_rel:.2e} relative, weights {weight_abs:.2e} absolute")
+    assert loss_rel <= LOSS_REL and val_rel <= LOSS_REL and weight_abs <= WEIGHT_ABS

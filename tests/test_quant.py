@@ -12,6 +12,8 @@ kernels is held to the scalar reference on its own in test_kernel_matrix.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -206,29 +208,89 @@ class _Entry:
         self.ggml_type, self.shape, self.raw = qtype, shape, raw
 
 
+# Where each K-quant block keeps its float16 super-block scale(s): (byte offset, count of float16 values).
+_KQUANT_SCALES = {Q.Q2_K: (80, 2), Q.Q3_K: (108, 1), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, 1)}
+
+
 def _random_kquant(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
     """Random bytes are valid K-quant blocks once the float16 super-block scales are sane."""
     rng = np.random.default_rng(seed)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    scales = (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    if qtype == Q.Q4_K:  # d, dmin first
-        raw[..., 0:2] = scales
-        raw[..., 2:4] = scales
-    elif qtype == Q.Q6_K:  # d last
-        raw[..., size - 2:] = scales
+    offset, count = _KQUANT_SCALES[qtype]
+    for i in range(count):  # d (and dmin)
+        scales = (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16)
+        raw[..., offset + 2 * i:offset + 2 * i + 2] = scales.view(np.uint8).reshape(rows, -1, 2)
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize(("qtype", "target", "tol"), [(Q.Q4_K, GGML_Q4_1, 0.07), (Q.Q6_K, GGML_Q8_0, 0.01)])
-def test_kquants_are_converted_per_tensor(qtype: Q, target: int, tol: float) -> None:
-    raw = _random_kquant(qtype, 16, 512, seed=4)
-    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy()).reshape(16, 512)
-    blocks, got_type, shape = to_ggml_blocks(_Entry(qtype, (16, 512), raw))
-    assert got_type == target and shape == (16, 512)
-    got = dequantize_blocks_torch(blocks, got_type, 512)
-    err = (got - expected).abs().max() / expected.abs().max()
-    assert err < tol, f"requantization error {err:.3f}"
+def _requant_bound(x: np.ndarray, blocks: np.ndarray, target: int) -> np.ndarray:
+    """Per 32-element block, the most a correct requantization of float blocks `x` (n, 32) can be off.
+
+    Q4_1 (d = (max - min) / 15, q = round((x - min) / d) in 0..15, stored d16 and m16 in float16): half a step of
+    the target block, d / 2, plus what the float16 rounding of the scale and the minimum moves the furthest level,
+    15 |d16 - d| + |m16 - min|. Q8_0 (d = max|x| / 127, q = round(x / d)): d / 2 + 127 |d16 - d|. Plus 8 float32
+    ulps of the block's largest value for the float32 arithmetic on both sides.
+    """
+    x = x.astype(np.float64)
+    d16 = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)[:, 0]
+    amax = np.abs(x).max(-1)
+    if target == GGML_Q4_1:
+        lo = x.min(-1)
+        d = (x.max(-1) - lo) / 15
+        m16 = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+        bound = d / 2 + 15 * np.abs(d16 - d) + np.abs(m16 - lo)
+    else:
+        d = amax / 127
+        bound = d / 2 + 127 * np.abs(d16 - d)
+    return bound + 8 * np.spacing(amax.astype(np.float32)).astype(np.float64)
+
+
+def _lean_convert(qtype: Q, rows: int, cols: int, raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """The torch-free runtime's conversion at load (`lean._convert`) of one tensor, with its target type."""
+    from types import SimpleNamespace
+
+    from llamaworks.checkpoints.ggml_types import REQUANT_TARGET, GGMLType
+    from llamaworks.lean import _convert
+
+    target = REQUANT_TARGET[GGMLType(int(qtype))]
+    tensor = SimpleNamespace(data=raw, qtype=GGMLType(int(qtype)), shape=(rows, cols))
+    return np.asarray(_convert("w", tensor, target, Path("random.gguf"))).reshape(rows, -1), int(target)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "lean"])
+@pytest.mark.parametrize(("qtype", "target"), [(Q.Q2_K, GGML_Q4_1), (Q.Q3_K, GGML_Q4_1), (Q.Q4_K, GGML_Q4_1),
+                                               (Q.Q5_K, GGML_Q8_0), (Q.Q6_K, GGML_Q8_0)])
+def test_kquants_are_converted_per_tensor(qtype: Q, target: int, runtime: str) -> None:
+    """Each K-quant converts to its kernel type within the requantization bound of that type, element by element.
+
+    Both sides come from gguf-py's dequantizers (the outside reference): the K-quant blocks as read, the
+    converted Q4_1/Q8_0 blocks as written, by either runtime's converter. This is a requantization, not a
+    re-labelling: a 4-bit K-quant sub-block is a Q4_1 block only when its codes reach both 0 and 15 (and Q2_K/Q3_K
+    sub-blocks are 16 elements), so the bound is the target's half step plus its float16 rounding.
+    """
+    rows, cols = 16, 512
+    raw = _random_kquant(qtype, rows, cols, seed=4)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 0
+    if runtime == "torch":
+        converted, got_type, shape = to_ggml_blocks(_Entry(qtype, (rows, cols), raw))
+        assert shape == (rows, cols)
+        blocks = converted.numpy()
+        # The project's own dequantizer reads the converted blocks as gguf-py does.
+        got = dequantize_blocks_torch(converted, got_type, cols).numpy()
+        np.testing.assert_array_equal(got, gguf.quants.dequantize(blocks, Q(target)).reshape(rows, cols))
+    else:
+        blocks, got_type = _lean_convert(qtype, rows, cols, raw)
+    assert got_type == target
+    got = gguf.quants.dequantize(blocks, Q(target)).reshape(rows, cols)
+    x = expected.reshape(-1, 32)
+    err = np.abs(got.reshape(-1, 32).astype(np.float64) - x).max(-1)
+    bound = _requant_bound(x, blocks.reshape(rows * cols // 32, -1), target)
+    worst = int(np.argmax(err / bound))
+    assert (err <= bound).all(), f"block {worst}: error {err[worst]:.3g} > bound {bound[worst]:.3g}"
+    # The bound is attained, not slack: some element lands close to half a step away.
+    assert (err / bound).max() > 0.5
 
 
 def test_gguf_blocks_are_used_in_place(smollm2_gguf) -> None:

@@ -61,8 +61,10 @@ QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
 }
 
 # The block types the native kernels run (Q4_0, Q4_1, Q8_0), and where each other quantized GGUF type is
-# converted at load (both runtimes): low-bit types to Q4_1 (a 4-bit K-quant sub-block is exactly a Q4_1 block up
-# to float16 rounding of its scale and minimum), wider ones to Q8_0.
+# converted at load (both runtimes): dequantized and requantized, low-bit types to Q4_1, wider ones to Q8_0. Each
+# element ends within half a step of its target block plus the float16 rounding of that block's scale and minimum
+# (tests/test_quant.py::test_kquants_are_converted_per_tensor); a 4-bit K-quant sub-block is a Q4_1 block only
+# when its codes reach both 0 and 15.
 KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 REQUANT_TARGET: dict[GGMLType, GGMLType] = {
     GGMLType.Q2_K: GGMLType.Q4_1, GGMLType.Q3_K: GGMLType.Q4_1, GGMLType.Q4_K: GGMLType.Q4_1,
