@@ -21,7 +21,7 @@ from llamaworks.checkpoints import (
     save_gguf,
 )
 from llamaworks.checkpoints.ggml_types import QUANT_SIZES, GGMLType, GGUFValueType
-from llamaworks.checkpoints.gguf import READ_TYPES, _rope_divisors, _rope_scaling_from_divisors, ours_to_gguf_name
+from llamaworks.checkpoints.gguf import READ_TYPES, _rope_scaling_from_divisors, ours_to_gguf_name
 from llamaworks.config import ModelConfig, RopeScaling, get_preset
 from llamaworks.errors import FormatError
 from llamaworks.model import Transformer
@@ -302,14 +302,43 @@ def test_every_supported_block_type_dequantizes(tmp_path):
 
 
 # -- LLaMA 3.1 rope scaling as llama.cpp stores it ----------------------------------------------------------
-@pytest.mark.parametrize(("name", "factor"), [("llama-3.1-8b", 8.0), ("llama-3.2-1b", 32.0)])
-def test_rope_scaling_recovered_from_llama_cpp_rope_freqs(name, factor):
-    """Real Llama 3.1/3.2 frequencies (theta 5e5, head 128/64): llama.cpp's divisors give back Meta's parameters."""
+def transformers_llama3_divisors(config: ModelConfig, scaling: RopeScaling) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs: the unscaled inverse frequencies over the scaled ones,
+    here with the scaled ones from transformers' own LLaMA 3.1 implementation (ROPE_INIT_FUNCTIONS["llama3"])."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(hidden_size=config.dim, num_attention_heads=config.n_heads, head_dim=config.head_size,
+                     max_position_embeddings=config.max_seq_len,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": scaling.factor,
+                                      "low_freq_factor": scaling.low_freq_factor,
+                                      "high_freq_factor": scaling.high_freq_factor,
+                                      "original_max_position_embeddings": scaling.original_max_seq_len})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf)
+    base = 1.0 / (config.rope_theta ** (np.arange(0, config.head_size, 2, dtype=np.float64) / config.head_size))
+    return (base / inv_freq.double().numpy()).astype(np.float32)
+
+
+# Meta's published rope_scaling of Llama 3.1 8B / 3.2 1B (their config.json files).
+META_LLAMA3 = {"llama-3.1-8b": RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+               "llama-3.2-1b": RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)}
+
+
+@pytest.mark.parametrize("name", sorted(META_LLAMA3))
+def test_rope_scaling_recovered_from_llama_cpp_rope_freqs(name):
+    """Real Llama 3.1/3.2 frequencies (theta 5e5, head 128/64) computed by transformers: the divisors llama.cpp
+    stores give back Meta's published parameters, and our frequencies are transformers' frequencies."""
+    from llamaworks.model import rope_frequencies
+
     config = get_preset(name)
-    divisors = _rope_divisors(config)
-    assert divisors.min() == 1.0 and math.isclose(float(divisors.max()), factor)
+    assert config.rope_scaling == META_LLAMA3[name]
+    divisors = transformers_llama3_divisors(config, META_LLAMA3[name])
+    assert math.isclose(divisors.min(), 1.0, rel_tol=1e-6) and math.isclose(divisors.max(), META_LLAMA3[name].factor,
+                                                                         rel_tol=1e-6)  # (float32 noise)
     fitted = _rope_scaling_from_divisors(divisors, config.replace(rope_scaling=None))
-    assert fitted == RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+    assert fitted == META_LLAMA3[name]
+    base = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_size, 2, dtype=torch.float64) / config.head_size))
+    torch.testing.assert_close(rope_frequencies(config), base / torch.from_numpy(divisors).double(), rtol=1e-6, atol=0)
 
 
 def test_rope_freqs_without_our_key_and_arbitrary_freqs(tmp_path):
@@ -321,7 +350,7 @@ def test_rope_freqs_without_our_key_and_arbitrary_freqs(tmp_path):
     tensors = {ours_to_gguf_name(k): (v.numpy(), gguf.GGMLQuantizationType.F32) for k, v in model.state_dict().items()}
     scaling = RopeScaling("llama3", 4.0, 1.0, 4.0, 64)
     scaled = config.replace(rope_scaling=scaling)
-    tensors["rope_freqs.weight"] = (_rope_divisors(scaled), gguf.GGMLQuantizationType.F32)
+    tensors["rope_freqs.weight"] = (transformers_llama3_divisors(config, scaling), gguf.GGMLQuantizationType.F32)
     write_raw_gguf(tmp_path / "fit.gguf", config, tensors)
     ckpt = read_gguf(tmp_path / "fit.gguf")
     from llamaworks.model import rope_frequencies

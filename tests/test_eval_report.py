@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from eval_support import FIXTURES, default_tokenizer, tiny_model
 from llamaworks import cli
 from llamaworks.eval import EvalSettings, run_eval
 from llamaworks.eval import report as report_mod
-from llamaworks.eval.scorer import LoglikelihoodScorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +31,7 @@ def results_doc(tmp_path_factory):
 
 
 def test_results_have_metrics_stderr_settings_and_samples(results_doc):
-    doc, model, tokenizer = results_doc
+    doc, model, _ = results_doc
     r = doc["results"]
     assert set(r) == {"arc_challenge", "mmlu_astronomy", "mmlu_college_physics", "truthfulqa_mc2"}
     assert r["arc_challenge"]["n"] == 2 and r["arc_challenge"]["num_fewshot"] == 1
@@ -42,17 +44,42 @@ def test_results_have_metrics_stderr_settings_and_samples(results_doc):
     assert doc["settings"]["seed"] == 1234 and doc["settings"]["limit"] == 2
     assert doc["version"] == 1 and doc["model"]["fingerprint"]["config_sha256"]
 
-    # Every logged sample is consistent with its metrics and with a fresh scorer on the same strings.
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    # Every logged sample against log-likelihoods computed by hand, not by our scorer: the harness's rule
+    # (trailing context space moves to the continuation; encode the whole string, split at the context's length)
+    # with transformers' tokenizer read from the same GGUF, then log_softmax of the model's logits, summed.
+    from transformers import AutoTokenizer
+
+    from llamaworks.assets import default_model_path
+
+    path = default_model_path()
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+    def by_hand(context: str, continuation: str) -> float:
+        n = len(context) - len(context.rstrip(" "))
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = hf.encode(context, add_special_tokens=False)
+        cont = hf.encode(context + continuation, add_special_tokens=False)[len(ctx):]
+        with torch.no_grad():
+            rows = F.log_softmax(model(torch.tensor([(ctx + cont)[:-1]])).double()[0, len(ctx) - 1:], -1)
+        return float(rows.gather(-1, torch.tensor(cont)[:, None]).sum())
+
     for task, samples in doc["samples"].items():
         values = [s["acc"] for s in samples]
         assert r[task]["acc"] == pytest.approx(sum(values) / len(values))
         for s in samples:
-            lls = [c.logprob for c in scorer.score(s["context"], s["continuations"])]
-            assert lls == pytest.approx(s["loglikelihoods"], abs=1e-5)
-            assert s["pred"] == max(range(len(lls)), key=lambda i: (lls[i], -i))
-    tqa = doc["samples"]["truthfulqa_mc2"][0]
-    assert 0.0 <= tqa["acc"] <= 1.0 and tqa["labels"] == [1, 1, 0, 0]
+            lls = [by_hand(s["context"], c) for c in s["continuations"]]
+            assert s["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+            if task != "truthfulqa_mc2":
+                assert s["pred"] == max(range(len(lls)), key=lambda i: (lls[i], -i))
+                assert s["acc"] == float(s["pred"] == s["gold"])
+    # TruthfulQA mc2 as published (Lin et al.; lm-eval's process_results): the probability mass of the true
+    # answers, normalised over all answers.
+    assert doc["samples"]["truthfulqa_mc2"][0]["labels"] == [1, 1, 0, 0]
+    for tqa in doc["samples"]["truthfulqa_mc2"]:
+        p = [math.exp(by_hand(tqa["context"], c)) for c in tqa["continuations"]]
+        true = [x for x, label in zip(p, tqa["labels"]) if label == 1]
+        assert tqa["acc"] == pytest.approx(sum(true) / sum(p), rel=1e-4)
     arc0 = doc["samples"]["arc_challenge"][0]
     assert arc0["context"].endswith("Question: Which gas do plants take in from the air?\nAnswer:")
     assert arc0["context"].count("Question:") == 2  # one shot

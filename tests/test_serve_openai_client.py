@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -57,36 +58,56 @@ def test_models_and_health(client, server):
     assert health["status"] == "ok" and health["model"] == MODEL
 
 
-def test_chat_usage_and_logprobs(client, tokenizer):
+def _greedy_reference(model, prompt: list[int], n: int):
+    """n greedy steps done by hand: a full float64 forward each step, log_softmax, argmax. Returns the ids and
+    the log-probability rows they were chosen from."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, rows = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            row = F.log_softmax(model(torch.tensor([prompt + ids])).double()[0, -1], -1)
+            rows.append(row)
+            ids.append(int(row.argmax()))
+    return ids, rows
+
+
+def test_chat_usage_and_logprobs(client, server, tokenizer):
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0, logprobs=True,
                                        top_logprobs=3)
     choice = r.choices[0]
-    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
-    assert r.usage.prompt_tokens == len(_chat_prompt_ids(tokenizer, USER))
+    prompt = _chat_prompt_ids(tokenizer, USER)
+    assert choice.message.role == "assistant"
+    assert r.usage.prompt_tokens == len(prompt)
     entries = choice.logprobs.content
-    assert r.usage.completion_tokens == len(entries) <= 8
+    assert r.usage.completion_tokens == len(entries) == 8  # the random model never says <|im_end|> this early
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    for e in entries:
+    # The returned values are the model's own: log_softmax of its logits along its greedy path.
+    ids, rows = _greedy_reference(server[1].model, prompt, 8)
+    assert [e.token for e in entries] == [tokenizer.decode([i]) for i in ids]
+    assert [e.logprob for e in entries] == pytest.approx([float(r[i]) for r, i in zip(rows, ids)], abs=1e-4)
+    for e, row in zip(entries, rows):
         assert len(e.top_logprobs) == 3
-        lps = [t.logprob for t in e.top_logprobs]
-        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
-        assert e.token == e.top_logprobs[0].token and e.logprob == pytest.approx(lps[0])  # greedy = best token
-    joined = "".join(e.token for e in entries)
-    if choice.finish_reason == "length" and "\ufffd" not in joined:  # (a token may be part of a character)
-        assert choice.message.content == joined
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert [t.token for t in e.top_logprobs] == [tokenizer.decode([int(i)]) for i in row.topk(3).indices]
+    assert choice.finish_reason == "length"
+    assert choice.message.content == tokenizer.decode(ids)
 
 
-def test_completion_usage_and_logprobs(client, tokenizer):
+def test_completion_usage_and_logprobs(client, server, tokenizer):
     prompt = "The capital of France is"
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
     c = r.choices[0]
-    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
-    assert r.usage.completion_tokens == len(c.logprobs.tokens) == len(c.logprobs.token_logprobs)
-    assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
-    if c.finish_reason == "length":
-        assert r.usage.completion_tokens == 6
-        if "\ufffd" not in "".join(c.logprobs.tokens):
-            assert c.text == "".join(c.logprobs.tokens)
+    ids = tokenizer.encode(prompt)
+    assert r.usage.prompt_tokens == len(ids)
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 6
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 6
+    generated, rows = _greedy_reference(server[1].model, ids, 6)
+    assert c.logprobs.tokens == [tokenizer.decode([i]) for i in generated]
+    assert c.logprobs.token_logprobs == pytest.approx([float(r[i]) for r, i in zip(rows, generated)], abs=1e-4)
+    for top, row in zip(c.logprobs.top_logprobs, rows):
+        assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
 
 
 def test_streaming_matches_non_streaming(client):
@@ -140,24 +161,90 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                                           "properties": {"city": {"type": "string"}}}}}]
 
 
-def test_tools_reach_the_prompt(client, tokenizer):
-    """SmolLM2's template has no tool support: the tools are described in a Hermes-style system message."""
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+HISTORY = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Seoul"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer read from the same GGUF: its apply_chat_template is the reference renderer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+def _hf_messages(messages):
+    """The conversation as transformers' chat-template docs write it: tool-call arguments as a dict."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def test_tools_render_as_the_models_own_template_does(tokenizer, hf_tokenizer):
+    """A template with tool support (Qwen2.5-7B-Instruct's published one, fixtures/templates, as llama.cpp ships
+    it): the server's prompt is exactly what transformers' apply_chat_template(..., tools=...) renders, for a first
+    turn and for a history holding a tool call and its result."""
+    from llamaworks.chat_template import ChatTemplate
+    from llamaworks.serve.app import _Server
+    from llamaworks.serve.schemas import ChatCompletionRequest
+
+    source = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=512)  # Qwen's tool preamble is ~250 tokens
+    engine = Engine(model, tokenizer, max_batch=2, queue_size=4)
+    server = _Server(engine, MODEL, ChatTemplate(source))
+    assert server.template_supports_tools
+    for messages in (USER, HISTORY):
+        ids, text = server.chat_prompt(ChatCompletionRequest(model=MODEL, messages=messages, tools=TOOLS))
+        expected = hf_tokenizer.apply_chat_template(_hf_messages(messages), tools=TOOLS, chat_template=source,
+                                                    add_generation_prompt=True, tokenize=False)
+        assert text == expected
+        assert ids == hf_tokenizer.encode(expected, add_special_tokens=False)
+        assert '"name": "get_weather"' in text  # (the tools did reach it)
+    with running_server(create_app(engine, model_name=MODEL, chat_template=ChatTemplate(source))) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for messages in (USER, HISTORY):
+            r = c.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=2, temperature=0)
+            expected = hf_tokenizer.apply_chat_template(_hf_messages(messages), tools=TOOLS, chat_template=source,
+                                                        add_generation_prompt=True, tokenize=True)
+            expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+            assert r.usage.prompt_tokens == len(expected)
+
+
+def test_tools_reach_a_template_without_tool_support(client, tokenizer, hf_tokenizer):
+    """SmolLM2's template has no tool support: the tools go in a Hermes-style system message (the wording is
+    ours: TOOL_SYSTEM_PROMPT), rendered here by transformers with SmolLM2's own template."""
     from llamaworks.serve.app import TOOL_SYSTEM_PROMPT
 
+    assert "tools" not in tokenizer.chat_template
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, max_tokens=4, temperature=0)
     system = {"role": "system", "content": TOOL_SYSTEM_PROMPT.format(tools=json.dumps(TOOLS))}
-    assert r.usage.prompt_tokens == len(_chat_prompt_ids(tokenizer, [system, *USER]))
+    assert json.dumps(TOOLS) in system["content"]
+    expected = hf_tokenizer.apply_chat_template([system, *USER], chat_template=tokenizer.chat_template,
+                                                add_generation_prompt=True, tokenize=False)
+    assert r.usage.prompt_tokens == len(hf_tokenizer.encode(expected, add_special_tokens=False))
+    plain = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, max_tokens=4,
                                                  temperature=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == (r.choices[0].message.content or "")
-    # A conversation that already holds a tool call and its result renders too.
-    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Seoul"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens > 0
+    # A history with a tool call and its result: the call as a Hermes <tool_call>, the result as a user turn.
+    r = client.chat.completions.create(model=MODEL, messages=HISTORY, tools=TOOLS, max_tokens=4, temperature=0)
+    history = [system, USER[0],
+               {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": {"city": "Seoul"}}'
+                                                '</tool_call>'},
+               {"role": "user", "content": "<tool_response>sunny, 21 C</tool_response>"}]
+    expected = hf_tokenizer.apply_chat_template(history, chat_template=tokenizer.chat_template,
+                                                add_generation_prompt=True, tokenize=False)
+    assert r.usage.prompt_tokens == len(hf_tokenizer.encode(expected, add_special_tokens=False))
 
 
 def test_errors(client, server):

@@ -128,10 +128,15 @@ def test_stop_button_aborts_and_frees_the_slot(page, server):
     page.click("#send")
     page.wait_for_function("Number(document.querySelector('.msg.assistant')?.dataset.chunks || 0) >= 2")
     page.click("#stop")
-    _, chunks, _ = _last_reply(page)
-    assert chunks < 4000
     assert page.is_visible("#send") and not page.is_visible("#stop")
     assert wait_until(lambda: engine.stats.cancelled > cancelled and engine.stats.active == 0, timeout=15)
+    # Stopped means stopped: neither the page nor the engine moves on afterwards (a stop button that only hid
+    # itself would leave the 4000-token reply running, and growing, for minutes).
+    _, chunks, text = _last_reply(page)
+    stopped_at = engine.stats.generated_tokens
+    page.wait_for_timeout(1000)
+    assert engine.stats.generated_tokens == stopped_at
+    assert _last_reply(page)[1:] == (chunks, text)
 
 
 def test_markdown_renderer_is_safe(page):
