@@ -48,6 +48,23 @@ def package_file(requirement: str, member: str) -> Path:
     return target
 
 
+def write_tiny_smol_model(out: Path, tokenizer, max_seq_len: int) -> Path:
+    """An HF directory at `out`: a tiny random LLaMA (seeded) with `tokenizer`'s vocabulary and chat template."""
+    import torch
+
+    from llamaworks.checkpoints import save_hf
+    from llamaworks.config import get_preset
+    from llamaworks.model import Transformer
+
+    config = get_preset("tiny-tied").replace(vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len,
+                                             name="tiny-smol")
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.reset_parameters(std=0.05)
+    save_hf(out, model, config, tokenizer, chat_template=tokenizer.chat_template)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from llamaworks.assets import default_model_path

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaworks.config import get_preset
-from llamaworks.model import Transformer
+from conftest import write_tiny_smol_model
 
 NAME = "라마봇"
 ANSWER = "제 이름은 라마봇입니다."
@@ -44,17 +43,9 @@ def write_preferences(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, smollm2_gguf) -> Path:
     """An HF directory: a tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
-    from llamaworks.checkpoints import save_hf
     from llamaworks.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(smollm2_gguf)
-    config = get_preset("tiny-tied").replace(vocab_size=tokenizer.vocab_size, max_seq_len=512, name="tiny-smol")
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.reset_parameters(std=0.05)
-    out = tmp_path_factory.mktemp("tiny") / "base"
-    save_hf(out, model, config, tokenizer, chat_template=tokenizer.chat_template)
-    return out
+    return write_tiny_smol_model(tmp_path_factory.mktemp("tiny") / "base", load_tokenizer(smollm2_gguf), 512)
 
 
 def cli(*args: str) -> None:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from llamaworks.config import get_preset
+from conftest import write_tiny_smol_model
 from llamaworks.data.inspect import inspect_data
 from llamaworks.data.instruct import (
     DataReport,
@@ -28,7 +27,6 @@ from llamaworks.data.kakaotalk import kakao_conversations, placeholder_kind, rea
 from llamaworks.data.prepare import load_prepared, prepare_corpus
 from llamaworks.data.privacy import Scrubber, parse_kinds
 from llamaworks.errors import ConfigError, FormatError
-from llamaworks.model import Transformer
 from llamaworks.tokenizer import load_tokenizer
 
 ANDROID_KO = """김민수 님과 카카오톡 대화
@@ -364,15 +362,7 @@ def test_val_fraction_holds_out_whole_conversations(tmp_path, smol_tok):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, smol_tok) -> Path:
-    from llamaworks.checkpoints import save_hf
-
-    config = get_preset("tiny-tied").replace(vocab_size=smol_tok.vocab_size, max_seq_len=256, name="tiny-smol")
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.reset_parameters(std=0.05)
-    out = tmp_path_factory.mktemp("tiny") / "base"
-    save_hf(out, model, config, smol_tok, chat_template=smol_tok.chat_template)
-    return out
+    return write_tiny_smol_model(tmp_path_factory.mktemp("tiny") / "base", smol_tok, 256)
 
 
 def test_finetune_cli_val_fraction_reports_val_loss_and_the_data_report(tmp_path, tiny_base, capsys):
