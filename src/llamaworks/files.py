@@ -87,34 +87,31 @@ def _new_temp_file(path: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temp file next to `path`; it replaces `path` only if the block finishes without error."""
-    path = Path(path)
+def _staged(path: Path) -> Iterator[tuple[int, str]]:
+    """(fd, name) of a temp file next to `path`; it replaces `path` only if the block finishes without error."""
     fd, tmp = _new_temp_file(path)
     try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
-            yield f
+        yield fd, tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temp file next to `path`; it replaces `path` only if the block finishes without error."""
+    with _staged(Path(path)) as (fd, _), os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
+        yield f
 
 
 def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> None:
     """Call write(tmp_path) for libraries that open the file themselves, then move it into place."""
-    path = Path(path)
-    fd, tmp = _new_temp_file(path)
-    os.close(fd)
-    try:
+    with _staged(Path(path)) as (fd, tmp):
+        os.close(fd)
         write(Path(tmp))
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
