@@ -62,6 +62,18 @@ def logits_of(path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens)
 
 
+def answer_logprob(path) -> float:
+    """Mean log-probability per token of ANSWER after the first question in SmolLM2's chat format."""
+    from llamaworks.checkpoints import load_model
+
+    model, tokenizer, _ = load_model(path)
+    prompt = tokenizer.encode(f"<|im_start|>user\n{QUESTIONS[0]}<|im_end|>\n<|im_start|>assistant\n")
+    answer = tokenizer.encode(ANSWER)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer)[:, None]).mean().item()
+
+
 COMMON = ("--seq-len", "128", "--batch-size", "2", "--log-every", "1", "--no-progress", "--seed", "0")
 
 
@@ -120,10 +132,13 @@ def test_qlora_finetune_trains_adapters_over_an_nf4_base(tmp_path, tiny_base):
     assert losses[-1] < losses[0], losses
     assert result.trainable_params < result.total_params / 10
     tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
-    # The saved model is the dequantized base plus the adapter: a float model that loads anywhere.
+    # The saved model is the dequantized base plus the adapter: a float model that loads anywhere, and it carries
+    # what training learned: the trained answer's tokens are likelier after a trained question than under the base.
     out_logits = logits_of(tmp_path / "q", tokens)
     assert torch.isfinite(out_logits).all()
-    assert (out_logits - logits_of(tiny_base, tokens)).abs().max() > 1e-3
+    gained = answer_logprob(tmp_path / "q") - answer_logprob(tiny_base)
+    print(f"QLoRA: answer log-prob per token +{gained:.3f} nats; training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert gained > 0.5 * (losses[0] - losses[-1]), (gained, losses)
 
 
 def test_full_dpo_finetune_runs_and_prefers_the_chosen_answer(tmp_path, tiny_base):
