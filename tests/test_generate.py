@@ -309,7 +309,10 @@ def test_timings_reported():
     tok.stop_ids, tok.eos_id = set(), None
     result = generate(tiny_model(), tok, tok.encode("time me"), SamplingParams(temperature=0, max_new_tokens=8))
     assert result.prefill_seconds > 0 and result.decode_seconds > 0
-    assert result.prefill_tokens_per_second > 0 and result.decode_tokens_per_second > 0
+    # The rates are the token counts over those times: prompt tokens in prefill, every token after the first in
+    # decode (the first comes out of prefill).
+    assert result.prefill_tokens_per_second == pytest.approx(result.prompt_tokens / result.prefill_seconds)
+    assert result.decode_tokens_per_second == pytest.approx((result.completion_tokens - 1) / result.decode_seconds)
 
 
 def test_korean_stream_with_real_byte_level_bpe(smollm2_gguf):
