@@ -126,7 +126,10 @@ def test_load_default_model_and_chat(default_llm):
     pieces = list(llm.stream([{"role": "user", "content": "What is the capital of France?"}],
                              temperature=0, max_tokens=24))
     assert "".join(pieces) == reply and len(pieces) > 1
-    assert isinstance(llm.generate("The capital of France is", temperature=0, max_tokens=5), str)
+    text = llm.generate("The capital of France is", temperature=0, max_tokens=5)
+    assert llm.last_result.completion_tokens == 5 and llm.last_result.finish_reason == "length"
+    assert text == llm.last_result.text == llm.tokenizer.decode(llm.last_result.token_ids) == "".join(
+        llm.stream("The capital of France is", temperature=0, max_new_tokens=5))
 
 
 @pytest.mark.slow

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llamaworks.cli import main as cli_main
 from llamaworks.data.prepare import load_prepared
@@ -82,6 +85,20 @@ def test_pretrain_python_api_resume_and_vocab(corpus, tmp_path):
     assert r2.step == 8 and r2.tokens == 8 * 4 * 32
     cfg = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert cfg["vocab_size"] == 300 and cfg["tie_word_embeddings"] is True
+    # A run resumed from its step-4 checkpoint ends where the uninterrupted run ends (same schedule, data order,
+    # RNG): the same losses after the resume point and the same final weights.
+    whole = pretrain("tiny-tied", tmp_path / "data", tmp_path / "w", max_steps=8, **kw)
+    step4 = tmp_path / "w" / "checkpoints" / "step-000004"
+    assert step4.is_dir()
+    shutil.copytree(step4, tmp_path / "r" / "checkpoints" / "step-000004")
+    resumed = pretrain("tiny-tied", tmp_path / "data", tmp_path / "r", max_steps=8, resume=True, **kw)
+    assert resumed.step == whole.step == 8
+    logged = {run: {r["step"]: r["loss"] for r in csv.DictReader((tmp_path / run / "metrics.csv").open())
+                    if r.get("loss")} for run in ("w", "r")}
+    after = {s: v for s, v in logged["w"].items() if int(s) > 4}
+    assert after and {s: logged["r"][s] for s in after} == after
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("w", "r"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="unknown training option"):
         pretrain("tiny-tied", tmp_path / "data", tmp_path / "b", bogus=1)
 
