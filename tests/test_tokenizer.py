@@ -340,6 +340,14 @@ def test_stream_decoder_emits_whole_characters(name: str, request: pytest.Fixtur
         chunks.append(stream.flush())
         assert "".join(chunks) == tok.decode(ids)
         assert not any("\ufffd" in c for c in chunks), chunks
+    # A reply cut by the token limit inside such a character ends before it (never in U+FFFD); text before it
+    # is all there.
+    for cut in range(1, len(tok.encode("뷁", add_bos=False))):
+        ids = tok.encode("똠 뷁", add_bos=False)
+        ids = ids[: len(ids) - len(tok.encode("뷁", add_bos=False)) + cut]
+        stream = StreamDecoder(tok)
+        text = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert "\ufffd" not in text and text.rstrip() == "똠", (cut, text)
     # Rare syllables are split into bytes (<0xEB><0xB7><0x81> or byte-level pieces): held back until whole.
     rare = tok.encode("뷁똠햏", add_bos=False)
     stream = StreamDecoder(tok)

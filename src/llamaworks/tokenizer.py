@@ -454,14 +454,22 @@ class StreamDecoder:
         return full[len(emitted):]
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character decodes as U+FFFD); resets the window."""
+        """Whatever is still held back, without a character whose bytes never all arrived (a reply cut by the
+        token limit in the middle of a multi-byte character ends before it, not in U+FFFD); resets the window."""
         emitted = self._decode(self._ids[self._prefix:self._read])
         full = self._decode(self._ids[self._prefix:])
+        held = self._ids[self._read:]
         self._prefix = self._read = len(self._ids)
         shared = 0
         while shared < min(len(emitted), len(full)) and emitted[shared] == full[shared]:
             shared += 1
-        return full[shared:]
+        # Drop trailing U+FFFD where the held-back tokens end in it: push() holds tokens back exactly while their
+        # bytes end in an incomplete character. (A model that itself ends a cut reply with the character U+FFFD
+        # loses it too: the bytes cannot tell the two apart.)
+        tail = full[shared:]
+        if held and tail.endswith("\ufffd") and self._decode(held).endswith("\ufffd"):
+            tail = tail.rstrip("\ufffd")
+        return tail
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
