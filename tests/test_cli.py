@@ -114,3 +114,18 @@ def test_chat_drops_oldest_turns_when_context_is_full():
     assert "no longer fits the 128-token context" in result.stderr
     assert "system prompt is kept" in result.stderr
     assert stats_lines(result.stderr) == len(turns)
+
+
+def test_default_names_the_bundled_model_wherever_a_model_path_is_taken(tmp_path, monkeypatch) -> None:
+    from llamaworks.assets import default_model_path
+    from llamaworks.checkpoints import detect_format
+    from llamaworks.data.prepare import resolve_tokenizer
+
+    assert detect_format("default") == ("gguf", default_model_path())  # `convert default OUT` reads it
+    assert resolve_tokenizer("default").vocab_size == 49152
+    monkeypatch.chdir(tmp_path)  # a real file or folder named "default" wins over the alias
+    (tmp_path / "default").mkdir()
+    from llamaworks.errors import FormatError
+
+    with pytest.raises(FormatError, match="default: not a checkpoint directory"):
+        detect_format("default")

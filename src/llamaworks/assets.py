@@ -23,3 +23,15 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: default model file missing; reinstall with: {INSTALL_HINT}")
     return path
+
+
+DEFAULT_MODEL_NAME = "default"
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """`path`, or the default model's file when `path` is the name "default" and no such file exists (so every
+    verb that takes a model or tokenizer path accepts "default")."""
+    candidate = Path(path).expanduser()
+    if str(path) == DEFAULT_MODEL_NAME and not candidate.exists():
+        return default_model_path()
+    return candidate

@@ -136,8 +136,11 @@ def _state_of(model_or_state_dict: Any) -> dict[str, Any]:
 
 # -- public API ---------------------------------------------------------------------------------------
 def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """("gguf"|"hf"|"meta", resolved path) by looking at the files, not at names the user typed."""
-    path = Path(path).expanduser()
+    """("gguf"|"hf"|"meta", resolved path) by looking at the files, not at names the user typed ("default": the
+    bundled model)."""
+    from ..assets import resolve_model_path
+
+    path = resolve_model_path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
     if path.is_file():

@@ -199,13 +199,10 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
     """A Tokenizer from an object, a tokenizer/model path, or "default" (the bundled default model's)."""
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
+    from ..assets import resolve_model_path
     from ..tokenizer import load_tokenizer
 
-    path = Path(tokenizer)
-    if not path.exists() and str(tokenizer) == "default":
-        from ..assets import default_model_path
-
-        path = default_model_path()
+    path = resolve_model_path(tokenizer)
     if not path.exists():
         raise FormatError(f"{tokenizer}: no such tokenizer or model file/directory")
     return load_tokenizer(path)
