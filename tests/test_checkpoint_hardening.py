@@ -337,13 +337,17 @@ def _hf_dir(tmp_path: Path) -> Path:
                        "original_max_position_embeddings": 8192}}, ["rope_scaling.high_freq_factor is 1.0"]),
 ])
 def test_hf_config_json_types_and_ranges(tmp_path, edit, pieces):
-    d = _hf_dir(tmp_path)
-    config = json.loads((d / "config.json").read_text())
-    config.update(edit)
-    (d / "config.json").write_text(json.dumps(config))
+    refused_after_edit(_hf_dir(tmp_path), "config.json", edit, pieces)
+
+
+def refused_after_edit(d, name: str, edit: dict, pieces: list[str]) -> None:
+    """Checkpoint folder d with `edit` merged into its JSON file `name` loads to one line naming the file."""
+    data = json.loads((d / name).read_text())
+    data.update(edit)
+    (d / name).write_text(json.dumps(data))
     with pytest.raises(FormatError) as e:
         load_checkpoint(d)
-    one_line(e, str(d / "config.json"), *pieces)
+    one_line(e, str(d / name), *pieces)
 
 
 def test_deeply_nested_json_is_one_line(tmp_path):
@@ -363,13 +367,7 @@ def test_deeply_nested_json_is_one_line(tmp_path):
 ])
 def test_meta_params_json(tmp_path, edit, pieces):
     model = tiny("tiny-llama2")
-    d = save_meta(tmp_path / "meta", model, model.config)
-    params = json.loads((d / "params.json").read_text())
-    params.update(edit)
-    (d / "params.json").write_text(json.dumps(params))
-    with pytest.raises(FormatError) as e:
-        load_checkpoint(d)
-    one_line(e, str(d / "params.json"), *pieces)
+    refused_after_edit(save_meta(tmp_path / "meta", model, model.config), "params.json", edit, pieces)
 
 
 def test_cli_reports_a_hostile_gguf_in_one_line(tmp_path, capsys):
