@@ -30,7 +30,7 @@ def _spin(stop_at: float) -> None:
 def _bench(a: argparse.Namespace, threads: int) -> dict:
     cmd = [sys.executable, "-m", "llamaworks", "bench", "--json", "--runs", "1", "--threads", str(threads),
            "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx",
-           str(a.prompt_tokens + a.gen_tokens), "--cpu-target", a.cpu_target, "--runtime", "lean"]
+           str(a.prompt_tokens + a.gen_tokens), "--cpu-target", a.cpu_target, "--backend", "native"]
     if a.model:
         cmd += ["--model", a.model]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -7,7 +7,7 @@ then finishes its answer (greedy, --max-tokens) and exits at the end of input; i
 kernel's count for the child (`wait4` rusage, ru_maxrss). One uncounted warm-up run fills the page cache first.
 The medians are printed with the CPU they came from.
 
-    python benchmarks/chat_startup.py [--model M] [--runtime auto|lean|torch] [--runs 5] [--threads N]
+    python benchmarks/chat_startup.py [--model M] [--backend auto|native|torch] [--runs 5] [--threads N]
                                       [--question TEXT] [--max-tokens 16]
 """
 
@@ -27,7 +27,7 @@ from llamaworks.hardware import cpu_description
 def one_run(a: argparse.Namespace) -> dict:
     """{"first_s", "total_s", "peak_rss_mib", "answer"} of one launch."""
     cmd = [sys.executable, "-m", "llamaworks"] + (["--threads", str(a.threads)] if a.threads else []) + [
-        "chat", "--runtime", a.runtime, "--temperature", "0", "--max-tokens", str(a.max_tokens)]
+        "chat", "--backend", a.backend, "--temperature", "0", "--max-tokens", str(a.max_tokens)]
     if a.model:
         cmd += ["--model", a.model]
     with tempfile.TemporaryFile() as err:
@@ -54,7 +54,7 @@ def one_run(a: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "lean", "torch"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (page cache)")
     ap.add_argument("--threads", type=int, default=None)
@@ -76,7 +76,7 @@ def main() -> int:
               f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     print(f"answer: {runs[-1]['answer'][:200]!r}")
     med = lambda key: statistics.median(r[key] for r in runs)
-    print(f"median of {a.runs} (`llamaworks chat --runtime {a.runtime}`, {a.max_tokens} greedy tokens): "
+    print(f"median of {a.runs} (`llamaworks chat --backend {a.backend}`, {a.max_tokens} greedy tokens): "
           f"first answer text {med('first_s'):.2f} s after launch, peak RSS {med('peak_rss_mib'):.0f} MiB, "
           f"done {med('total_s'):.2f} s")
     return 0

@@ -1,7 +1,7 @@
 """llamaworks vs llama.cpp vs transformers on the same GGUF, same threads, same token ids, same CPU.
 
-Engines: "llamaworks" is the torch-free runtime (lean.py: what `llamaworks chat`/`generate` run on a GGUF file),
-"llamaworks-torch" the quantized torch runtime (runtime.py: the server's and the Python API's), "llama.cpp" the
+Engines: "llamaworks" is the native backend (engine/native.py: what `llamaworks chat`/`generate`/`serve` run on a
+GGUF file), "llamaworks-torch" the torch backend with quantized linears (engine/torch_backend.py), "llama.cpp" the
 pip-built llama-cpp-python (a second line: its build flags and Python overhead make it a weaker peer), and
 `--llama-bench BIN[=LABEL]` (repeatable) adds llama.cpp's own `llama-bench` built natively from source, e.g. the
 source llama-cpp-python's sdist vendors (`cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
@@ -68,19 +68,25 @@ def _token_ids(model: str, prompt_tokens: int) -> tuple[list[int], list[int]]:
 
 
 # -- workers (one engine, one run, in its own process) -----------------------------------------------------
-def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+def _work_backend(a: argparse.Namespace, backend: str, short: list[int], prompt: list[int]) -> dict[str, float]:
     import numpy as np
 
-    from llamaworks.lean import LeanModel
+    from llamaworks.api import load_backend
+    from llamaworks.engine.backend import EngineOptions
 
+    options = EngineOptions(max_context=a.ctx, threads=a.threads, cpu_target=a.cpu_target)
     t0 = time.perf_counter()
-    model = LeanModel.load(a.model, max_context=a.ctx, threads=a.threads, cpu_target=a.cpu_target)
+    model = load_backend(a.model, backend=backend, options=options, device="cpu")
     load_s = time.perf_counter() - t0
 
     def step(ids: list[int], pos: int) -> int:
-        return int(np.argmax(model.forward(ids, pos)))
+        return int(np.argmax(model.forward([0] * len(ids), ids, range(pos, pos + len(ids)), [len(ids) - 1])[0]))
 
     return _timed(a, step, load_s, short, prompt)
+
+
+def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
+    return _work_backend(a, "native", short, prompt)
 
 
 def work_llama_bench(a: argparse.Namespace, binary: str) -> dict[str, float]:
@@ -113,21 +119,7 @@ def _timed(a: argparse.Namespace, step: Any, load_s: float, short: list[int], pr
 
 
 def work_llamaworks_torch(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:
-    import torch
-
-    from llamaworks.runtime import load_quantized_model
-
-    torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    model, _, _ = load_quantized_model(a.model)
-    model.setup_cache(1, a.ctx)
-    load_s = time.perf_counter() - t0
-
-    def step(ids: list[int], pos: int) -> int:
-        with torch.inference_mode():
-            return int(model(torch.tensor([ids]), start_pos=pos, last_only=True)[0, -1].argmax())
-
-    return _timed(a, step, load_s, short, prompt)
+    return _work_backend(a, "torch", short, prompt)
 
 
 def work_llamacpp(a: argparse.Namespace, short: list[int], prompt: list[int]) -> dict[str, float]:

@@ -24,6 +24,23 @@ def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 256) -> Transf
     return model.eval()
 
 
+def engine_for(model: Transformer, tokenizer, *, max_rows: int = 1, max_context: int | None = None, **kw):
+    """The one scheduler over the torch backend wrapping `model` (`max_rows` cache rows)."""
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.engine.scheduler import Scheduler
+    from llamaworks.engine.torch_backend import TorchBackend
+
+    options = EngineOptions(max_rows=max_rows, max_context=max_context)
+    return Scheduler(TorchBackend.from_model(model, tokenizer, options=options), **kw)
+
+
+def generate_alone(model: Transformer, tokenizer, prompt: list[int], params):
+    """One completion on a fresh one-row scheduler: the reference a batched run must equal."""
+    from llamaworks.engine.scheduler import generate
+
+    return generate(engine_for(model, tokenizer), prompt, params)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import torch
 import llamaworks
 from llamaworks.chat import ChatSession, encode_messages, normalize_messages
 from llamaworks.chat_template import ChatTemplate
-from llamaworks.generate import ContextLengthError, SamplingParams
+from llamaworks.sampling import ContextLengthError, SamplingParams
 from test_generate import ByteTokenizer, tiny_model
 
 
@@ -21,8 +21,25 @@ def test_import_is_cheap():
     assert out == [llamaworks.__version__, "False"]
 
 
+def test_the_package_init_only_re_exports():
+    """`llamaworks/__init__.py` defines nothing but the lazy re-exports of api.py (and the version)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(llamaworks))
+    defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert defined == ["__getattr__"]
+    from llamaworks import api
+
+    assert llamaworks.load is api.load and llamaworks.LLM is api.LLM
+
+
 def tiny_llm(**kw) -> llamaworks.LLM:
-    return llamaworks.LLM(tiny_model(), ByteTokenizer(), ChatTemplate.builtin("chatml"), **kw)
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.engine.torch_backend import TorchBackend
+
+    backend = TorchBackend.from_model(tiny_model(), ByteTokenizer(), options=EngineOptions())
+    return llamaworks.LLM(backend, ChatTemplate.builtin("chatml"), **kw)
 
 
 def test_llm_generate_stream_and_chat_agree():
@@ -72,14 +89,19 @@ def test_encode_messages_does_not_double_bos():
 # -- ChatSession -----------------------------------------------------------------------------------
 def session(max_context: int, system: str | None = "Be brief.") -> ChatSession:
     llm = tiny_llm()
-    return ChatSession(llm.model, llm.tokenizer, llm.template, system=system,
+    return ChatSession(llm.scheduler, llm.template, system=system,
                        params=SamplingParams(temperature=0, max_new_tokens=8), max_context=max_context)
 
 
 def test_chat_session_keeps_history_and_resets():
     s = session(256)
     first = s.reply("one")
+    computed = s.scheduler.stats.prefill_tokens
     s.reply("two")
+    # The second turn's prompt starts with the whole first exchange, which the row still holds: only the tokens
+    # after it (minus those the reply's end already fed) are computed.
+    second_prompt = s.last_result.prompt_tokens
+    assert s.scheduler.stats.prefill_tokens - computed < second_prompt - 10
     assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert s.messages[2]["content"] == first and s.last_dropped == 0
     s.set_system("Other.")
@@ -118,7 +140,8 @@ def default_llm(smollm2_gguf):
 @pytest.mark.slow
 def test_load_default_model_and_chat(default_llm):
     llm = default_llm
-    assert llm.model.config.n_layers == 30 and llm.tokenizer.vocab_size == 49152
+    assert llm.backend.name == "native"  # the same default as the CLI: a GGUF on the CPU
+    assert llm.config.n_layers == 30 and llm.tokenizer.vocab_size == 49152
     assert "<|im_start|>assistant" in llm.template.render([{"role": "user", "content": "hi"}])
     reply = llm.chat("What is the capital of France?", temperature=0, max_tokens=24)
     assert "Paris" in reply
@@ -133,25 +156,24 @@ def test_load_default_model_and_chat(default_llm):
 
 
 @pytest.mark.slow
-def test_gguf_loads_on_the_quantized_fast_path_unless_asked_not_to(default_llm):
-    """A GGUF on the CPU keeps its blocks quantized (no float copy of the weights); fast=False is the reference."""
+def test_both_backends_give_the_same_greedy_text_with_float_activations(smollm2_gguf):
+    """The same GGUF on the native backend, on the torch backend (quantized linears) and as the torch float
+    reference: with float activations the greedy text is the same."""
+    from llamaworks.engine.backend import EngineOptions
     from llamaworks.quant.linear import GGMLLinear
-    from llamaworks.runtime import FastForward
 
-    fast = default_llm
-    assert isinstance(fast.model.forward, FastForward)
-    assert isinstance(fast.model.layers[0].attention.wq, GGMLLinear)
-    ref = llamaworks.load(fast=False)
-    assert not isinstance(ref.model.forward, FastForward)
-    assert isinstance(ref.model.layers[0].attention.wq, torch.nn.Linear)
+    options = EngineOptions(int8_activations=False, bf16_prefill=False)
+    native = llamaworks.load(smollm2_gguf, options=options)
+    quantized = llamaworks.load(smollm2_gguf, backend="torch", options=options)
+    reference = llamaworks.load(smollm2_gguf, reference=True)
+    assert native.backend.name == "native" and quantized.backend.name == "torch"
+    assert isinstance(quantized.model.layers[0].attention.wq, GGMLLinear)  # the blocks stay quantized
+    assert isinstance(reference.model.layers[0].attention.wq, torch.nn.Linear)
+    assert type(quantized.model).forward is type(reference.model).forward  # no forward replaced on an instance
     prompt = "List three colours:"
-    # Float32 activations: the same text exactly. With the defaults (int8 decode, bf16 prefill) the text may
-    # part at a near tie; tests/test_runtime.py bounds that drift.
-    from llamaworks.quant import kernels
-
-    with kernels.float_activations():
-        assert (fast.generate(prompt, temperature=0, max_tokens=16)
-                == ref.generate(prompt, temperature=0, max_tokens=16))
+    texts = {llm.backend.name + str(i): llm.generate(prompt, temperature=0, max_tokens=16)
+             for i, llm in enumerate((native, quantized, reference))}
+    assert len(set(texts.values())) == 1, texts
 
 
 def test_load_errors_are_one_line():

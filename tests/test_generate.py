@@ -1,24 +1,24 @@
-"""The sampler, the KV-cache decode loop, stop strings and streaming (tiny models, no checkpoint needed)."""
+"""The one sampler, the one generation loop (the scheduler), stop strings and streaming (tiny models)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from llamaworks.config import get_preset
-from llamaworks.generate import (
+from llamaworks.engine import scheduler as engine
+from llamaworks.model import Transformer
+from llamaworks.sampling import (
     ContextLengthError,
     SamplingParams,
     StopStringFilter,
-    generate,
-    generate_batch,
-    generate_stream,
-    sample_next,
+    sample_token,
     token_logprobs,
 )
-from llamaworks.model import Transformer
+from serve_testutil import engine_for
 
 
 class ByteTokenizer:
@@ -52,44 +52,62 @@ def tiny_model(vocab_size: int = 260, seed: int = 0, **changes) -> Transformer:
     return model
 
 
-class ScriptedModel(Transformer):
-    """Emits a fixed sequence of tokens after the prompt, whatever the input (to drive the loop exactly)."""
+class ScriptedBackend:
+    """A backend that emits a fixed sequence of tokens after the prompt, whatever the input (drives the loop
+    exactly): the logits scored at position p favour script[p - (prompt_len - 1)]."""
 
-    def __init__(self, script: list[int], prompt_len: int, vocab_size: int = 260) -> None:
-        super().__init__(get_preset("tiny-llama2").replace(vocab_size=vocab_size, max_seq_len=512))
+    name = "scripted"
+    chat_template = None
+
+    def __init__(self, script: list[int], prompt_len: int, tokenizer, vocab_size: int = 260) -> None:
+        from llamaworks.engine.backend import EngineOptions
+
+        self.generation_config: dict = {}
+        self.config = get_preset("tiny-llama2").replace(vocab_size=vocab_size, max_seq_len=512)
+        self.options = EngineOptions()
+        self.tokenizer = tokenizer
         self.script, self.prompt_len = script, prompt_len
+        self.max_rows = 1
 
-    def forward(self, tokens, start_pos=0, *, key_mask=None, positions=None, segment_ids=None,
-                last_only=False, return_hidden=False):
-        B, T = tokens.shape
-        index = start_pos + T - self.prompt_len  # how many tokens were generated before this step
-        logits = torch.zeros(B, 1, self.config.vocab_size)
-        logits[:, :, self.script[min(index, len(self.script) - 1)]] = 10.0
-        return logits
+    def forward(self, rows, tokens, positions, logits_for):
+        out = np.zeros((len(logits_for), self.config.vocab_size), np.float32)
+        for j, i in enumerate(logits_for):
+            out[j, self.script[min(positions[i] - (self.prompt_len - 1), len(self.script) - 1)]] = 10.0
+        return out
+
+    def copy(self, src, dst, length):
+        pass
+
+    def release(self, row, keep=0):
+        pass
+
+    def cache_bytes(self):
+        return 0
+
+
+def _rng(seed: int = 1234) -> np.random.Generator:
+    return np.random.default_rng(seed)
 
 
 def test_greedy_is_argmax():
-    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
-    got = sample_next(logits, [SamplingParams(temperature=0)] * 5, [[]] * 5, None)
-    assert torch.equal(got, logits.argmax(-1))
+    logits = _rng(0).standard_normal((5, 300)).astype(np.float32)
+    got = [sample_token(row, SamplingParams(temperature=0), [], _rng()) for row in logits]
+    assert got == logits.argmax(-1).tolist()
 
 
-def draws(logits: torch.Tensor, params: SamplingParams, n: int = 3000) -> Counter:
-    gen = torch.Generator().manual_seed(1234)
-    counts: Counter = Counter()
-    for _ in range(n):
-        counts[int(sample_next(logits[None], [params], [[]], [gen])[0])] += 1
-    return counts
+def draws(logits: np.ndarray, params: SamplingParams, n: int = 3000) -> Counter:
+    rng = _rng()
+    return Counter(sample_token(logits, params, [], rng) for _ in range(n))
 
 
-def probs_logits(probs: list[float]) -> torch.Tensor:
-    return torch.tensor(probs).log()
+def probs_logits(probs: list[float]) -> np.ndarray:
+    return np.log(np.array(probs, dtype=np.float32))
 
 
 def test_top_k_restricts_support_to_k_best():
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    logits = _rng(3).standard_normal(50).astype(np.float32)
     counts = draws(logits, SamplingParams(temperature=1.0, top_k=3))
-    assert set(counts) == set(logits.topk(3).indices.tolist())
+    assert set(counts) == set(np.argsort(-logits)[:3].tolist())
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -100,6 +118,23 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert counts[1] / counts[3] == pytest.approx(5 / 3, rel=0.15)
     # Without top-p every token appears.
     assert set(draws(logits, SamplingParams(temperature=1.0))) == {0, 1, 2, 3, 4}
+
+
+def test_top_p_matches_transformers_top_p_warper():
+    """The nucleus equals transformers' TopPLogitsWarper's on random distributions (the reference's rule: keep the
+    tokens whose mass before them is below top_p)."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from llamaworks.sampling import _nucleus
+
+    rng = _rng(5)
+    for top_p in (0.3, 0.6, 0.9, 0.99):
+        logits = (rng.standard_normal(500) * 3).astype(np.float32)
+        ours = np.isfinite(_nucleus(logits, 0, top_p))
+        warper = transformers.TopPLogitsWarper(top_p=top_p)
+        theirs = torch.isfinite(warper(None, torch.from_numpy(logits)[None]))[0].numpy()
+        assert (ours == theirs).all(), top_p
 
 
 def test_min_p_drops_tokens_below_fraction_of_the_best():
@@ -115,51 +150,46 @@ def test_temperature_sharpens_distribution():
     assert cold[1] > hot[1] + 300
 
 
+def _log_softmax(x: list[float]) -> np.ndarray:
+    a = np.array(x, dtype=np.float64)
+    return a - a.max() - np.log(np.exp(a - a.max()).sum())
+
+
 def test_repetition_penalty_scales_seen_logits_only():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    params = [SamplingParams(temperature=1.0, repetition_penalty=2.0)]
-    got = token_logprobs(logits, params, [[0, 1, 1]])
-    expected = torch.log_softmax(torch.tensor([[1.0, -4.0, 1.0, 0.5]]), -1)
-    torch.testing.assert_close(got, expected)
+    logits = np.array([2.0, -2.0, 1.0, 0.5], np.float32)
+    got = token_logprobs(logits, SamplingParams(temperature=1.0, repetition_penalty=2.0), [0, 1, 1])
+    np.testing.assert_allclose(got, _log_softmax([1.0, -4.0, 1.0, 0.5]), rtol=1e-6)
     # Greedy avoids the repeated token once the penalty is large enough.
     greedy = SamplingParams(temperature=0, repetition_penalty=3.0)
-    assert sample_next(logits, [greedy], [[]])[0] == 0
-    assert sample_next(logits, [greedy], [[0]])[0] == 2
+    assert sample_token(logits, greedy, [], _rng()) == 0
+    assert sample_token(logits, greedy, [0], _rng()) == 2
 
 
 def test_presence_and_frequency_penalties():
-    logits = torch.zeros(1, 4)
-    params = [SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25)]
-    got = token_logprobs(logits, params, [[2, 2, 2, 0]])
-    expected = torch.log_softmax(torch.tensor([[-0.75, 0.0, -1.25, 0.0]]), -1)
-    torch.testing.assert_close(got, expected)
+    logits = np.zeros(4, np.float32)
+    params = SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25)
+    got = token_logprobs(logits, params, [2, 2, 2, 0])
+    np.testing.assert_allclose(got, _log_softmax([-0.75, 0.0, -1.25, 0.0]), rtol=1e-6)
 
 
 def test_logprobs_apply_temperature_and_leave_input_untouched():
-    logits = torch.tensor([[1.0, 2.0, 3.0]])
-    before = logits.clone()
-    got = token_logprobs(logits, [SamplingParams(temperature=0.5, repetition_penalty=1.5)], [[2]])
-    assert torch.equal(logits, before)
-    torch.testing.assert_close(got, torch.log_softmax(torch.tensor([[2.0, 4.0, 4.0]]), -1))
+    logits = np.array([1.0, 2.0, 3.0], np.float32)
+    before = logits.copy()
+    got = token_logprobs(logits, SamplingParams(temperature=0.5, repetition_penalty=1.5), [2])
+    assert (logits == before).all()
+    np.testing.assert_allclose(got, _log_softmax([2.0, 4.0, 4.0]), rtol=1e-6)
 
 
 def test_same_seed_same_draws_different_seed_differs():
-    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(temperature=1.0, seed=7)] * 4
+    logits = _rng(0).standard_normal(1000).astype(np.float32)
+    params = SamplingParams(temperature=1.0)
 
-    def run(seed: int) -> list[list[int]]:
-        gens = [torch.Generator().manual_seed(seed) for _ in range(4)]
-        return [sample_next(logits, params, [[]] * 4, gens).tolist() for _ in range(20)]
+    def run(seed: int) -> list[int]:
+        rng = _rng(seed)
+        return [sample_token(logits, params, [], rng) for _ in range(20)]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
-
-
-def test_mixed_batch_rows_use_their_own_params():
-    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(5))
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=2)]
-    got = sample_next(logits, params, [[]] * 3, [None, None, torch.Generator().manual_seed(0)])
-    assert got[0] == logits[0].argmax() and got[1] == logits[1].argmax()
 
 
 def test_invalid_params_raise_one_line_error():
@@ -167,13 +197,24 @@ def test_invalid_params_raise_one_line_error():
         SamplingParams(top_p=0)
 
 
+def test_draw_follows_the_distribution_and_never_picks_a_filtered_token():
+    logits = np.log(np.array([0.5, 0.0, 0.2, 0.3, 0.0], np.float32))  # -inf for the zeros
+    params = SamplingParams(temperature=1.0)
+    rng = _rng(0)
+    counts = np.bincount([sample_token(logits, params, [], rng) for _ in range(20000)], minlength=5) / 20000
+    assert counts[1] == 0 and counts[4] == 0  # zero probability: never drawn, even as the last index
+    np.testing.assert_allclose(counts, [0.5, 0.0, 0.2, 0.3, 0.0], atol=0.015)  # 20k draws: s.e. <= 0.0035
+    with pytest.raises(ValueError, match="finite"):
+        sample_token(np.array([np.nan, 0.0], np.float32), params, [], rng)
+
+
 # -- stop strings ----------------------------------------------------------------------------------
 def run_script(text_out: str, params: SamplingParams, prompt: str = "Q:", extra: tuple[int, ...] = ()):
     tok = ByteTokenizer()
     prompt_ids = tok.encode(prompt)
     script = [*text_out.encode("utf-8"), *extra]
-    model = ScriptedModel(script, len(prompt_ids))
-    items = list(generate_stream(model, tok, prompt_ids, params))
+    items = list(engine.generate_stream(engine.Scheduler(ScriptedBackend(script, len(prompt_ids), tok)), prompt_ids,
+                                        params))
     chunks, result = items[:-1], items[-1]
     assert all(isinstance(c, str) and c for c in chunks)
     assert "".join(chunks) == result.text
@@ -230,7 +271,6 @@ def test_korean_stream_never_emits_replacement_character():
 # -- decoding against references -----------------------------------------------------------------
 def naive_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     """Re-run the full forward over the whole sequence each step (no cache)."""
-    model.clear_cache()
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -249,19 +289,20 @@ def test_kv_cache_generation_equals_naive_loop(preset):
     params = SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[])
     tok.stop_ids = set()  # let it run the full length
     tok.eos_id = None
-    result = generate(model, tok, prompt, params)
+    expected = naive_greedy(model, prompt, 20)
+    result = engine.generate(engine_for(model, tok), prompt, params)
     assert result.finish_reason == "length" and result.completion_tokens == 20
-    assert result.token_ids == naive_greedy(model, prompt, 20)
+    assert result.token_ids == expected
 
 
-def test_left_padded_batch_equals_one_by_one():
+def test_batch_equals_one_by_one():
     tok = ByteTokenizer()
     tok.stop_ids, tok.eos_id = set(), None
     model = tiny_model()
     prompts = [tok.encode(p) for p in ["Hi", "A much longer prompt here", "Mid length"]]
     params = SamplingParams(temperature=0, max_new_tokens=12)
-    batched = generate_batch(model, tok, prompts, params)
-    single = [generate(model, tok, p, params) for p in prompts]
+    batched = engine.generate_batch(engine_for(model, tok, max_rows=3), prompts, params)
+    single = [engine.generate(engine_for(model, tok), p, params) for p in prompts]
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert [r.prompt_tokens for r in batched] == [len(p) for p in prompts]
 
@@ -271,10 +312,10 @@ def test_batched_rows_finish_independently():
     model = tiny_model()
     prompts = [tok.encode("one"), tok.encode("three tokens")]
     params = [SamplingParams(temperature=0, max_new_tokens=3), SamplingParams(temperature=0, max_new_tokens=9)]
-    results = generate_batch(model, tok, prompts, params)
+    results = engine.generate_batch(engine_for(model, tok, max_rows=2), prompts, params)
     assert results[0].completion_tokens <= 3 and results[1].completion_tokens <= 9
     tok.stop_ids, tok.eos_id = set(), None
-    results = generate_batch(model, tok, prompts, params)
+    results = engine.generate_batch(engine_for(model, tok, max_rows=2), prompts, params)
     assert [r.completion_tokens for r in results] == [3, 9]
 
 
@@ -282,10 +323,11 @@ def test_seeded_sampling_is_reproducible():
     tok = ByteTokenizer()
     model = tiny_model()
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_new_tokens=16)
-    a = generate(model, tok, tok.encode("seed"), params)
-    b = generate(model, tok, tok.encode("seed"), params)
-    c = generate(model, tok, tok.encode("seed"), SamplingParams(temperature=1.0, top_p=0.95, seed=43,
-                                                                 max_new_tokens=16))
+    run = engine_for(model, tok)
+    a = engine.generate(run, tok.encode("seed"), params)
+    b = engine.generate(run, tok.encode("seed"), params)
+    c = engine.generate(run, tok.encode("seed"), SamplingParams(temperature=1.0, top_p=0.95, seed=43,
+                                                                max_new_tokens=16))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
@@ -295,19 +337,21 @@ def test_context_limit_errors_and_caps():
     tok.stop_ids, tok.eos_id = set(), None
     model = tiny_model()  # max_seq_len 256
     with pytest.raises(ContextLengthError, match="300 tokens"):
-        generate(model, tok, [65] * 300, SamplingParams(temperature=0))
+        engine.generate(engine_for(model, tok), [65] * 300, SamplingParams(temperature=0))
     with pytest.raises(ContextLengthError):
-        generate(model, tok, [65] * 20, SamplingParams(temperature=0), max_context=20)
-    result = generate(model, tok, [65] * 250, SamplingParams(temperature=0, max_new_tokens=100))
+        engine.generate(engine_for(model, tok, max_context=20), [65] * 20, SamplingParams(temperature=0))
+    result = engine.generate(engine_for(model, tok), [65] * 250, SamplingParams(temperature=0, max_new_tokens=100))
     assert result.completion_tokens == 6 and result.finish_reason == "length"
-    result = generate(model, tok, [65] * 10, SamplingParams(temperature=0, max_new_tokens=100), max_context=16)
+    result = engine.generate(engine_for(model, tok, max_context=16), [65] * 10,
+                             SamplingParams(temperature=0, max_new_tokens=100))
     assert result.completion_tokens == 6
 
 
 def test_timings_reported():
     tok = ByteTokenizer()
     tok.stop_ids, tok.eos_id = set(), None
-    result = generate(tiny_model(), tok, tok.encode("time me"), SamplingParams(temperature=0, max_new_tokens=8))
+    result = engine.generate(engine_for(tiny_model(), tok), tok.encode("time me"),
+                             SamplingParams(temperature=0, max_new_tokens=8))
     assert result.prefill_seconds > 0 and result.decode_seconds > 0
     # The rates are the token counts over those times: prompt tokens in prefill, every token after the first in
     # decode (the first comes out of prefill).
@@ -324,8 +368,9 @@ def test_korean_stream_with_real_byte_level_bpe(smollm2_gguf):
     script = tok.encode(text, add_bos=False)
     assert any("\ufffd" in tok.decode([i]) for i in script)  # the hard case really occurs
     prompt = tok.encode("<|im_start|>user\n인사해 줘<|im_end|>\n<|im_start|>assistant\n", add_bos=False)
-    model = ScriptedModel([*script, tok.eos_id], len(prompt), vocab_size=tok.vocab_size)
-    items = list(generate_stream(model, tok, prompt, SamplingParams(temperature=0, max_new_tokens=200)))
+    backend = ScriptedBackend([*script, tok.eos_id], len(prompt), tok, vocab_size=tok.vocab_size)
+    items = list(engine.generate_stream(engine.Scheduler(backend), prompt,
+                                        SamplingParams(temperature=0, max_new_tokens=200)))
     chunks, result = items[:-1], items[-1]
     assert result.text == text and result.finish_reason == "stop"
     assert "".join(chunks) == text
@@ -340,6 +385,7 @@ def test_greedy_matches_transformers_on_default_model(smollm2_ours, smollm2_tran
 
     model, tok, _ = smollm2_ours
     template = template_for(tok)
+    run = engine_for(model, tok)
     hf = smollm2_transformers
     compared = 0
     for question in ["Write a haiku about llamas.", "List three prime numbers.", "Explain what a rainbow is."]:
@@ -349,21 +395,7 @@ def test_greedy_matches_transformers_on_default_model(smollm2_ours, smollm2_tran
         with torch.no_grad():  # an explicit mask: the prompt contains the pad id (<|im_end|>)
             expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
                                    eos_token_id=sorted(tok.stop_ids), pad_token_id=tok.pad_id)[0, len(ids):]
-        got = generate(model, tok, ids, SamplingParams(temperature=0, max_new_tokens=32))
+        got = engine.generate(run, ids, SamplingParams(temperature=0, max_new_tokens=32))
         assert got.token_ids == expected.tolist(), question
         compared += len(got.token_ids)
     assert compared >= 64
-
-
-def test_draw_follows_the_distribution_and_never_picks_a_filtered_token():
-    from llamaworks.generate import draw
-
-    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.stack([draw(probs, g) for _ in range(20000)]), minlength=5).float() / 20000
-    assert counts[1] == 0 and counts[4] == 0  # zero probability: never drawn, even as the last index
-    assert torch.allclose(counts, probs, atol=0.015)  # 20k draws: standard error <= 0.0035
-    assert draw(torch.tensor([0.0, 0.0, 3.0]), g) == 2  # unnormalised weights are fine
-    for bad in ([0.0, 0.0], [0.5, float("nan")], [0.5, -0.1]):
-        with pytest.raises(ValueError, match="finite, non-negative"):
-            draw(torch.tensor(bad), g)

@@ -1,4 +1,5 @@
-"""The serving engine (continuous batching), JSON-mode grammar, tool-call parsing and the HTTP error contract."""
+"""The scheduler as the server runs it (continuous batching, chunked prefill, prefix cache), JSON-mode grammar,
+tool-call parsing and the HTTP error contract."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import random
 
 import pytest
 
-from llamaworks.generate import SamplingParams, generate
+from llamaworks.engine.scheduler import FinishEvent, QueueFullError, Scheduler, TokenEvent
+from llamaworks.sampling import SamplingParams
 from llamaworks.serve.constrained import JsonState, closing_text, step
-from llamaworks.serve.engine import Engine, FinishEvent, QueueFullError, TokenEvent
-from serve_testutil import tiny_model, wait_until
+from serve_testutil import engine_for, generate_alone, tiny_model, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +38,7 @@ def _drain(q: queue.Queue, timeout: float = 60.0) -> tuple[list[TokenEvent], Fin
         tokens.append(ev)
 
 
-def _submit(engine: Engine, prompt: list[int], **kw) -> queue.Queue:
+def _submit(engine: Scheduler, prompt: list[int], **kw) -> queue.Queue:
     q: queue.Queue = queue.Queue()
     params = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 12, **kw})
     engine.submit(prompt, params, q.put)
@@ -45,13 +46,13 @@ def _submit(engine: Engine, prompt: list[int], **kw) -> queue.Queue:
 
 
 def test_concurrent_greedy_equals_sequential_generate(model, tokenizer):
-    """Rows joining and leaving mid-flight (3 slots, 7 prompts of different lengths, a cache that must grow
-    and compact) give exactly what generate() gives one prompt at a time."""
+    """Rows joining and leaving mid-flight (3 rows, 7 prompts of different lengths, prompts read in chunks beside
+    decoding rows) give exactly what one prompt at a time on a one-row scheduler gives."""
     rng = random.Random(0)
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "한국어", "text", "streams"]
     prompts = [tokenizer.encode(" ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))) for _ in range(7)]
     lengths = [5 + 4 * i for i in range(7)]
-    engine = Engine(model, tokenizer, max_batch=3, queue_size=16, initial_capacity=16).start()
+    engine = engine_for(model, tokenizer, max_rows=3, queue_size=16, step_tokens=8).start()
     try:
         queues = [_submit(engine, p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
         results = [_drain(q) for q in queues]
@@ -60,48 +61,44 @@ def test_concurrent_greedy_equals_sequential_generate(model, tokenizer):
         engine.stop()
     assert stats.max_rows_in_step == 3 and stats.multi_row_steps > 0
     for prompt, n, (events, fin) in zip(prompts, lengths, results):
-        ref = generate(model, tokenizer, prompt, SamplingParams(temperature=0.0, max_new_tokens=n))
+        ref = generate_alone(model, tokenizer, prompt, SamplingParams(temperature=0.0, max_new_tokens=n))
         assert fin.token_ids == ref.token_ids
         assert fin.text == ref.text == "".join(e.text for e in events)
         assert fin.prompt_tokens == len(prompt) and fin.completion_tokens == len(ref.token_ids)
-    model.clear_cache()
 
 
 @pytest.mark.slow
-def test_engine_on_the_quantized_default_model_equals_generate(smollm2_gguf, monkeypatch):
-    """Decode steps over the server's per-slot cache use the native fused step (rows from the top of the buffer);
-    everything else takes the general path; either way the tokens equal generate()'s."""
-    import llamaworks
-    from llamaworks import runtime
-    from llamaworks.quant import kernels
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_scheduler_on_the_default_model_equals_one_row_at_a_time(smollm2_gguf, backend):
+    """The server's configuration (several rows, chunked prefill, prefix cache) on each backend with the default
+    model gives the tokens a one-row run gives, float activations (per-row arithmetic is independent)."""
+    from llamaworks.api import load_backend
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.engine.scheduler import generate
 
-    native_rows = []
-    real = runtime._native_decode
+    def load(rows: int):
+        options = EngineOptions(max_rows=rows, max_context=256, int8_activations=False, threads=1)
+        return load_backend(smollm2_gguf, backend=backend, options=options)
 
-    def counting(model, layer_args, tokens, *args):
-        native_rows.append(tokens.shape[0])
-        return real(model, layer_args, tokens, *args)
-
-    monkeypatch.setattr(runtime, "_native_decode", counting)
-    llm = llamaworks.load(smollm2_gguf)  # GGUF on the CPU: the quantized fast path
-    tok = llm.tokenizer
-    prompts = [tok.encode(p) for p in ["The capital of France is", "1, 2, 3, 4,", "A"]]
-    engine = Engine(llm.model, tok, max_batch=3).start()
+    batched = Scheduler(load(3), step_tokens=6).start()
+    tok = batched.tokenizer
+    prompts = [tok.encode(p) for p in ["The capital of France is", "1, 2, 3, 4,", "A", "The capital of Italy is"]]
     try:
-        queues = [_submit(engine, p, max_new_tokens=10) for p in prompts]
+        queues = [_submit(batched, p, max_new_tokens=10) for p in prompts]
         results = [_drain(q) for q in queues]
+        stats = batched.stats
     finally:
-        engine.stop()
-    if kernels.native_available():
-        assert native_rows and max(native_rows) > 1  # batched decode steps ran natively
+        batched.stop()
+    assert stats.multi_row_steps > 0 and stats.cached_prompt_tokens > 0  # "The capital of" came from the cache
+    alone = Scheduler(load(1))
     for prompt, (_, fin) in zip(prompts, results):
-        ref = generate(llm.model, tok, prompt, SamplingParams(temperature=0.0, max_new_tokens=10))
+        ref = generate(alone, prompt, SamplingParams(temperature=0.0, max_new_tokens=10))
         assert fin.token_ids == ref.token_ids
 
 
 def test_choices_of_one_request_share_one_prefill(model, tokenizer):
     prompt = tokenizer.encode("Choices share the prompt")
-    engine = Engine(model, tokenizer, max_batch=4).start()
+    engine = engine_for(model, tokenizer, max_rows=4).start()
     try:
         q: queue.Queue = queue.Queue()
         engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=8), q.put, n=3)
@@ -110,19 +107,66 @@ def test_choices_of_one_request_share_one_prefill(model, tokenizer):
             ev = q.get(timeout=60)
             if isinstance(ev, FinishEvent):
                 finishes.append(ev)
-        prefills = engine.stats.prefills
+        stats = engine.stats
     finally:
         engine.stop()
-    ref = generate(model, tokenizer, prompt, SamplingParams(temperature=0.0, max_new_tokens=8))
-    assert prefills == 1
+    ref = generate_alone(model, tokenizer, prompt, SamplingParams(temperature=0.0, max_new_tokens=8))
+    # The first choice reads the prompt; the others copy all of it but the last token (whose logits they need).
+    assert stats.prefill_tokens == len(prompt) + 2 and stats.cached_prompt_tokens == 2 * (len(prompt) - 1)
     assert sorted(f.index for f in finishes) == [0, 1, 2]
     assert all(f.token_ids == ref.token_ids for f in finishes)
-    model.clear_cache()
+
+
+def test_a_shared_prefix_is_computed_once_and_gives_the_same_tokens(model, tokenizer):
+    """A second request starting with the first one's prompt (a chat's next turn, a shared system prompt) reads only
+    its new tokens from the model, and its output equals a run without any cache."""
+    system = tokenizer.encode("You are a helpful assistant who answers briefly and politely. " * 3)
+    first, second = system + tokenizer.encode("Hi"), system + tokenizer.encode("What is a llama?")
+    engine = engine_for(model, tokenizer, max_rows=2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    from llamaworks.engine.scheduler import generate
+
+    generate(engine, first, params)
+    computed = engine.stats.prefill_tokens
+    out = generate(engine, second, params)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared >= len(system) - 1
+    assert engine.stats.prefill_tokens - computed == len(second) - shared
+    assert out.token_ids == generate_alone(model, tokenizer, second, params).token_ids
+
+
+def test_a_long_prompt_is_read_in_chunks_while_other_streams_keep_decoding(model, tokenizer):
+    """Chunked prefill: while a 200-token prompt is read, 8 tokens per step, a decoding stream gets a token every
+    step; both outputs equal what each gives alone."""
+    engine = engine_for(model, tokenizer, max_rows=2, step_tokens=8, max_context=256)
+    order: list[str] = []
+    short, long_ = tokenizer.encode("Tell me a story"), list(range(300, 500))
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    outs: dict[str, FinishEvent] = {}
+
+    def emit(name):
+        def f(ev):
+            if isinstance(ev, FinishEvent):
+                outs[name] = ev
+            else:
+                order.append(name)
+        return f
+
+    engine.submit(short, params, emit("short"))
+    engine.step()  # the short prompt is read and decoding starts
+    engine.submit(long_, SamplingParams(temperature=0.0, max_new_tokens=3), emit("long"))
+    while len(outs) < 2:
+        engine.step()
+    first_long = order.index("long")
+    assert order[:first_long].count("short") >= 200 // 8 - 1  # one short token per step of the long prompt
+    assert outs["short"].token_ids == generate_alone(model, tokenizer, short, params).token_ids
+    assert outs["long"].token_ids == generate_alone(model, tokenizer, long_, SamplingParams(
+        temperature=0.0, max_new_tokens=3)).token_ids
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer):
     prompt = tokenizer.encode("Once upon a time")
-    engine = Engine(model, tokenizer, max_batch=4).start()
+    engine = engine_for(model, tokenizer, max_rows=4).start()
     try:
         alone = _drain(_submit(engine, prompt, temperature=1.0, seed=7, max_new_tokens=10))[1].token_ids
         crowd = [_submit(engine, prompt, temperature=1.0, seed=s, max_new_tokens=10) for s in (7, 8, 7)]
@@ -135,7 +179,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer)
 
 def test_stop_string_is_cut_and_reported(model, tokenizer):
     prompt = tokenizer.encode("Hello there")
-    engine = Engine(model, tokenizer).start()
+    engine = engine_for(model, tokenizer).start()
     try:
         full = _drain(_submit(engine, prompt, max_new_tokens=20))[1].text
         stop = full[len(full) // 2: len(full) // 2 + 3]
@@ -150,7 +194,7 @@ def test_stop_string_is_cut_and_reported(model, tokenizer):
 
 def test_cancel_frees_the_slot_and_queue_full_is_raised(model, tokenizer):
     prompt = tokenizer.encode("Hi")
-    engine = Engine(model, tokenizer, max_batch=1, queue_size=1).start()
+    engine = engine_for(model, tokenizer, max_rows=1, queue_size=1).start()
     try:
         q1: queue.Queue = queue.Queue()
         r1 = engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=200), q1.put)
@@ -169,12 +213,22 @@ def test_cancel_frees_the_slot_and_queue_full_is_raised(model, tokenizer):
         engine.stop()
 
 
-def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(model, tokenizer):
-    engine = Engine(model, tokenizer, max_batch=2).start()
+def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(model, tokenizer, monkeypatch):
+    engine = engine_for(model, tokenizer, max_rows=2)
+    real = engine.backend.forward
+    poison = tokenizer.encode(" zebra")[-1]
+
+    def forward(rows, tokens, positions, logits_for):
+        if poison in tokens:
+            raise RuntimeError("boom")
+        return real(rows, tokens, positions, logits_for)
+
+    monkeypatch.setattr(engine.backend, "forward", forward)
+    engine.start()
     try:
         running = _submit(engine, tokenizer.encode("still fine"), max_new_tokens=30)
-        _, bad = _drain(_submit(engine, [model.config.vocab_size + 5]))  # out of the embedding's range
-        assert bad.reason == "error" and "IndexError" in bad.error
+        _, bad = _drain(_submit(engine, tokenizer.encode("a zebra")))
+        assert bad.reason == "error" and "RuntimeError: boom" in bad.error
         _, after = _drain(_submit(engine, tokenizer.encode("Hello"), max_new_tokens=3))
         assert after.reason == "length" and after.completion_tokens == 3
         assert _drain(running)[1].reason in ("error", "length")  # in flight when the step failed: answered
@@ -183,15 +237,17 @@ def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(model
         engine.stop()
 
 
-def test_prompt_must_fit_the_context(model, tokenizer):
-    engine = Engine(model, tokenizer, max_context=64)
-    with pytest.raises(ValueError, match="context"):
+def test_prompt_must_fit_the_context_and_the_vocabulary(model, tokenizer):
+    engine = engine_for(model, tokenizer, max_context=64)
+    with pytest.raises(ValueError, match="64 tokens but the context holds 64"):
         engine.submit(list(range(100, 164)), SamplingParams(), lambda e: None)
+    with pytest.raises(ValueError, match=f"token id {model.config.vocab_size + 5} is outside the vocabulary"):
+        engine.submit([model.config.vocab_size + 5], SamplingParams(), lambda e: None)
 
 
 def test_json_mode_output_parses_even_when_truncated(model, tokenizer):
     prompt = tokenizer.encode("Give me a JSON object:")
-    engine = Engine(model, tokenizer, max_batch=4).start()
+    engine = engine_for(model, tokenizer, max_rows=4).start()
     try:
         queues = []
         for seed, n in ((1, 40), (2, 12), (3, 6)):
@@ -242,7 +298,7 @@ def test_http_errors_have_the_openai_shape_and_no_500(model, tokenizer):
 
     from llamaworks.serve.app import create_app
 
-    engine = Engine(model, tokenizer, max_batch=2, max_context=128)
+    engine = engine_for(model, tokenizer, max_rows=2, max_context=128)
     app = create_app(engine, api_key="sekrit", model_name="tiny")
     auth = {"Authorization": "Bearer sekrit"}
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -283,7 +339,6 @@ def test_http_errors_have_the_openai_shape_and_no_500(model, tokenizer):
         page = client.get("/")
         assert page.status_code == 200 and "app.js" in page.text
         assert client.get("/static/app.js").status_code == 200
-    model.clear_cache()
 
 
 def test_listen_socket_errors_are_one_line():
@@ -312,16 +367,17 @@ def test_listen_socket_errors_are_one_line():
 def test_a_stream_that_fails_mid_way_ends_with_an_error_event(model, tokenizer, monkeypatch, route):
     from fastapi.testclient import TestClient
 
-    from llamaworks.model import Transformer
     from llamaworks.serve.app import create_app
 
-    def prefill_only(tokens, *args, **kwargs):
-        if tokens.shape[1] == 1:
-            raise RuntimeError("boom")  # every decode step fails; the prefill (first token) works
-        return Transformer.forward(model, tokens, *args, **kwargs)
+    engine = engine_for(model, tokenizer, max_rows=2, max_context=128)
+    real = engine.backend.forward
 
-    monkeypatch.setattr(model, "forward", prefill_only)
-    engine = Engine(model, tokenizer, max_batch=2, max_context=128)
+    def prefill_only(rows, tokens, positions, logits_for):
+        if len(tokens) == 1:
+            raise RuntimeError("boom")  # every decode step fails; the prompt (first token) works
+        return real(rows, tokens, positions, logits_for)
+
+    monkeypatch.setattr(engine.backend, "forward", prefill_only)
     body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "Hello"})
     with TestClient(create_app(engine, model_name="tiny")) as client:
         r = client.post(route, json={"model": "tiny", "max_tokens": 8, "stream": True, **body})

@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from llamaworks.serve.app import create_app
-from llamaworks.serve.engine import Engine
-from serve_testutil import running_server, tiny_model, wait_until
+from serve_testutil import engine_for, running_server, tiny_model, wait_until
 
 MODEL = "tiny-serve"
 USER = [{"role": "user", "content": "Tell me about llamas."}]
@@ -34,7 +33,7 @@ def tokenizer(smollm2_gguf):
 def server(tokenizer):
     """(base_url, engine) of a server over a tiny random model with SmolLM2's real tokenizer and template."""
     model = tiny_model(tokenizer.vocab_size)
-    engine = Engine(model, tokenizer, max_batch=8, queue_size=64)
+    engine = engine_for(model, tokenizer, max_rows=8, queue_size=64)
     with running_server(create_app(engine, model_name=MODEL)) as url:
         yield url, engine
 
@@ -197,7 +196,7 @@ def test_tools_render_as_the_models_own_template_does(tokenizer, hf_tokenizer):
 
     source = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
     model = tiny_model(tokenizer.vocab_size, max_seq_len=512)  # Qwen's tool preamble is ~250 tokens
-    engine = Engine(model, tokenizer, max_batch=2, queue_size=4)
+    engine = engine_for(model, tokenizer, max_rows=2, queue_size=4)
     server = _Server(engine, MODEL, ChatTemplate(source))
     assert server.template_supports_tools
     for messages in (USER, HISTORY):
@@ -259,7 +258,7 @@ def test_errors(client, server):
 
 
 def test_api_key_required(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer, max_batch=2)
+    engine = engine_for(tiny_model(tokenizer.vocab_size), tokenizer, max_rows=2)
     with running_server(create_app(engine, api_key="k-123", model_name=MODEL)) as url:
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -272,7 +271,7 @@ def test_api_key_required(tokenizer):
 
 def test_queue_full_answers_503_with_retry_after(tokenizer):
     # A long context so the running request cannot finish before the queue is tested.
-    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=1, queue_size=1)
+    engine = engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_rows=1, queue_size=1)
     with running_server(create_app(engine, model_name=MODEL)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         long = dict(model=MODEL, prompt="Hi", max_tokens=4000, temperature=0)
@@ -323,7 +322,7 @@ def test_continuous_batching_concurrent_equals_sequential(client, server):
 
 
 def test_disconnecting_client_frees_its_slot(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=2)
+    engine = engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_rows=2)
     with running_server(create_app(engine, model_name=MODEL)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         stream = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=4000, temperature=0, stream=True)
@@ -346,7 +345,7 @@ def test_real_model_end_to_end(smollm2_gguf):
     from llamaworks import load
 
     llm = load(smollm2_gguf)
-    engine = Engine(llm.model, llm.tokenizer, max_batch=4, max_context=1024)
+    engine = engine_for(llm.model, llm.tokenizer, max_rows=4, max_context=1024)
     with running_server(create_app(engine, model_name="smollm2", chat_template=llm.template)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
         r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
@@ -364,7 +363,7 @@ def test_real_model_end_to_end(smollm2_gguf):
 
 
 def test_non_streaming_client_that_gives_up_is_cancelled(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=2)
+    engine = engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_rows=2)
     with running_server(create_app(engine, model_name=MODEL)) as url:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4000, "temperature": 0}
         with pytest.raises(httpx.TimeoutException):

@@ -1,15 +1,17 @@
-"""`llamaworks bench`: prefill and decode speed, time to first token and peak memory of the fast CPU path.
+"""`llamaworks bench`: prefill and decode speed, time to first token and peak memory of one backend.
 
-runtime "lean" measures the torch-free runtime (lean.py: what `llamaworks chat`/`generate` use for GGUF files on
-the CPU), "torch" the quantized torch runtime (runtime.py: the server, the Python API); "auto" (default) picks
-as the chat does. Figures (one process, the model loaded once):
+backend "native" measures the C++ kernels (engine/native.py: what chat/generate/serve use for GGUF files on the
+CPU), "torch" model.py on torch with quantized linears (engine/torch_backend.py); "auto" (default) picks as the
+chat does. Both run through the backend contract (`forward(rows, tokens, positions, logits_for)`) on row 0.
+Figures (one process, the model loaded once):
 - load_s:          checkpoint -> ready model (GGUF blocks read into huge pages or memory-mapped, never expanded).
 - ttft_s:          first token of a short chat prompt right after load (includes any first-call cost).
 - prefill_tok_s:   `prompt_tokens` tokens through the model in one call, median of `runs`.
 - decode_tok_s:    `gen_tokens` greedy one-token steps after that prompt, median of `runs`.
-- peak_rss_mib:    the process's peak resident memory (with the torch runtime, torch's own ~200 MiB included).
+- peak_rss_mib:    the process's peak resident memory (with the torch backend, torch's own ~200 MiB included).
 - cpu, cpu_simd, kernel_isa: the machine the figures come from and the SIMD paths the kernels were built with
-  (`cpu_target` other than "native" builds the torch-free kernels for another CPU class, e.g. x86-64-v3: AVX2).
+  (`cpu_target` other than "native" builds the native kernels for another CPU class, e.g. x86-64-v3: AVX2).
+- the backend's own facts (`Backend.describe()`): threads, where the weights are, the x8 share, ...
 Prompts are fixed pseudo-random token ids (seeded), so other engines can be fed exactly the same tokens.
 """
 
@@ -75,31 +77,41 @@ def _short_chat_prompt(tokenizer: Any, vocab_size: int) -> list[int]:
 
 
 def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128,
-              ctx: int = 1024, runs: int = 3, threads: int | None = None, compile: bool = False,
-              weights: str = "q8_0", mmap: bool | None = None, runtime: str = "auto",
-              cpu_target: str = "native") -> dict[str, Any]:
-    """Measure the fast path on one model; returns a JSON-able dict (see the module docstring)."""
-    from . import choose_runtime
+              ctx: int = 1024, runs: int = 3, threads: int | None = None, weights: str = "q8_0",
+              mmap: bool | None = None, backend: str = "auto", cpu_target: str = "native") -> dict[str, Any]:
+    """Measure one backend on one model; returns a JSON-able dict (see the module docstring)."""
+    from .api import load_backend
+    from .engine.backend import EngineOptions
 
     if cpu_target != "native":
-        if runtime == "torch":
-            raise ValueError("--cpu-target builds the torch-free kernels for another CPU: use --runtime lean")
-        runtime = "lean"
+        if backend == "torch":
+            raise ValueError("--cpu-target builds the native kernels for another CPU: use --backend native")
+        backend = "native"
     if prompt_tokens + gen_tokens > ctx:
         raise ValueError(f"--prompt-tokens + --gen-tokens ({prompt_tokens + gen_tokens}) exceed --ctx ({ctx})")
-    if compile and runtime == "auto":
-        runtime = "torch"  # torch.compile is the torch runtime's
-    if choose_runtime(runtime, model_path, "cpu") == "lean":
-        from .lean import LeanUnsupported
+    options = EngineOptions.from_environment(max_context=ctx, threads=threads, mmap=mmap, cpu_target=cpu_target)
+    rss_before = current_rss_mib()
+    t0 = time.perf_counter()
+    model = load_backend(model_path, backend=backend, options=options, device="cpu", quantize=weights)
+    load_s = time.perf_counter() - t0
 
-        try:
-            return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                             threads=threads, mmap=mmap, cpu_target=cpu_target)
-        except LeanUnsupported:
-            if runtime != "auto":
-                raise
-    return _run_torch(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                      threads=threads, compile=compile, weights=weights, mmap=mmap)
+    def next_token(ids: list[int], start_pos: int) -> int:
+        logits = model.forward([0] * len(ids), ids, range(start_pos, start_pos + len(ids)), [len(ids) - 1])
+        return int(np.argmax(logits[0]))
+
+    short = _short_chat_prompt(model.tokenizer, model.config.vocab_size)
+    t1 = time.perf_counter()
+    next_token([next_token(short, 0)], len(short))  # the first token and the first decode step after load
+    ttft_s = time.perf_counter() - t1
+    speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
+    facts = model.describe()
+    cfg = model.config
+    return {"engine": "llamaworks", "backend": model.name, **_machine(facts.pop("kernel_isa"), cpu_target),
+            "model": str(getattr(model, "path", model_path)), "model_name": cfg.name,
+            "params_m": round(cfg.n_params / 1e6, 1), "int8_activations": model.options.int8_activations,
+            "kv_dtype": model.options.kv_dtype, **facts, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+            "ctx": ctx, "runs": runs, "load_s": round(load_s, 3), "ttft_s": round(ttft_s, 3), **speeds,
+            "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_load_mib": round(rss_before, 1)}
 
 
 def _machine(kernel_isa: str, cpu_target: str) -> dict[str, str]:
@@ -109,126 +121,15 @@ def _machine(kernel_isa: str, cpu_target: str) -> dict[str, str]:
     return {"cpu": cpu["model"], "cpu_simd": cpu["simd"], "cpu_target": cpu_target, "kernel_isa": kernel_isa}
 
 
-def _run_lean(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
-              runs: int, threads: int | None, mmap: bool | None, cpu_target: str = "native") -> dict[str, Any]:
-    from .lean import LeanModel
-    from .quant.lean_kernels import isa, library
-
-    rss_before = current_rss_mib()
-    t0 = time.perf_counter()
-    model = LeanModel.load(model_path, max_context=ctx, threads=threads, mmap=mmap, cpu_target=cpu_target)
-    load_s = time.perf_counter() - t0
-
-    def next_token(ids: list[int], start_pos: int) -> int:
-        return int(np.argmax(model.forward(ids, start_pos)))
-
-    short = _short_chat_prompt(model.tokenizer, model.config.vocab_size)
-    t1 = time.perf_counter()
-    next_token([next_token(short, 0)], len(short))  # the first token and the first decode step after load
-    ttft_s = time.perf_counter() - t1
-    speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
-    int8 = bool(library(cpu_target).lw_int8_decode(-1))
-    return {"engine": "llamaworks", "runtime": "lean", **_machine(isa(cpu_target), cpu_target),
-            "model": str(model.path), "model_name": model.config.name,
-            "params_m": round(model.config.n_params / 1e6, 1), "threads": model.threads, "native_kernels": True,
-            "int8_decode": int8, "bf16_prefill": False, "prefill_kernels": "int8 decode kernels, 32-token chunks"
-            if int8 else "float decode kernels, 8-token chunks", "weights_in": model.weights_in,
-            "interleaved_linears": round(model.interleaved_share, 3), "kv_dtype": model.kv_dtype, "compile": False,
-            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "ctx": ctx, "runs": runs,
-            "load_s": round(load_s, 3), "ttft_s": round(ttft_s, 3), **speeds,
-            "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_load_mib": round(rss_before, 1)}
-
-
-def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
-               runs: int, threads: int | None, compile: bool, weights: str, mmap: bool | None) -> dict[str, Any]:
-    import torch
-
-    from .quant import kernels
-    from .runtime import load_quantized_model, set_threads
-
-    threads = set_threads(threads) if threads else torch.get_num_threads()
-    rss_before = current_rss_mib()
-    t0 = time.perf_counter()
-    model, tokenizer, checkpoint = load_quantized_model(model_path, weights=weights, compile=compile, mmap=mmap)
-    load_s = time.perf_counter() - t0
-    model.setup_cache(1, ctx)
-
-    @torch.inference_mode()
-    def next_token(ids: list[int], start_pos: int) -> int:
-        return int(model(torch.tensor([ids]), start_pos=start_pos, last_only=True)[0, -1].argmax())
-
-    # Time to first token: a short chat turn, the first call after load (and the first decode step: it compiles
-    # when asked).
-    short = _short_chat_prompt(tokenizer, model.config.vocab_size)
-    t1 = time.perf_counter()
-    next_token([next_token(short, 0)], len(short))
-    ttft_s = time.perf_counter() - t1
-    speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
-    cfg = model.config
-    return {
-        "engine": "llamaworks",
-        "runtime": "torch",
-        **_machine(kernels.isa(), "native"),
-        "model": str(getattr(checkpoint, "path", model_path)),
-        "model_name": cfg.name,
-        "params_m": round(cfg.n_params / 1e6, 1),
-        "threads": threads,
-        "native_kernels": kernels.native_available(),
-        "int8_decode": kernels.int8_decode(),
-        "bf16_prefill": kernels.bf16_prefill(),
-        "prefill_kernels": "bf16 gemm" if kernels.bf16_prefill() else "float32 gemm",
-        "weights_in": "mmap" if _is_file_mapped(model) else "memory",
-        "interleaved_linears": _interleaved_share(model),
-        "kv_dtype": str(model.kv_cache_dtype()).removeprefix("torch."),
-        "compile": compile,
-        "prompt_tokens": prompt_tokens,
-        "gen_tokens": gen_tokens,
-        "ctx": ctx,
-        "runs": runs,
-        "load_s": round(load_s, 3),
-        "ttft_s": round(ttft_s, 3),
-        **speeds,
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "rss_before_load_mib": round(rss_before, 1),
-    }
-
-
-def _interleaved_share(model: Any) -> float:
-    """Fraction of the quantized linears whose rows are regrouped for the x8 decode kernel."""
-    from .quant import GGMLLinear
-
-    linears = [m for m in model.modules() if isinstance(m, GGMLLinear)]
-    return round(sum(m.interleaved for m in linears) / len(linears), 3) if linears else 0.0
-
-
-def _is_file_mapped(model: Any) -> bool:
-    """Whether the first block tensor lies in a file mapping (else anonymous memory: huge pages or a copy)."""
-    raws = [b for n, b in model.named_buffers() if n.endswith("raw")]
-    if not raws:
-        return False
-    address = raws[0].data_ptr()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                span, _, _, _, inode, *_ = [*line.split(), ""]
-                lo, hi = (int(v, 16) for v in span.split("-"))
-                if lo <= address < hi:
-                    return inode not in ("0", "")
-    except OSError:
-        pass
-    return False
-
-
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"llamaworks bench — {Path(result['model']).name} ({result['params_m']}M params, "
-                        f"{result['runtime']} runtime, {result['threads']} threads)")
+                        f"{result['backend']} backend, {result['threads']} threads)")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    kernels_used = ", ".join([f"{'int8' if result['int8_decode'] else 'float32'} decode activations",
-                              f"prefill: {result['prefill_kernels']}",
+    kernels_used = ", ".join([f"{'int8' if result['int8_activations'] else 'float32'} activations",
                               f"{result['kv_dtype']} KV cache",
                               "weights memory-mapped" if result["weights_in"] == "mmap" else "weights in memory",
                               f"{result['interleaved_linears']:.0%} of linears in x8 rows"])
@@ -249,11 +150,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(model: str | None = None, *, prompt_tokens: int = 512, gen_tokens: int = 128, ctx: int = 1024,
-         runs: int = 3, threads: int | None = None, compile: bool = False, weights: str = "q8_0",
-         as_json: bool = False, mmap: bool | None = None, runtime: str = "auto", cpu_target: str = "native") -> int:
+         runs: int = 3, threads: int | None = None, weights: str = "q8_0", as_json: bool = False,
+         mmap: bool | None = None, backend: str = "auto", cpu_target: str = "native") -> int:
     result = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
-                       threads=threads, compile=compile, weights=weights, mmap=mmap, runtime=runtime,
-                       cpu_target=cpu_target)
+                       threads=threads, weights=weights, mmap=mmap, backend=backend, cpu_target=cpu_target)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

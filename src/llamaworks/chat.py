@@ -54,14 +54,14 @@ class Fitted:
 class ChatSession:
     """One conversation: an optional system prompt and alternating user/assistant turns."""
 
-    def __init__(self, model: Any, tokenizer: Any, template: Any, *, system: str | None = None,
-                 params: Any = None, max_context: int | None = None) -> None:
-        from .sampling import SamplingParams, context_size
+    def __init__(self, scheduler: Any, template: Any, *, system: str | None = None, params: Any = None,
+                 max_context: int | None = None) -> None:
+        from .sampling import SamplingParams
 
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.scheduler, self.tokenizer, self.template = scheduler, scheduler.tokenizer, template
         self.system = system or None
         self.params = params or SamplingParams()
-        self.context = context_size(model, max_context)
+        self.context = min(scheduler.context, max_context or scheduler.context)
         self.turns: list[dict[str, str]] = []
         self.last_result: Any = None
         self.last_dropped = 0
@@ -107,15 +107,16 @@ class ChatSession:
         Before the first piece, `last_dropped` tells how many old messages were dropped to fit the context.
         If the caller stops early (or Ctrl-C interrupts), the exchange is not recorded.
         """
-        from .sampling import GenerationResult, stream_function
+        from .engine.scheduler import generate_stream
+        from .sampling import GenerationResult
 
         turns = [*self.turns, {"role": "user", "content": user_text}]
         fitted = self.fit(turns)
         self.last_dropped = fitted.dropped_messages
         self.turns = turns[fitted.dropped_messages:-1]
         result = None
-        generate_stream = stream_function(self.model)  # torch or torch-free runtime
-        for item in generate_stream(self.model, self.tokenizer, fitted.ids, self.params, max_context=self.context):
+        # The scheduler's row still holds the previous turns: only the new message is computed.
+        for item in generate_stream(self.scheduler, fitted.ids, self.params):
             if isinstance(item, GenerationResult):
                 result = item
             else:
@@ -172,7 +173,7 @@ class _Terminal:
 
 def run_chat(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
              chat_template: str | None = None, system: str | None = None, max_context: int | None = None,
-             fast: bool | None = None, mmap: bool | None = None, runtime: str | None = None,
+             reference: bool = False, mmap: bool | None = None, backend: str | None = None,
              threads: int | None = None,
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
              **sampling: Any) -> int:
@@ -180,12 +181,15 @@ def run_chat(*, model: str | None = None, device: str | None = None, dtype: str 
     from . import load
 
     term = _Terminal(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
+    from .engine.backend import EngineOptions
+
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast, mmap=mmap, runtime=runtime, threads=threads)
-    session = ChatSession(llm.model, llm.tokenizer, llm.template, system=system,
-                          params=llm.sampling(**sampling), max_context=max_context)
+               reference=reference, mmap=mmap, backend=backend, threads=threads,
+               options=EngineOptions.from_environment())
+    session = ChatSession(llm.scheduler, llm.template, system=system, params=llm.sampling(**sampling),
+                          max_context=max_context)
     if term.interactive:
-        cfg = llm.model.config
+        cfg = llm.config
         term.note(f"{cfg.name} ({cfg.n_params / 1e6:.0f}M parameters, context {session.context}) — "
                   "/help for commands, Ctrl-D to quit")
     while True:
@@ -247,16 +251,19 @@ def _chat_turn(session: ChatSession, text: str, term: _Terminal) -> None:
 
 def run_generate(prompt: str, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  chat_template: str | None = None, chat: bool = False, system: str | None = None,
-                 stream: bool = False, stats: bool = False, max_context: int | None = None, fast: bool | None = None,
-                 mmap: bool | None = None, runtime: str | None = None, threads: int | None = None,
+                 stream: bool = False, stats: bool = False, max_context: int | None = None, reference: bool = False,
+                 mmap: bool | None = None, backend: str | None = None, threads: int | None = None,
                  out: Any = None, err: Any = None, **sampling: Any) -> int:
     """`llamaworks generate`: complete `prompt` (raw, or as one chat user turn with `chat`) and print the text.
     Returns an exit code."""
     from . import load
 
     out, err = out or sys.stdout, err or sys.stderr
+    from .engine.backend import EngineOptions
+
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast, mmap=mmap, runtime=runtime, threads=threads)
+               reference=reference, mmap=mmap, backend=backend, threads=threads,
+               options=EngineOptions.from_environment())
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = llm.encode_chat(messages)

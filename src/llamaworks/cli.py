@@ -6,7 +6,7 @@ implementation lazily and calls it; then append `_add_<verb>` to `VERBS`. `run` 
 (None means 0). Bad input raised as LlamaworksError / ValueError / FileNotFoundError is printed as one
 `error: ...` line with exit code 2 (set LLAMAWORKS_DEBUG=1 for the traceback).
 `--threads` is added to every verb automatically; verbs that never touch torch set `needs_torch=False` (or a
-function of the parsed arguments: chat/generate/bench on the torch-free runtime never import torch).
+function of the parsed arguments: chat/generate/serve/bench on the native backend never import torch).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 
 
 # -- shared option groups ----------------------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser, *, runtimes: bool = False) -> None:
-    """--model, --device, --dtype, --chat-template, --max-context, --reference, --mmap (and --runtime)."""
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --chat-template, --max-context, --reference, --mmap, --backend."""
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", metavar="PATH", default=None,
                    help="GGUF file, Hugging Face or Meta checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
@@ -38,29 +38,27 @@ def add_model_options(p: argparse.ArgumentParser, *, runtimes: bool = False) -> 
     g.add_argument("--max-context", type=int, metavar="N", default=None,
                    help="use at most N context positions (default: the model's maximum)")
     g.add_argument("--reference", action="store_true",
-                   help="dequantize a GGUF to float and use the reference path instead of the quantized fast path")
+                   help="dequantize a GGUF to float and run the float reference on the torch backend")
     g.add_argument("--mmap", action="store_true",
                    help="keep a GGUF's quantized weights memory-mapped from the file (the OS may evict them under "
                         "memory pressure) instead of reading them into huge pages (faster decode)")
-    if runtimes:
-        g.add_argument("--runtime", choices=["auto", "lean", "torch"], default="auto",
-                       help="lean: the torch-free runtime (GGUF on the CPU; half the memory, faster); torch: the "
-                            "torch runtime; auto (default): lean where it applies, else torch")
-        p.set_defaults(needs_torch=_needs_torch)
+    g.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
+                   help="native: the C++ kernels, torch never imported (GGUF on the CPU); torch: model.py on torch "
+                        "(CUDA, other formats, the float reference); auto (default): native where it applies")
+    p.set_defaults(needs_torch=_needs_torch)
 
 
 def _needs_torch(args: argparse.Namespace) -> bool:
-    """Whether this run loads a model on the torch runtime (else torch is never imported)."""
-    from . import choose_runtime
+    """Whether this run loads a model on the torch backend (else torch is never imported)."""
+    from .api import choose_backend
 
-    return choose_runtime(args.runtime, args.model, args.device, args.dtype, reference=args.reference) == "torch"
+    return choose_backend(args.backend, args.model, args.device, args.dtype, reference=args.reference) == "torch"
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "device": args.device, "dtype": args.dtype,
-            "chat_template": args.chat_template, "max_context": args.max_context,
-            "fast": False if args.reference else None, "mmap": True if args.mmap else None,
-            **({"runtime": args.runtime, "threads": args.threads} if "runtime" in args else {})}
+            "chat_template": args.chat_template, "max_context": args.max_context, "reference": args.reference,
+            "mmap": True if args.mmap else None, "backend": args.backend, "threads": args.threads}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -94,7 +92,7 @@ def _add_chat(sub: Subparsers) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal (or pipe one message per line)",
                        description="Multi-turn chat with streaming output. Commands: /reset, /system TEXT, "
                                    "/help, /exit. With piped stdin each line is one user turn.")
-    add_model_options(p, runtimes=True)
+    add_model_options(p)
     add_sampling_options(p, max_tokens=512)
     p.add_argument("--system", "-s", default=None, help="system prompt")
 
@@ -108,7 +106,7 @@ def _add_chat(sub: Subparsers) -> None:
 
 def _add_generate(sub: Subparsers) -> None:
     p = sub.add_parser("generate", help="complete a prompt (raw text unless --chat)")
-    add_model_options(p, runtimes=True)
+    add_model_options(p)
     add_sampling_options(p, max_tokens=128)
     p.add_argument("--prompt", "-p", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -457,27 +455,26 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--ctx", type=int, default=1024, help="KV cache length")
     p.add_argument("--runs", type=int, default=3, help="repetitions (the median is reported)")
     p.add_argument("--weights", default="q8_0", help="format for float weights of non-GGUF checkpoints")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step where it applies")
     p.add_argument("--mmap", action="store_true", help="keep GGUF weights memory-mapped (default: huge pages)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--runtime", choices=["auto", "lean", "torch"], default="auto",
-                   help="lean: the torch-free runtime (what chat/generate use for GGUF files), torch: the torch "
-                        "runtime (the server's); auto (default): as the chat chooses")
+    p.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
+                   help="native: the C++ kernels (what chat/generate/serve use for GGUF files on the CPU), torch: "
+                        "model.py on torch; auto (default): as the chat chooses")
     p.add_argument("--cpu-target", default="native", metavar="MARCH",
-                   help="build the torch-free kernels for another CPU class and measure them here: a -march value "
+                   help="build the native kernels for another CPU class and measure them here: a -march value "
                         "such as x86-64-v3 (AVX2+FMA+F16C) or x86-64-v2 (scalar reference); default: native")
 
     def run(a: argparse.Namespace) -> int:
         from .bench import main as bench_main
 
         return bench_main(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, ctx=a.ctx, runs=a.runs,
-                          threads=a.threads, compile=a.compile, weights=a.weights, as_json=a.json,
-                          mmap=True if a.mmap else None, runtime=a.runtime, cpu_target=a.cpu_target)
+                          threads=a.threads, weights=a.weights, as_json=a.json, mmap=True if a.mmap else None,
+                          backend=a.backend, cpu_target=a.cpu_target)
 
     def needs_torch(a: argparse.Namespace) -> bool:
-        from . import choose_runtime
+        from .api import choose_backend
 
-        return a.compile or (a.cpu_target == "native" and choose_runtime(a.runtime, a.model, "cpu") == "torch")
+        return a.cpu_target == "native" and choose_backend(a.backend, a.model, "cpu") == "torch"
 
     p.set_defaults(run=run, needs_torch=needs_torch)
 

@@ -1,17 +1,18 @@
-"""What every generation loop shares, without torch: sampling parameters, stop tokens and strings, streamed
-text, results. `generate.py` (torch models) and `lean.py` (the torch-free runtime) both build on it.
+"""THE sampler and what goes with it, in numpy (no torch): sampling parameters, penalties, top-k/top-p/min-p,
+the draw, log-probabilities, stop tokens and strings, streamed text, results. The scheduler (engine/scheduler.py)
+calls it for every backend; logits arrive as numpy float32 rows from either backend.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError, LlamaworksError
-
-if TYPE_CHECKING:
-    import torch
 
 
 class ContextLengthError(LlamaworksError, ValueError):
@@ -70,13 +71,6 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def make_generator(self, device: torch.device | str) -> torch.Generator | None:
-        """A torch generator seeded with `seed` on `device` (None without a seed: the global RNG is used)."""
-        if self.seed is None:
-            return None
-        import torch
-
-        return torch.Generator(device=device).manual_seed(int(self.seed))
 
 
 def _stream_decoder(tokenizer: Any, prompt_ids: Sequence[int] = ()) -> Any:
@@ -149,9 +143,86 @@ class StopStringFilter:
         return best
 
 
-# --------------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------------
+# -- the sampler -------------------------------------------------------------------------------------------
+def penalized(logits: np.ndarray, params: SamplingParams, history: Sequence[int]) -> np.ndarray:
+    """A float32 copy of one row of logits with repetition (CTRL/HF: positive logits divided, negative ones
+    multiplied), presence and frequency (OpenAI: constant and count times value subtracted) penalties applied to
+    the tokens in `history`. Work follows the history's length, not the vocabulary's."""
+    x = np.array(logits, dtype=np.float32)
+    if history and params.has_penalties:
+        seen, counts = np.unique(np.asarray(history, dtype=np.int64), return_counts=True)
+        seen_ok = (seen >= 0) & (seen < x.shape[0])
+        seen, counts = seen[seen_ok], counts[seen_ok]
+        values = x[seen]
+        if params.repetition_penalty != 1.0:
+            values = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        x[seen] = values - params.presence_penalty - params.frequency_penalty * counts.astype(np.float32)
+    return x
+
+
+def _nucleus(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """x with entries outside the top_k and outside the top_p probability mass set to -inf: after top-k,
+    probabilities are renormalised over the kept tokens and a token stays while the mass of those ranked before
+    it is below top_p (the best token always stays). Without top-k only tokens within e^-30 of the best are
+    sorted when the others cannot reach the nucleus (their whole mass is below 1 - top_p: each has all the sorted
+    ones before it)."""
+    V = x.shape[0]
+    k = top_k if 0 < top_k < V else V
+    best = float(x.max())
+    candidates = np.argpartition(-x, k - 1)[:k] if k < V else np.arange(V)
+    outside = 0.0  # probability mass (relative to the best token's) of tokens left unsorted
+    if top_p < 1.0 and k == V:
+        head = np.flatnonzero(x >= best - 30.0)
+        tail = float(np.exp(np.delete(x, head).astype(np.float64) - best).sum())
+        total = tail + float(np.exp(x[head].astype(np.float64) - best).sum())
+        if tail < (1.0 - top_p) * total:
+            candidates, outside = head, tail
+    order = candidates[np.argsort(-x[candidates], kind="stable")]
+    kept = x[order]
+    if top_p < 1.0:
+        weights = np.exp(kept.astype(np.float64) - best)
+        probs = weights / (weights.sum() + outside)
+        kept = np.where(np.cumsum(probs) - probs < top_p, kept, -np.inf)
+    out = np.full_like(x, -np.inf)
+    out[order] = kept
+    return out
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, history: Sequence[int],
+                 rng: np.random.Generator, allowed: np.ndarray | None = None) -> int:
+    """The next token from one row of logits: penalties, then the argmax (temperature 0) or temperature, top-k,
+    top-p, min-p and an inverse-CDF draw with `rng`. `allowed` (bool, vocab) restricts the choice (JSON mode)."""
+    x = penalized(logits, params, history)
+    if allowed is not None:
+        x[~allowed[: x.shape[0]]] = -np.inf
+    if params.greedy:
+        return int(np.argmax(x))
+    x = x / np.float32(params.temperature)
+    if (0 < params.top_k < x.shape[0]) or params.top_p < 1.0:
+        x = _nucleus(x, params.top_k, params.top_p)
+    weights = np.exp(x.astype(np.float64) - x.max())
+    if params.min_p > 0:
+        weights[weights < params.min_p] = 0.0  # p_i / p_max = exp(x_i - x_max): no renormalisation needed
+    cdf = np.cumsum(weights)  # float64: a float32 running sum over 49k terms loses tokens below ~6e-8
+    total = cdf[-1]
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError("sampling: probabilities must be finite and not all zero")
+    # side="right": the first index whose cumulative sum exceeds u * total, so a zero-weight token is never drawn.
+    index = int(np.searchsorted(cdf, rng.random() * total, side="right"))
+    return index if index < len(cdf) else int(np.flatnonzero(weights)[-1])
+
+
+def token_logprobs(logits: np.ndarray, params: SamplingParams, history: Sequence[int]) -> np.ndarray:
+    """Log-probabilities (vocab,) float64 after penalties and temperature, before top-k/top-p/min-p: what
+    OpenAI-style `logprobs` report (greedy rows use temperature 1)."""
+    x = penalized(logits, params, history).astype(np.float64)
+    if params.temperature > 0:
+        x /= params.temperature
+    x -= x.max()
+    return x - math.log(float(np.exp(x).sum()))
+
+
+# -- results -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -200,42 +271,6 @@ def stop_ids(tokenizer: Any, params: SamplingParams) -> set[int]:
     return ids | {int(i) for i in params.stop_token_ids}
 
 
-class RowState:
-    """Per-prompt decoding state: history for penalties, stop ids and strings, released text."""
-
-    def __init__(self, tokenizer: Any, prompt: list[int], params: SamplingParams, limit: int,
-                 generator: Any) -> None:
-        self.params = params
-        self.prompt_len = len(prompt)
-        self.history = list(prompt)  # prompt + generated: what penalties look at
-        self.generated: list[int] = []
-        self.limit = limit
-        self.generator = generator
-        self.stop_ids = stop_ids(tokenizer, params)
-        self.text = StopStringFilter(tokenizer, params.stop, prompt_ids=prompt)
-        self.finish_reason: str | None = None
-        self.stop_sequence: str | int | None = None
-
-    def accept(self, token: int) -> str:
-        """Record a sampled token; return newly released text. Sets finish_reason when the row is done."""
-        self.generated.append(token)
-        self.history.append(token)
-        if token in self.stop_ids:
-            self.finish_reason, self.stop_sequence = "stop", token
-            return self.text.finish()
-        chunk = self.text.push(token)
-        if self.text.stopped:
-            self.finish_reason = "stop"
-            self.stop_sequence = self.text.matched
-            return chunk
-        if len(self.generated) >= self.limit:
-            self.finish_reason = "length"
-            chunk += self.text.finish()
-            if self.text.stopped:  # a stop string completed in the decoder's flushed tail
-                self.finish_reason, self.stop_sequence = "stop", self.text.matched
-        return chunk
-
-
 def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -246,14 +281,5 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
 
 
 
-def stream_function(model: Any) -> Any:
-    """The generate_stream that runs `model`: the torch-free runtime's own for a LeanModel, else generate.py's."""
-    if getattr(model, "torch_free", False):
-        from .lean import generate_stream
-    else:
-        from .generate import generate_stream
-    return generate_stream
-
-
-__all__ = ["ContextLengthError", "GenerationResult", "RowState", "SamplingParams", "StopStringFilter", "check_prompts",
-           "context_size", "stop_ids", "stream_function"]
+__all__ = ["ContextLengthError", "GenerationResult", "SamplingParams", "StopStringFilter", "check_prompts",
+           "context_size", "sample_token", "stop_ids", "token_logprobs"]

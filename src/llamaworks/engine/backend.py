@@ -118,6 +118,11 @@ class Backend(Protocol):
         """Resident bytes of the KV cache now (what the server reports and the memory tests read)."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """Facts for benchmark reports: kernel_isa (the SIMD paths used), threads, weights_in ("memory" or
+        "mmap"), interleaved_linears (share of layer matrices in x8 rows), ..."""
+        ...
+
 
 def context_of(backend: Backend) -> int:
     return int(backend.config.max_seq_len)

@@ -1,6 +1,6 @@
-"""`llamaworks serve`: an OpenAI-compatible HTTP API with continuous batching, and a web chat page.
+"""`llamaworks serve`: an OpenAI-compatible HTTP API over the one scheduler (engine/scheduler.py: continuous
+batching, chunked prefill, prefix cache) on the native backend by default, and a web chat page.
 
-- `engine.py`      the scheduler thread that owns the model and decodes all active requests together
 - `app.py`         the FastAPI app (`create_app`), routes, OpenAI error shapes, SSE streaming
 - `schemas.py`     pydantic request models
 - `constrained.py` JSON mode: a token-level JSON grammar that masks logits
@@ -9,18 +9,19 @@
 
 from __future__ import annotations
 
-from .engine import Engine, EngineStats, PromptTooLongError, QueueFullError
-
-__all__ = ["Engine", "EngineStats", "PromptTooLongError", "QueueFullError", "create_app", "serve"]
+from typing import Any
 
 
-def create_app(*args, **kwargs):  # imported lazily: FastAPI is only needed when serving
+def create_app(*args: Any, **kwargs: Any) -> Any:  # imported lazily: FastAPI is only needed when serving
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 
 
-def serve(*args, **kwargs) -> None:
+def serve(*args: Any, **kwargs: Any) -> int:
     from .app import serve as _serve
 
-    _serve(*args, **kwargs)
+    return _serve(*args, **kwargs)
+
+
+__all__ = ["create_app", "serve"]

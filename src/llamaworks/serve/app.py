@@ -1,9 +1,10 @@
 """The OpenAI-compatible FastAPI app: routes, error shapes, SSE streaming, tool calls, the chat page.
 
-Every request becomes one or more sequences in the `Engine` (one per choice and prompt); the engine
-thread calls back with events, which cross into the event loop through `call_soon_threadsafe` and an
-asyncio.Queue per request. A streaming client that disconnects cancels its sequences (the response
-generator is closed); a non-streaming one is noticed by polling `request.is_disconnected()`.
+Every request becomes one or more sequences in the scheduler (engine/scheduler.py: one per choice and prompt,
+on the native backend by default); its thread calls back with events, which cross into the event loop through
+`call_soon_threadsafe` and an asyncio.Queue per request. A streaming client that disconnects cancels its
+sequences (the response generator is closed); a non-streaming one is noticed by polling
+`request.is_disconnected()`.
 
 No request can hold up the others (docs/security.md):
 - `_Guard`, in front of everything: the API key is checked before a body is read (401 first), and bodies larger
@@ -35,12 +36,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .engine import Engine, FinishEvent, PromptTooLongError, QueueFullError, TokenEvent, TokenInfo
+from ..engine.scheduler import FinishEvent, PromptTooLongError, QueueFullError, TokenEvent, TokenInfo
+from ..engine.scheduler import Scheduler as Engine
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 MAX_BODY_BYTES = 4 * 1024 * 1024  # default request body cap (`serve --max-body-bytes`)
+KEEP_PREFIX = 512  # positions a finished request's cache row keeps for the next request's shared prefix
 PROMPT_SECONDS = 10.0  # default wall-clock budget for rendering + tokenizing one request's prompts
 PROMPT_WORKERS = 2  # threads that render and tokenize prompts (the event loop never does)
 FINGERPRINT = f"llamaworks-{__version__}"
@@ -139,7 +142,7 @@ class _Server:
         self.created = _now()
         self._template = chat_template
         self.prompt_seconds = prompt_seconds
-        self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.max_context)
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.context)
         self.pool: ThreadPoolExecutor | None = None
 
     async def prepare(self, fn: Callable, *args: Any) -> Any:
@@ -156,7 +159,7 @@ class _Server:
     def check_length(self, text: str, param: str) -> None:
         """Refuse, before tokenizing, text that cannot fit the context whatever it tokenizes to."""
         if len(text) > self.max_prompt_chars:
-            raise APIError(400, f"{param}: {len(text)} characters cannot fit the {self.engine.max_context}-token "
+            raise APIError(400, f"{param}: {len(text)} characters cannot fit the {self.engine.context}-token "
                            "context", param=param, code="context_length_exceeded")
 
     @property
@@ -231,9 +234,9 @@ class _Server:
 
     def sampling(self, req, max_tokens: int | None, json_mode: bool):
         from ..errors import ConfigError
-        from ..generate import SamplingParams
+        from ..sampling import SamplingParams
 
-        room = self.engine.max_context
+        room = self.engine.context
         try:
             return SamplingParams(
                 temperature=1.0 if req.temperature is None else req.temperature,
@@ -458,7 +461,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str = "ll
     @app.get("/health")
     async def health():
         return {"status": "ok" if engine.running else "stopped", "model": model_name,
-                "max_batch": engine.max_batch, "queue_size": engine.queue_size, "context": engine.max_context,
+                "max_batch": engine.max_rows, "queue_size": engine.queue_size, "context": engine.context,
                 "engine": engine.stats.to_dict()}
 
     # -- models -----------------------------------------------------------------------------------
@@ -667,21 +670,32 @@ def _stream_response(gen: AsyncIterator[str], handles: list) -> StreamingRespons
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, queue_size: int = 64, device: str | None = None, dtype: str | None = None,
           chat_template: str | None = None, max_context: int | None = None, model_name: str | None = None,
-          fast: bool | None = None, mmap: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> int:
-    """`llamaworks serve`: load a model and serve it until interrupted. Returns an exit code."""
+          reference: bool = False, mmap: bool | None = None, backend: str | None = "auto", threads: int | None = None,
+          max_body_bytes: int = MAX_BODY_BYTES) -> int:
+    """`llamaworks serve`: load a model onto a backend (native by default for a GGUF on the CPU) and serve it until
+    interrupted. Returns an exit code."""
     import uvicorn
 
-    from .. import load
+    from ..api import load_backend
+    from ..chat_template import template_for
+    from ..engine.backend import EngineOptions
     from ..errors import ConfigError
 
     if max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes {max_body_bytes}: expected a positive number of bytes")
     sock = listen_socket(host, port)  # before loading: a busy port should fail in a second, not after the model
-    llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
-               fast=fast, mmap=mmap)
-    name = model_name or _model_name(llm.checkpoint, llm.model)
-    engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, queue_size=queue_size, max_context=max_context)
-    app = create_app(engine, api_key=api_key, model_name=name, chat_template=llm.template,
+    if max_batch < 1 or queue_size < 1:
+        raise ConfigError(f"--max-batch {max_batch} / --queue-size {queue_size}: expected at least 1")
+    options = EngineOptions.from_environment(max_rows=max_batch, max_context=max_context, threads=threads, mmap=mmap)
+    backend_ = load_backend(model, backend=backend, options=options, device=device, dtype=dtype, reference=reference)
+    if backend_.tokenizer is None:
+        raise ConfigError(f"{model}: the checkpoint carries no tokenizer")
+    name = model_name or _model_name(getattr(backend_, "path", None), backend_.config)
+    # Rows keep a bounded prefix when their sequence ends (a shared system prompt, a chat's start) so the
+    # server's memory returns after a long prompt.
+    engine = Engine(backend_, queue_size=queue_size, keep_prefix=KEEP_PREFIX)
+    app = create_app(engine, api_key=api_key, model_name=name,
+                     chat_template=template_for(backend_.tokenizer, chat_template),
                      max_body_bytes=max_body_bytes)
     print(f"llamaworks: serving {name} at http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)",
           flush=True)
@@ -706,9 +720,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _model_name(checkpoint: Any, model: Any) -> str:
-    path = getattr(checkpoint, "path", None)
+def _model_name(path: Any, config: Any) -> str:
     if path:
         p = Path(path)
         return p.stem if p.is_file() else p.name
-    return getattr(model.config, "name", None) or "llamaworks"
+    return getattr(config, "name", None) or "llamaworks"

@@ -21,8 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
 _WS = frozenset(" \t\n\r")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -238,12 +237,12 @@ class JsonGrammar:
         self.strings = [("" if is_special is not None and is_special(i) else s)
                         for i, s in enumerate(token_strings(tokenizer))]
         self.vocab_size = vocab_size or len(self.strings)
-        self._masks: dict[JsonState, Tensor] = {}
+        self._masks: dict[JsonState, np.ndarray] = {}
         self._max_cached = 4096
         # Most tokens are "plain" inside a string (no quote, backslash or control character): they leave a
         # string state unchanged, so string states only simulate the few others.
         plain = [bool(t) and '"' not in t and "\\" not in t and all(ord(c) >= 0x20 for c in t) for t in self.strings]
-        self._plain = torch.tensor(plain, dtype=torch.bool)
+        self._plain = np.array(plain, dtype=bool)
         self._not_plain = [i for i, p in enumerate(plain) if not p and self.strings[i]]
         # Outside strings most tokens fail within their first two characters (" the" fails on "t"): test
         # each distinct two-character prefix once, and only then the tokens that start with it.
@@ -252,12 +251,12 @@ class JsonGrammar:
             if t:
                 self._by_prefix.setdefault(t[:2], []).append(i)
 
-    def _compute(self, state: JsonState) -> Tensor:
+    def _compute(self, state: JsonState) -> np.ndarray:
         if state.mode in (STR, KEY_STR):
-            mask = self._plain.clone()
+            mask = self._plain.copy()
             candidates = self._not_plain
         else:
-            mask = torch.zeros(len(self.strings), dtype=torch.bool)
+            mask = np.zeros(len(self.strings), dtype=bool)
             candidates = [i for prefix, ids in self._by_prefix.items() if _prefix_ok(state, prefix) for i in ids]
         ok = [i for i in candidates if accepts(state, self.strings[i]) is not None]
         if ok:
@@ -277,10 +276,10 @@ class JsonGrammar:
     def start(self) -> JsonState:
         return JsonState()
 
-    def allowed(self, state: JsonState, stop_ids: set[int], vocab_size: int | None = None) -> Tensor:
+    def allowed(self, state: JsonState, stop_ids: set[int], vocab_size: int | None = None) -> np.ndarray:
         """Bool mask (V,) of the tokens that may come next (stop tokens only once the object is closed)."""
         V = vocab_size or self.vocab_size
-        mask = torch.zeros(V, dtype=torch.bool)
+        mask = np.zeros(V, dtype=bool)
         if state.mode == DONE:
             for t in stop_ids:
                 if 0 <= t < V:
