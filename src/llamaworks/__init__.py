@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from .chat_template import ChatTemplate
-    from .lean import LeanModel
+    from .engine.native import NativeBackend
     from .model import Transformer
     from .sampling import GenerationResult, SamplingParams
     from .tokenizer import Tokenizer
@@ -67,7 +67,7 @@ class LLM:
     frequency_penalty, seed, max_new_tokens (alias max_tokens), stop, stop_token_ids.
     """
 
-    def __init__(self, model: Transformer | LeanModel, tokenizer: Tokenizer, template: ChatTemplate | None = None,
+    def __init__(self, model: Transformer | NativeBackend, tokenizer: Tokenizer, template: ChatTemplate | None = None,
                  *, checkpoint: Any = None, max_context: int | None = None,
                  defaults: SamplingParams | None = None) -> None:
         from .sampling import SamplingParams
@@ -185,11 +185,13 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
 
     lean_model = None
     if choose_runtime(runtime, path, device, dtype, reference=fast is False) == "lean":
-        from .lean import LeanModel, LeanUnsupported
+        from .engine.backend import EngineOptions
+        from .engine.native import NativeBackend, NativeUnsupported
 
         try:
-            lean_model = LeanModel.load(path, max_context=max_context, mmap=mmap, threads=threads)
-        except LeanUnsupported:
+            lean_model = NativeBackend.load(path, EngineOptions.from_environment(max_context=max_context, mmap=mmap,
+                                                                                 threads=threads))
+        except NativeUnsupported:
             if runtime != "auto":
                 raise
             from .runtime import set_threads  # a valid file the torch runtime runs: use it, as auto promises

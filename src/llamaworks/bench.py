@@ -90,12 +90,12 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
     if compile and runtime == "auto":
         runtime = "torch"  # torch.compile is the torch runtime's
     if choose_runtime(runtime, model_path, "cpu") == "lean":
-        from .lean import LeanUnsupported
+        from .engine.native import NativeUnsupported
 
         try:
             return _run_lean(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
                              threads=threads, mmap=mmap, cpu_target=cpu_target)
-        except LeanUnsupported:
+        except NativeUnsupported:
             if runtime != "auto":
                 raise
     return _run_torch(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ctx=ctx, runs=runs,
@@ -111,29 +111,33 @@ def _machine(kernel_isa: str, cpu_target: str) -> dict[str, str]:
 
 def _run_lean(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int, gen_tokens: int, ctx: int,
               runs: int, threads: int | None, mmap: bool | None, cpu_target: str = "native") -> dict[str, Any]:
-    from .lean import LeanModel
-    from .quant.lean_kernels import isa, library
+    from .engine.backend import EngineOptions
+    from .engine.native import NativeBackend
+    from .lean import run
+    from .quant.lean_kernels import isa
 
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
-    model = LeanModel.load(model_path, max_context=ctx, threads=threads, mmap=mmap, cpu_target=cpu_target)
+    model = NativeBackend.load(model_path, EngineOptions.from_environment(max_context=ctx, threads=threads, mmap=mmap,
+                                                                          cpu_target=cpu_target))
     load_s = time.perf_counter() - t0
 
     def next_token(ids: list[int], start_pos: int) -> int:
-        return int(np.argmax(model.forward(ids, start_pos)))
+        return int(np.argmax(run(model, ids, start_pos)))
 
     short = _short_chat_prompt(model.tokenizer, model.config.vocab_size)
     t1 = time.perf_counter()
     next_token([next_token(short, 0)], len(short))  # the first token and the first decode step after load
     ttft_s = time.perf_counter() - t1
     speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
-    int8 = bool(library(cpu_target).lw_int8_decode(-1))
+    int8 = model.options.int8_activations
     return {"engine": "llamaworks", "runtime": "lean", **_machine(isa(cpu_target), cpu_target),
             "model": str(model.path), "model_name": model.config.name,
             "params_m": round(model.config.n_params / 1e6, 1), "threads": model.threads, "native_kernels": True,
             "int8_decode": int8, "bf16_prefill": False, "prefill_kernels": "int8 decode kernels, 32-token chunks"
             if int8 else "float decode kernels, 8-token chunks", "weights_in": model.weights_in,
-            "interleaved_linears": round(model.interleaved_share, 3), "kv_dtype": model.kv_dtype, "compile": False,
+            "interleaved_linears": round(model.interleaved_share, 3), "kv_dtype": model.options.kv_dtype,
+            "compile": False,
             "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "ctx": ctx, "runs": runs,
             "load_s": round(load_s, 3), "ttft_s": round(ttft_s, 3), **speeds,
             "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_load_mib": round(rss_before, 1)}
@@ -144,6 +148,7 @@ def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int,
     import torch
 
     from .quant import kernels
+    from .quant.linear import GGMLLinear
     from .runtime import load_quantized_model, set_threads
 
     threads = set_threads(threads) if threads else torch.get_num_threads()
@@ -165,6 +170,8 @@ def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int,
     ttft_s = time.perf_counter() - t1
     speeds = _speeds(next_token, model.config.vocab_size, prompt_tokens, gen_tokens, runs)
     cfg = model.config
+    linear = next((m for m in model.modules() if isinstance(m, GGMLLinear)), None)  # the numerics of its kernels
+    int8, bf16 = linear is not None and linear.int8_activations, linear is not None and linear.bf16_prefill
     return {
         "engine": "llamaworks",
         "runtime": "torch",
@@ -174,9 +181,9 @@ def _run_torch(model_path: str | os.PathLike[str] | None, *, prompt_tokens: int,
         "params_m": round(cfg.n_params / 1e6, 1),
         "threads": threads,
         "native_kernels": kernels.native_available(),
-        "int8_decode": kernels.int8_decode(),
-        "bf16_prefill": kernels.bf16_prefill(),
-        "prefill_kernels": "bf16 gemm" if kernels.bf16_prefill() else "float32 gemm",
+        "int8_decode": int8,
+        "bf16_prefill": bf16,
+        "prefill_kernels": "bf16 gemm" if bf16 else "float32 gemm",
         "weights_in": "mmap" if _is_file_mapped(model) else "memory",
         "interleaved_linears": _interleaved_share(model),
         "kv_dtype": str(model.kv_cache_dtype()).removeprefix("torch."),

@@ -247,7 +247,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
 
 
 def stream_function(model: Any) -> Any:
-    """The generate_stream that runs `model`: the torch-free runtime's own for a LeanModel, else generate.py's."""
+    """The generate_stream that runs `model`: the torch-free loop (lean.py) for a NativeBackend, else generate.py's."""
     if getattr(model, "torch_free", False):
         from .lean import generate_stream
     else:
