@@ -148,10 +148,14 @@ def test_gguf_loads_on_the_quantized_fast_path_unless_asked_not_to(default_llm):
     # Float32 activations: the same text exactly. With the defaults (int8 decode, bf16 prefill) the text may
     # part at a near tie; tests/test_runtime.py bounds that drift.
     from llamaworks.quant import kernels
+    from llamaworks.quant.linear import set_numerics
 
-    with kernels.float_activations():
+    set_numerics(fast.model, int8_activations=False, bf16_prefill=False)
+    try:
         assert (fast.generate(prompt, temperature=0, max_tokens=16)
                 == ref.generate(prompt, temperature=0, max_tokens=16))
+    finally:
+        set_numerics(fast.model, int8_activations=True, bf16_prefill=kernels.bf16_native())
 
 
 def test_load_errors_are_one_line():

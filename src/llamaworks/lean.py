@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine.backend import EngineOptions
 from .engine.native import NativeBackend, NativeUnsupported, available
 from .sampling import (
     GenerationResult,
@@ -171,5 +172,5 @@ def generate(model: NativeBackend, tokenizer: Any, prompt_ids: Sequence[int], pa
     return result
 
 
-__all__ = ["NativeBackend", "NativeUnsupported", "available", "generate", "generate_stream", "prefill", "run",
-           "sample_token"]
+__all__ = ["EngineOptions", "NativeBackend", "NativeUnsupported", "available", "generate", "generate_stream",
+           "prefill", "run", "sample_token"]

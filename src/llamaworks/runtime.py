@@ -394,7 +394,10 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
                 module.interleave_()
     model.forward = FastForward(model, compile)  # instance attribute: nn.Module.__call__ finds it first
     if kv_dtype == "auto":
-        model.kv_dtype = None
+        native = (kernels.native_available() and model.norm.weight.device.type == "cpu"
+                  and model.norm.weight.dtype == torch.float32
+                  and any(isinstance(m, GGMLLinear) for m in model.modules()))
+        model.kv_dtype = torch.float16 if native else None
     elif kv_dtype is not None:
         model.kv_dtype = kv_dtype
     return model
