@@ -22,7 +22,7 @@ def test_bench_reports_figures_and_settings(mmap: bool | None) -> None:
     assert 0 < r["ttft_s"] < 60 and r["load_s"] > 0
     assert r["peak_rss_mib"] >= r["rss_before_load_mib"] > 0  # peak: of the whole test process
     assert r["int8_decode"] == kernels.native_available() and r["bf16_prefill"] == kernels.bf16_native()
-    assert r["kv_dtype"] == ("float16" if kernels.native_available() else "float32")
+    assert r["kv_dtype"] == "float32"
     assert r["weights_in"] == ("mmap" if mmap or not huge_pages_available() else "memory")
     # SmolLM2's 210 Q4_1 layer linears are regrouped when the weights are in owned memory; the tied output is not.
     owned = r["weights_in"] == "memory" and kernels.can_interleave()

@@ -34,12 +34,12 @@ from llamaworks.runtime import load_quantized_model, optimize_for_inference
 
 @pytest.fixture
 def float32_kv(default_models):
-    """The fast model's KV cache in float32 for the test's duration (float16 is its default)."""
+    """The fast model's KV cache in float32 for the test's duration."""
     fast = default_models[0]
-    assert fast.kv_cache_dtype() == torch.float16
+    was = fast.kv_dtype
     fast.kv_dtype = torch.float32
     yield
-    fast.kv_dtype = torch.float16
+    fast.kv_dtype = was
 
 
 def float_numerics(model: torch.nn.Module) -> torch.nn.Module:

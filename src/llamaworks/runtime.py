@@ -394,10 +394,7 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
                 module.interleave_()
     model.forward = FastForward(model, compile)  # instance attribute: nn.Module.__call__ finds it first
     if kv_dtype == "auto":
-        native = (kernels.native_available() and model.norm.weight.device.type == "cpu"
-                  and model.norm.weight.dtype == torch.float32
-                  and any(isinstance(m, GGMLLinear) for m in model.modules()))
-        model.kv_dtype = torch.float16 if native else None
+        model.kv_dtype = None  # float16 was for the removed fused C++ layer (float32 attention math over it)
     elif kv_dtype is not None:
         model.kv_dtype = kv_dtype
     return model
