@@ -282,7 +282,7 @@ def worker_main(mem_limit_mb: int) -> None:
         try:
             load_model(path)
             if path.endswith(".gguf") and lean is not None:
-                lean.LeanModel.load(path, max_context=64, threads=1)  # the CLI's torch-free runtime
+                lean.NativeBackend.load(path, lean.EngineOptions(max_context=64, threads=1))  # the CLI's torch-free one
             result = "ok"
         except LlamaworksError as e:
             text = str(e).strip()

@@ -1,5 +1,5 @@
-"""Prompts and tolerances shared by the fast-path tests of both runtimes (test_runtime.py, test_lean.py), whose
-module docstrings state what each bound means."""
+"""Prompts and tolerances shared by the fast-path tests of both runtimes (test_runtime.py,
+test_native_backend.py), whose module docstrings state what each bound means."""
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]

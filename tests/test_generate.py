@@ -198,7 +198,7 @@ def test_invalid_params_raise_one_line_error():
 
 
 def test_draw_follows_the_distribution_and_never_picks_a_filtered_token():
-    logits = np.log(np.array([0.5, 0.0, 0.2, 0.3, 0.0], np.float32))  # -inf for the zeros
+    logits = np.array([np.log(0.5), -np.inf, np.log(0.2), np.log(0.3), -np.inf], np.float32)
     params = SamplingParams(temperature=1.0)
     rng = _rng(0)
     counts = np.bincount([sample_token(logits, params, [], rng) for _ in range(20000)], minlength=5) / 20000

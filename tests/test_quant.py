@@ -6,7 +6,8 @@ The int8 decode path (every build, up to 32 input rows; on by default) quantizes
 int8 blocks as llama.cpp does: there ||out - ref|| / ||ref|| <= 2e-2 (measured about 6e-3 on random data). The
 bf16 prefill path (more rows than the decode kernels take: 8 with float activations; on by default where the CPU
 has AVX-512 BF16, available everywhere) rounds the gemm's inputs and outputs to bfloat16:
-||out - ref|| / ||ref|| <= 1e-2 (measured about 3e-3). The "native" backend runs both off. Each SIMD path of the
+||out - ref|| / ||ref|| <= 1e-2 (measured about 3e-3). The "native" backend runs both off. Numerics are per module
+(`set_numerics`) or per op call (int8=, bf16=): nothing process-wide. Each SIMD path of the
 kernels is held to the scalar reference on its own in test_kernel_matrix.py.
 """
 
@@ -31,6 +32,7 @@ from llamaworks.quant import (
     to_ggml_blocks,
 )
 from llamaworks.quant.kernels import dequantize_blocks_torch
+from llamaworks.quant.linear import set_numerics
 
 Q = gguf.GGMLQuantizationType
 TYPES = [(GGML_Q4_0, Q.Q4_0), (GGML_Q4_1, Q.Q4_1), (GGML_Q8_0, Q.Q8_0)]
@@ -52,17 +54,20 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
 def backend(request, monkeypatch):
     if request.param == "torch-fallback":
         monkeypatch.setattr(kernels, "_native", False)
-        yield request.param
-        return
-    assert kernels.native_available(), "the native kernels did not build"
-    was = kernels.int8_decode(), kernels.bf16_prefill()
-    want = request.param == "native-int8", request.param == "native-bf16"
-    assert (kernels.int8_decode(want[0]), kernels.bf16_prefill(want[1])) == want
-    try:
-        yield request.param
-    finally:
-        kernels.int8_decode(was[0])
-        kernels.bf16_prefill(was[1])
+    else:
+        assert kernels.native_available(), "the native kernels did not build"
+    return request.param
+
+
+def numerics(backend: str) -> dict[str, bool]:
+    """The op arguments of a backend mode (set_numerics takes the same as int8_activations=, bf16_prefill=)."""
+    return {"int8": backend == "native-int8", "bf16": backend == "native-bf16"}
+
+
+def with_numerics(module: torch.nn.Module, backend: str) -> torch.nn.Module:
+    n = numerics(backend)
+    set_numerics(module, int8_activations=n["int8"], bf16_prefill=n["bf16"])
+    return module
 
 
 def decode_tol(backend: str, m: int) -> float:
@@ -91,7 +96,7 @@ def test_block_formats_match_gguf_reference(ours: int, theirs: Q) -> None:
 def test_linear_equals_dequantized_matmul(backend: str, ours: int, theirs: Q, m: int) -> None:
     torch.manual_seed(1)
     weight = torch.randn(96, 512) * 0.05
-    layer = GGMLLinear.from_float(weight, ours)
+    layer = with_numerics(GGMLLinear.from_float(weight, ours), backend)
     x = torch.randn(2, m, 512)
     ref = x @ layer.dequantize().T
     close(layer(x), ref, decode_tol(backend, 2 * m))
@@ -138,7 +143,7 @@ def test_interleaved_linear_equals_dequantized_matmul(backend: str, ours: int, m
     for rows in (96, 40):
         plain = GGMLLinear.from_float(torch.randn(rows, 256) * 0.05, ours)
         ref_weight = plain.dequantize()
-        layer = _x8(GGMLLinear(plain.raw.clone(), ours, 256))
+        layer = with_numerics(_x8(GGMLLinear(plain.raw.clone(), ours, 256)), backend)
         x = torch.randn(m, 256)
         close(layer(x), x @ ref_weight.T, decode_tol(backend, m))
         assert torch.equal(layer.dequantize(), ref_weight)
@@ -160,9 +165,10 @@ def test_grouped_and_swiglu_kernels(backend: str, m: int, layout: str) -> None:
     want_ffn = torch.nn.functional.silu(x @ gate.dequantize().T) * (x @ up.dequantize().T)
     if layout == "x8":
         _x8(wq), _x8(wv), _x8(gate)
-    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type], k)
+    out = kernels.ggml_linear_group(x, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type], k,
+                                    **numerics(backend))
     close(out, want_qkv, decode_tol(backend, m))
-    got = kernels.ggml_swiglu(x, gate.raw, gate.kernel_type, up.raw, up.kernel_type, k)
+    got = kernels.ggml_swiglu(x, gate.raw, gate.kernel_type, up.raw, up.kernel_type, k, **numerics(backend))
     close(got, want_ffn, decode_tol(backend, m))
 
 
@@ -195,7 +201,7 @@ def test_embedding_rows_and_tied_output(backend: str) -> None:
     tokens = torch.tensor([[0, 5, 299], [7, 7, 1]])
     deq = dequantize_blocks_torch(raw, GGML_Q8_0, 64)
     assert torch.equal(emb(tokens), deq[tokens])
-    head = emb.as_linear()
+    head = with_numerics(emb.as_linear(), backend)
     assert head.raw.data_ptr() == emb.raw.data_ptr()  # shared bytes, no copy
     h = torch.randn(4, 64)
     close(head(h), h @ deq.T, decode_tol(backend, 4))
@@ -247,11 +253,11 @@ def _requant_bound(x: np.ndarray, blocks: np.ndarray, target: int) -> np.ndarray
 
 
 def _lean_convert(qtype: Q, rows: int, cols: int, raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """The torch-free runtime's conversion at load (`lean._convert`) of one tensor, with its target type."""
+    """The torch-free runtime's conversion at load (`engine.native._convert`) of one tensor, with its target type."""
     from types import SimpleNamespace
 
     from llamaworks.checkpoints.ggml_types import REQUANT_TARGET, GGMLType
-    from llamaworks.lean import _convert
+    from llamaworks.engine.native import _convert
 
     target = REQUANT_TARGET[GGMLType(int(qtype))]
     tensor = SimpleNamespace(data=raw, qtype=GGMLType(int(qtype)), shape=(rows, cols))

@@ -3,7 +3,8 @@
 Tolerances (stated once): the quantized fast path reads the same block values the float path dequantizes, so
 on the default model greedy tokens must be identical for 16 steps and logits agree within 2e-3 absolute
 (float32 summation order differs). Compiled vs eager decode: logits within 1e-4.
-These exact comparisons run the kernels with float32 activations (`kernels.float_activations()`) and a
+These exact comparisons run the kernels with float32 activations (`set_numerics(model, int8_activations=False,
+bf16_prefill=False)`: numerics are per module) and a
 float32 KV cache. The defaults (int8 decode on AVX-512 VNNI builds, activations quantized to int8 blocks as
 llama.cpp does; bf16 prefill gemm on AVX-512 BF16 builds; a float16 KV cache) drift further: fed the
 reference's greedy tokens, their logits stay within LOW_PRECISION_LOGIT_ATOL = 2.0 of the float reference
@@ -27,32 +28,36 @@ from llamaworks.checkpoints import load_model
 from llamaworks.config import get_preset
 from llamaworks.model import Transformer
 from llamaworks.quant import GGMLEmbedding, GGMLLinear, kernels
+from llamaworks.quant.linear import set_numerics
 from llamaworks.runtime import load_quantized_model, optimize_for_inference
 
 
 @pytest.fixture
 def float32_kv(default_models):
-    """The fast model's KV cache in float32 for the test's duration (float16 is its default)."""
+    """The fast model's KV cache in float32 for the test's duration."""
     fast = default_models[0]
-    assert fast.kv_cache_dtype() == torch.float16
+    was = fast.kv_dtype
     fast.kv_dtype = torch.float32
     yield
-    fast.kv_dtype = torch.float16
+    fast.kv_dtype = was
+
+
+def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
+    """Float32 activations in every kernel of `model` (int8 decode and bf16 prefill are the modules' defaults)."""
+    set_numerics(model, int8_activations=False, bf16_prefill=False)
+    return model
+
+
+def default_numerics(model: torch.nn.Module) -> None:
+    set_numerics(model, int8_activations=True, bf16_prefill=kernels.bf16_native())
 
 
 @pytest.fixture
-def float_decode():
-    """Float32 activations in every kernel for the test's duration (int8 decode, bf16 prefill are the defaults)."""
-    if not kernels.native_available():
-        yield
-        return
-    ops = torch.ops.llamaworks
-    was = bool(ops.int8_decode(-1)), bool(ops.bf16_prefill(-1))
-    ops.int8_decode(0)
-    ops.bf16_prefill(0)
+def float_fast(default_models):
+    """The module-scoped fast model with float32 activations for the test's duration."""
+    float_numerics(default_models[0])
     yield
-    ops.int8_decode(int(was[0]))  # direct: a test may have switched the native kernels off
-    ops.bf16_prefill(int(was[1]))
+    default_numerics(default_models[0])
 
 
 @torch.inference_mode()
@@ -76,7 +81,7 @@ def default_models():
 
 
 @pytest.mark.slow
-def test_fast_path_greedy_equals_float_reference(default_models, float_decode, float32_kv) -> None:
+def test_fast_path_greedy_equals_float_reference(default_models, float_fast, float32_kv) -> None:
     fast, reference, tokenizer = default_models
     assert isinstance(fast.layers[0].attention.wq, GGMLLinear)
     assert isinstance(fast.tok_embeddings, GGMLEmbedding)
@@ -102,9 +107,9 @@ def _forced(model, ids: list[int], tokens: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["defaults", "int8-decode-only", "bf16-prefill-only"])
 def test_low_precision_activations_drift_against_float_reference(default_models, mode: str) -> None:
     fast, reference, tokenizer = default_models
-    with kernels.float_activations():  # then switch on the paths this mode measures (each exists on every CPU)
-        assert mode == "bf16-prefill-only" or kernels.int8_decode(True)
-        assert mode == "int8-decode-only" or kernels.bf16_prefill(True)
+    # the paths this mode measures (each exists on every CPU)
+    set_numerics(fast, int8_activations=mode != "bf16-prefill-only", bf16_prefill=mode != "int8-decode-only")
+    try:
         for prompt in PROMPTS:
             ids = tokenizer.encode(prompt)
             want, want_logits = greedy(reference, ids, 16)
@@ -116,20 +121,25 @@ def test_low_precision_activations_drift_against_float_reference(default_models,
                 top2 = want_logits[parted].topk(2).values
                 margin = (top2[0] - top2[1]).item()
                 assert margin < NEAR_TIE, f"{prompt!r}: parts at token {parted} where the margin is {margin:.2f}"
+    finally:
+        default_numerics(fast)
 
 
-def test_low_precision_paths_are_the_default() -> None:
+def test_low_precision_paths_are_the_default(default_models) -> None:
     if not kernels.native_available():
         pytest.skip("native kernels unavailable")
-    ops = torch.ops.llamaworks
     # int8 activations everywhere (every SIMD path has an integer dot product); bf16 prefill where the CPU has
     # native bf16 dot products (the kernels are built with -march=native).
     flags = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-    assert kernels.int8_decode()
-    assert kernels.bf16_prefill() == ("avx512_bf16" in flags)
-    with kernels.float_activations():
-        assert not ops.int8_decode(-1) and not ops.bf16_prefill(-1)
-    assert kernels.int8_decode()
+    assert kernels.bf16_native() == ("avx512_bf16" in flags)
+    linears = [m for m in _tiny("tiny-llama3").modules() if isinstance(m, torch.nn.Linear)]
+    model = _tiny("tiny-llama3")
+    optimize_for_inference(model, quantize="q8_0", compile=False)
+    quantized = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    assert len(quantized) == len(linears)
+    assert all(m.int8_activations and m.bf16_prefill == kernels.bf16_native() for m in quantized)
+    float_numerics(model)
+    assert not any(m.int8_activations or m.bf16_prefill for m in quantized)
 
 
 def _check_low_precision_drift(got_logits: torch.Tensor, want_logits: torch.Tensor) -> None:
@@ -175,10 +185,8 @@ def test_interleaved_rows_decode_like_plain_rows(quantize: str) -> None:
     optimize_for_inference(plain, quantize=quantize, compile=False, interleave=False)
     assert any(isinstance(m, GGMLLinear) and m.interleaved for m in x8.modules()) == kernels.can_interleave()
     assert not any(isinstance(m, GGMLLinear) and m.interleaved for m in plain.modules())
-    assert (x8.forward.layer_args is not None) == kernels.native_available()  # through the fused native layer
     a, b = _batched_decode(x8, prompts, 8), _batched_decode(plain, prompts, 8)
-    with kernels.float_activations():
-        fa, fb = _batched_decode(x8, prompts, 8), _batched_decode(plain, prompts, 8)
+    fa, fb = _batched_decode(float_numerics(x8), prompts, 8), _batched_decode(float_numerics(plain), prompts, 8)
     assert (fa - fb).abs().max().item() < 1e-4
     int8_drift = max((a - fa).abs().max().item(), (b - fb).abs().max().item())
     assert (a - b).abs().max().item() <= int8_drift
@@ -216,11 +224,11 @@ def _batched_decode(model: Transformer, prompts: list[list[int]], steps: int) ->
 
 @pytest.mark.parametrize("preset", ["tiny-llama2", "tiny-llama3", "tiny-tied", "tiny-mistral"])
 @pytest.mark.parametrize("quantize", ["q8_0", "q4_1"])
-def test_decode_path_matches_model_forward(preset: str, quantize: str, float_decode) -> None:
+def test_decode_path_matches_model_forward(preset: str, quantize: str) -> None:
     """The static decode step (fused native layer or torch ops) equals Transformer.forward on the same weights."""
     prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30], [4, 4, 8]]
     model = _tiny(preset)
-    optimize_for_inference(model, quantize=quantize, compile=False)
+    float_numerics(optimize_for_inference(model, quantize=quantize, compile=False))
     fast = _batched_decode(model, prompts, 12)  # sliding window 8 on tiny-mistral is crossed
     model.forward = Transformer.forward.__get__(model)  # the unoptimized forward on the same quantized modules
     ref = _batched_decode(model, prompts, 12)
@@ -228,10 +236,10 @@ def test_decode_path_matches_model_forward(preset: str, quantize: str, float_dec
 
 
 @pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
-def test_quantized_float_model_stays_close(quantize: str, float_decode) -> None:
+def test_quantized_float_model_stays_close(quantize: str) -> None:
     """Weight quantization error alone (activations stay float32; their own drift is bounded above)."""
     model, ref = _tiny("tiny-llama3", seed=1), _tiny("tiny-llama3", seed=1)
-    optimize_for_inference(model, quantize=quantize, compile=False)
+    float_numerics(optimize_for_inference(model, quantize=quantize, compile=False))
     tokens = torch.randint(0, 256, (2, 16))
     with torch.inference_mode():
         a, b = model(tokens), ref(tokens)
@@ -239,16 +247,15 @@ def test_quantized_float_model_stays_close(quantize: str, float_decode) -> None:
     assert rel < (0.02 if quantize == "q8_0" else 0.4)  # random 2-layer weights: 4-bit error compounds; garbage ~1.4
 
 
-def test_torch_fallback_decode_equals_native(monkeypatch, float_decode) -> None:
+def test_torch_fallback_decode_equals_native(monkeypatch) -> None:
     if not kernels.native_available():
         pytest.skip("native kernels unavailable")
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     model = _tiny("tiny-llama3")
-    optimize_for_inference(model, quantize="q4_1", compile=False, kv_dtype=torch.float32)
+    float_numerics(optimize_for_inference(model, quantize="q4_1", compile=False, kv_dtype=torch.float32))
     native = _batched_decode(model, prompts, 6)
     monkeypatch.setattr(kernels, "_native", False)
     optimize_for_inference(model, compile=False, kv_dtype=torch.float32)  # re-wrap: the step is now torch ops
-    assert model.forward.layer_args is None
     fallback = _batched_decode(model, prompts, 6)
     assert (native - fallback).abs().max().item() < 1e-4
 
@@ -268,10 +275,10 @@ def test_compiled_decode_equals_eager(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("last_only", [True, False])
-def test_chunked_prefill_equals_one_pass(last_only: bool, float_decode) -> None:
+def test_chunked_prefill_equals_one_pass(last_only: bool) -> None:
     """Long prompts are prefilled in chunks (less peak memory); logits and the cache equal one pass."""
     model = _tiny("tiny-llama3")
-    optimize_for_inference(model, quantize="q8_0", compile=False, kv_dtype=torch.float32)
+    float_numerics(optimize_for_inference(model, quantize="q8_0", compile=False, kv_dtype=torch.float32))
     tokens = torch.randint(0, 256, (1, 23))
     model.forward.prefill_chunk = 1000
     model.setup_cache(1, 64)
@@ -287,10 +294,10 @@ def test_chunked_prefill_equals_one_pass(last_only: bool, float_decode) -> None:
     assert (got_next - want_next).abs().max().item() < 1e-4  # the cache the chunks wrote is the same
 
 
-def test_chunked_prefill_keeps_left_padding_masks(float_decode) -> None:
+def test_chunked_prefill_keeps_left_padding_masks() -> None:
     prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30, 4, 4], [4, 4, 8]]
     model = _tiny("tiny-mistral")  # sliding window 8: crossed inside the chunks
-    optimize_for_inference(model, quantize="q4_1", compile=False, kv_dtype=torch.float32)
+    float_numerics(optimize_for_inference(model, quantize="q4_1", compile=False, kv_dtype=torch.float32))
     model.forward.prefill_chunk = 1000
     want = _batched_decode(model, prompts, 4)
     model.forward.prefill_chunk = 5
@@ -298,30 +305,23 @@ def test_chunked_prefill_keeps_left_padding_masks(float_decode) -> None:
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_decode_is_the_same_from_any_thread_pool_or_thread_count() -> None:
-    """Decode regions run on the kernels' spinning pool whatever thread calls (a server's engine thread, not
-    the one that loaded the model); OpenMP and other thread counts split the same work, so logits are equal."""
+def test_decode_is_the_same_from_any_thread_or_thread_count() -> None:
+    """Decode from another thread (a server's engine thread, not the one that loaded the model) or with another
+    thread count splits the same work: logits are equal."""
     import threading
 
     prompts = [[5, 9, 20, 3, 7, 1, 2, 8, 11, 30], [4, 4, 8]]
     model = _tiny("tiny-llama3", seed=3)
     optimize_for_inference(model, quantize="q4_0", compile=False)
-    assert (model.forward.layer_args is not None) == kernels.native_available()  # the fused native layer
     ref = _batched_decode(model, prompts, 6)
     got: dict[str, torch.Tensor] = {}
     worker = threading.Thread(target=lambda: got.update(thread=_batched_decode(model, prompts, 6)))
     worker.start()
     worker.join()
     assert torch.equal(got["thread"], ref)
-    if kernels.native_available():  # the pool is used inside decode steps only; each step restores the mark
-        assert torch.ops.llamaworks.decode_step_scope(False) is False
-    was_pool, was_threads = kernels.decode_pool(), torch.get_num_threads()
+    was_threads = torch.get_num_threads()
     try:
-        kernels.decode_pool(False)
-        assert torch.equal(_batched_decode(model, prompts, 6), ref)  # OpenMP
-        kernels.decode_pool(True)
         torch.set_num_threads(1)
-        assert torch.equal(_batched_decode(model, prompts, 6), ref)  # the pool remade for one thread
+        assert torch.equal(_batched_decode(model, prompts, 6), ref)  # one thread splits the same work
     finally:
-        kernels.decode_pool(was_pool)
         torch.set_num_threads(was_threads)

@@ -341,16 +341,21 @@ def test_disconnecting_client_frees_its_slot(tokenizer):
 
 @pytest.mark.slow
 def test_real_model_end_to_end(smollm2_gguf):
-    """The bundled SmolLM2-135M-Instruct: a sensible chat answer, JSON mode, streaming."""
-    from llamaworks import load
+    """The bundled SmolLM2-135M-Instruct on the server's default (native) backend: a sensible chat answer, JSON
+    mode, streaming."""
+    from llamaworks.api import load_backend
+    from llamaworks.chat_template import template_for
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.engine.scheduler import Scheduler
 
-    llm = load(smollm2_gguf)
-    engine = engine_for(llm.model, llm.tokenizer, max_rows=4, max_context=1024)
-    with running_server(create_app(engine, model_name="smollm2", chat_template=llm.template)) as url:
+    backend = load_backend(smollm2_gguf, options=EngineOptions(max_rows=4, max_context=1024))
+    assert backend.name == "native"
+    engine = Scheduler(backend)
+    with running_server(create_app(engine, model_name="smollm2", chat_template=template_for(backend.tokenizer))) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
         r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
-                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in r.choices[0].message.content
+                                      messages=[{"role": "user", "content": "What is the capital of Japan?"}])
+        assert "Tokyo" in r.choices[0].message.content
         assert r.choices[0].finish_reason in ("stop", "length")
         r = c.chat.completions.create(model="smollm2", max_tokens=60, temperature=0,
                                       response_format={"type": "json_object"},

@@ -225,14 +225,15 @@ def _qkv(attention: nn.Module, h: Tensor) -> Tensor:
     wq, wk, wv = attention.wq, attention.wk, attention.wv
     if isinstance(wq, GGMLLinear) and isinstance(wk, GGMLLinear) and isinstance(wv, GGMLLinear):
         return kernels.ggml_linear_group(h, [wq.raw, wk.raw, wv.raw], [wq.kernel_type, wk.kernel_type, wv.kernel_type],
-                                         wq.in_features)
+                                         wq.in_features, int8=wq.int8_activations, bf16=wq.bf16_prefill)
     return torch.cat([wq(h), wk(h), wv(h)], dim=-1)
 
 
 def _swiglu(ff: nn.Module, h: Tensor) -> Tensor:
     w1, w3 = ff.w1, ff.w3
     if isinstance(w1, GGMLLinear) and isinstance(w3, GGMLLinear):
-        return kernels.ggml_swiglu(h, w1.raw, w1.kernel_type, w3.raw, w3.kernel_type, w1.in_features)
+        return kernels.ggml_swiglu(h, w1.raw, w1.kernel_type, w3.raw, w3.kernel_type, w1.in_features,
+                                   int8=w1.int8_activations, bf16=w1.bf16_prefill)
     return F.silu(w1(h)) * w3(h)
 
 
@@ -276,55 +277,11 @@ def _decode_step(model: Transformer, tokens: Tensor, slot: Tensor, positions: Te
     return model.lm_head(model.norm(x))
 
 
-def _native_layer_args(model: Transformer) -> list[tuple[Any, ...]] | None:
-    """Per-layer arguments of the fused C++ decode layer, or None when the model cannot use it."""
-    if model.norm.weight.device.type != "cpu" or not kernels.native_available():
-        return None
-    names = (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w3", "w2")))
-    args = []
-    for layer in model.layers:
-        groups = []
-        for parent, children in names:
-            mods = [getattr(getattr(layer, parent), c) for c in children]
-            if not all(isinstance(m, GGMLLinear) for m in mods):
-                return None
-            groups.append(([m.raw for m in mods], [m.kernel_type for m in mods]))
-        (attn_w, attn_t), (ffn_w, ffn_t) = groups
-        args.append((layer.attention_norm.weight.float(), layer.ffn_norm.weight.float(), attn_w, attn_t,
-                     ffn_w, ffn_t, layer.attention))
-    if not isinstance(model.output, GGMLLinear) and model.output is not None:
-        return None
-    return args
-
-
-def _native_decode(model: Transformer, layer_args: list[tuple[Any, ...]], tokens: Tensor, slot: int,
-                   positions: Tensor, visible: Tensor) -> Tensor:
-    """The decode step with each transformer block one C++ call (no per-op Python/dispatcher overhead)."""
-    B = tokens.shape[0]
-    cfg = model.config
-    angles = positions.reshape(B, 1).float() * model.inv_freq  # (B, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    ops = torch.ops.llamaworks
-    was = ops.decode_step_scope(True)  # every parallel region up to the logits runs on the decode pool
-    try:
-        x = model.tok_embeddings(tokens).reshape(B, cfg.dim).float()
-        for attn_norm, ffn_norm, attn_w, attn_t, ffn_w, ffn_t, attention in layer_args:
-            cache = attention.cache
-            x = ops.ggml_decode_layer(x, attn_norm, ffn_norm, cfg.norm_eps, attn_w, attn_t, ffn_w, ffn_t, cache.k,
-                                      cache.v, cos, sin, visible, slot, attention.n_heads, attention.n_kv_heads)
-        return model.lm_head(model.norm(x.view(B, 1, cfg.dim)))
-    finally:
-        ops.decode_step_scope(was)
-
-
-NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # the fused C++ layer reads and writes either
-
-
 class FastForward:
     """Stands in for `Transformer.forward`: one-token cached steps take the static decode path.
 
-    With GGML weights on the CPU and the native kernels built, each block of a decode step is one fused C++ call;
-    otherwise the step is `_decode_step` in torch ops, compiled with torch.compile when `compile` is set.
+    The step is `_decode_step` in torch ops (GGML weights through the native kernels), compiled with torch.compile
+    when `compile` is set.
     """
 
     def __init__(self, model: Transformer, compile: bool) -> None:
@@ -333,8 +290,7 @@ class FastForward:
         # dequantizes every weight once, so bigger models amortize that over longer chunks: a 1.1B model
         # prefills ~20% faster with 256 than with 128, while SmolLM2 keeps 128 (16 MiB less peak memory).
         self.prefill_chunk = 256 if model.config.n_params > 500e6 else 128
-        self.layer_args = _native_layer_args(model)
-        self.compiled = compile and self.layer_args is None
+        self.compiled = compile
         self.step = _decode_step
         if self.compiled:
             configure_compile_cache()
@@ -347,12 +303,7 @@ class FastForward:
         B, T = tokens.shape
         general = T != 1 or not model.has_cache or segment_ids is not None or return_hidden or model.training
         if not general and type(model.layers[0].attention.cache) is not KVCache:
-            # A stand-in cache (the server's per-slot cache) qualifies for the native step only when this call's
-            # rows are the first B rows of its buffer, which is where the C++ layer writes; else the general path.
-            cache = model.layers[0].attention.cache
-            rows = getattr(cache, "rows", None)
-            general = not (self.layer_args is not None and isinstance(rows, slice) and rows.start in (0, None)
-                           and rows.stop == B and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.is_contiguous())
+            general = True  # a stand-in cache (the server's per-slot cache): the general path
         if general:
             if tokens.shape[1] > self.prefill_chunk and model.has_cache and segment_ids is None and not model.training:
                 return chunked_prefill(model, self.prefill_chunk, tokens, start_pos, key_mask=key_mask,
@@ -371,17 +322,6 @@ class FastForward:
         if key_mask is not None:
             full_mask = torch.zeros(key_mask.shape[0], S, dtype=torch.bool, device=device)
             full_mask[:, : key_mask.shape[1]] = key_mask.bool()
-        cache = model.layers[0].attention.cache
-        if self.layer_args is not None and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.is_contiguous():
-            k_pos = torch.arange(S, device=device)
-            visible = k_pos <= start_pos
-            window = model.config.sliding_window
-            if window is not None:
-                visible = visible & (start_pos - k_pos < window)
-            visible = visible.view(1, S).expand(B, S)
-            if full_mask is not None:
-                visible = (visible & full_mask) | (k_pos == start_pos)
-            return _native_decode(model, self.layer_args, tokens, start_pos, positions, visible)
         return self.step(model, tokens, slot, positions, full_mask, caches)
 
 
@@ -454,8 +394,7 @@ def optimize_for_inference(model: Transformer, *, quantized_state: dict[str, Any
                 module.interleave_()
     model.forward = FastForward(model, compile)  # instance attribute: nn.Module.__call__ finds it first
     if kv_dtype == "auto":
-        native = model.forward.layer_args is not None and model.norm.weight.dtype == torch.float32
-        model.kv_dtype = torch.float16 if native else None
+        model.kv_dtype = None  # float16 was for the removed fused C++ layer (float32 attention math over it)
     elif kv_dtype is not None:
         model.kv_dtype = kv_dtype
     return model

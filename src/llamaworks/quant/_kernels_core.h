@@ -1,8 +1,9 @@
 // The torch-free core of llamaworks' CPU inference: GGUF/ggml block formats (Q4_0, Q4_1, Q8_0 and the x8
 // row-interleaved layout), the fused dequantize-and-dot decode kernels, a thread pool, RMSNorm, RoPE and attention
-// over a float16/float32 KV cache. Everything works on raw pointers. Three programs include it: _kernels.cpp (torch
-// ops for the torch runtime), _lean.cpp (a plain C ABI for llamaworks.lean, which runs GGUF models without torch)
-// and tests/native/kernel_check.cpp (every SIMD path against the scalar reference, per ISA).
+// over a float16/float32 KV cache, and the transformer block over a batch of tokens (`blocks`). Everything works on
+// raw pointers; numerics (int8 or float activations) are arguments, never process-wide state. Three programs
+// include it: _kernels.cpp (torch ops for the torch backend), _lean.cpp (a plain C ABI for engine/native.py, which
+// runs GGUF models without torch) and tests/native/kernel_check.cpp (every SIMD path against the scalar reference).
 //
 // Each kernel exists once as a portable scalar reference (namespace `ref`: the definition, compiled on every
 // machine) and, where it matters for speed, as SIMD paths chosen at compile time for the target the library is
@@ -52,7 +53,7 @@
 
 // Everything has internal linkage (an unnamed namespace): several libraries may be loaded into one process (the
 // torch kernels and torch-free libraries built for different targets), and shared symbols would merge their
-// switches and scratch buffers.
+// thread pools and scratch buffers.
 namespace {
 namespace lwcore {
 
@@ -978,22 +979,10 @@ inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
   return sums;
 }
 
-// A switch's state after applying `mode` (-1: leave, 0: off, 1: on).
-inline bool flip(std::atomic<bool>& flag, int64_t mode) {
-  if (mode >= 0) flag = mode != 0;
-  return flag;
-}
-
-// Whether decode uses int8 activations (integer dot products, as llama.cpp does on every CPU). On by default: its
-// drift from the float path is bounded in tests/test_runtime.py; `int8_decode(0)` (Python:
-// kernels.int8_decode(False)) or LLAMAWORKS_INT8_DECODE=0 selects the float dequantize-and-dot kernels.
-std::atomic<bool> g_int8_decode{true};
-inline bool int8_decode(int64_t mode) { return flip(g_int8_decode, mode); }
-
 // Up to this many input rows the decode kernels (weights read once, every row dotted in cache) beat
 // dequantizing to a gemm: with int8 activations up to 32, with the float kernels up to 8.
 constexpr int64_t kSmallBatch = 32;
-inline int64_t decode_rows_limit() { return g_int8_decode ? kSmallBatch : 8; }
+inline int64_t decode_rows_limit(bool int8) { return int8 ? kSmallBatch : 8; }
 // Weight rows per plain-layout decode kernel call: they share each activation block's loads (2 rows measured
 // faster than 4 or 8: more interleaved streams hurt the prefetchers).
 constexpr int64_t kRows = 2;
@@ -1004,14 +993,16 @@ struct WeightRef {
   int64_t stride, type;
 };
 
-// The activation rows of one decode matmul, prepared once: int8 blocks or per-block float sums.
+// The activation rows of one decode matmul, prepared once: int8 blocks (integer dot products, as llama.cpp does on
+// every CPU; the drift from float is bounded in tests/test_native_backend.py) or per-block float sums. The choice
+// is the caller's, per call: there is no process-wide switch.
 struct DecodeRows {
   const float* x;
   int64_t m, k, nb;
   bool int8;
   std::vector<float> sums;
   QuantRows qx;
-  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_ = g_int8_decode)
+  DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
         qx(int8 ? m_ : 0, k_) {
     if (int8) quantize_rows(xp, m_, k_, qx);
@@ -1276,15 +1267,16 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
 #endif
 }
 
-// RoPE on B new q/k rows, their cache writes, and attention. Row b of qp (qkv_n floats: q, then k, then v) is
-// cache sequence seq[b]'s token at slot slot[b], with angles cos/sin (B, D/2). Its queries see the slots where
-// visible (B, S) is true or, with visible == nullptr, slots (slot - window, slot] (window 0: all up to slot).
-// Every row's keys/values are written before any row attends, so consecutive rows of one sequence (a prefill
-// chunk) see each other. Each query head reads its group's key/value head directly (no copies).
+// RoPE on B new q/k rows, their cache writes, and attention. Row b of qp (qkv_n floats: q, then k, then v) is the
+// token at position slot[b] of cache row seq[b], with angles cos/sin (B, D/2); kc/vc point at this layer's
+// (n_kv_heads, S, D) block of cache row 0, and one cache row is row_stride elements further on. Its queries see
+// positions (slot - window, slot] (window 0: all up to slot). Every token's keys/values are written before any
+// attends, so consecutive tokens of one row in a batch see each other. Each query head reads its group's key/value
+// head directly (no copies).
 template <typename KV, typename Par>
-void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, const float* cos, const float* sin,
-                    const bool* visible, int64_t window, int64_t B, const int64_t* seq, const int64_t* slot,
-                    int64_t S, int64_t D, int64_t n_heads, int64_t n_kv_heads, float* ap) {
+void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, int64_t row_stride, const float* cos,
+                    const float* sin, int64_t window, int64_t B, const int64_t* seq, const int64_t* slot, int64_t S,
+                    int64_t D, int64_t n_heads, int64_t n_kv_heads, float* ap) {
   const int64_t G = n_heads / n_kv_heads, qdim = n_heads * D, kvdim = n_kv_heads * D;
   int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -1293,8 +1285,9 @@ void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, co
     rope_inplace(row, n_heads, D, cos + b * (D / 2), sin + b * (D / 2));
     rope_inplace(row + qdim, n_kv_heads, D, cos + b * (D / 2), sin + b * (D / 2));
     for (int64_t g = 0; g < n_kv_heads; ++g) {
-      store_row(kc + ((seq[b] * n_kv_heads + g) * S + slot[b]) * D, row + qdim + g * D, D);
-      store_row(vc + ((seq[b] * n_kv_heads + g) * S + slot[b]) * D, row + qdim + kvdim + g * D, D);
+      const int64_t at = seq[b] * row_stride + (g * S + slot[b]) * D;
+      store_row(kc + at, row + qdim + g * D, D);
+      store_row(vc + at, row + qdim + kvdim + g * D, D);
     }
     max_keys = std::max(max_keys, slot[b] + 1);
   }
@@ -1303,10 +1296,9 @@ void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, co
     std::vector<float> scores(max_keys);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
-      const int64_t first = visible == nullptr && window > 0 ? std::max<int64_t>(0, slot[b] - window + 1) : 0;
-      const int64_t base = ((seq[b] * n_kv_heads + kvh) * S + first) * D;
-      attend_one_head(qp + b * qkv_n + head * D, kc + base, vc + base,
-                      visible == nullptr ? nullptr : visible + b * S + first, slot[b] + 1 - first, D, scale,
+      const int64_t first = window > 0 ? std::max<int64_t>(0, slot[b] - window + 1) : 0;
+      const int64_t base = seq[b] * row_stride + (kvh * S + first) * D;
+      attend_one_head(qp + b * qkv_n + head * D, kc + base, vc + base, nullptr, slot[b] + 1 - first, D, scale,
                       scores.data(), ap + b * qdim + head * D);
     }
   }, 1);
@@ -1353,6 +1345,82 @@ void interleave_rows(const Par& par, uint8_t* base, int64_t n_rows, int64_t t, i
       for (int64_t b = 0; b < nb; ++b) pack_group_block(t, plain.data() + b * bb, row_bytes, group + b * 8 * bb);
     }
   }, 1);
+}
+
+// -- the transformer block ---------------------------------------------------------------------------------------
+// A GGUF llama model as the forward pass reads it. Mirrored by ctypes structures in llamaworks/quant/lean_kernels.py
+// (the torch-free library passes them in): keep the field order in step.
+struct Layer {
+  const float* attn_norm;
+  const float* ffn_norm;
+  const uint8_t* weight[7];  // wq, wk, wv, wo, w1 (gate), w3 (up), w2 (down): rows of ggml blocks
+  int64_t type[7];           // ggml type codes (| 256 for x8 rows)
+};
+
+struct Model {
+  int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, ctx, window;  // window 0: none
+  int64_t max_rows;  // KV cache rows, each ctx positions
+  double eps;
+  const float* inv_freq;  // head_dim / 2 rotary inverse frequencies
+  const uint8_t* embedding;
+  int64_t embedding_type;  // plain rows
+  const uint8_t* output;   // the embedding's bytes when tied
+  int64_t output_type;
+  const float* output_norm;
+  const Layer* layers;
+  // (max_rows, n_layers, n_kv_heads, ctx, head_dim) each, float16 (or float32 with kv_float32): one row contiguous,
+  // so a released row's pages are whole spans.
+  void* k_cache;
+  void* v_cache;
+  int64_t kv_float32;
+  int64_t int8_activations;  // int8 activation blocks in every matmul (else float32)
+};
+
+inline int64_t cache_row_elems(const Model& m) { return m.n_layers * m.n_kv_heads * m.ctx * m.head_dim; }
+
+struct Scratch {  // the activations of one chunk of tokens
+  std::vector<float> x, h, qkv, attn, act, tmp, cos, sin;
+  Scratch(const Model& m, int64_t n)
+      : x(n * m.dim), h(n * m.dim), qkv(n * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim),
+        attn(n * m.n_heads * m.head_dim), act(n * m.hidden), tmp(n * m.dim), cos(n * m.head_dim / 2),
+        sin(n * m.head_dim / 2) {}
+};
+
+// Tokens [0, n) of one chunk, token i at position pos[i] of cache row row[i]: the residual stream s.x through every
+// block. Tokens of different rows share each weight read; their arithmetic is independent (each row's activations
+// are quantized on their own, attention reads only its row), so a token's result does not depend on its batch.
+template <typename KV, typename Par>
+void blocks(const Par& par, const Model& m, KV* k_cache, KV* v_cache, Scratch& s, int64_t n, const int64_t* row,
+            const int64_t* pos) {
+  const int64_t dim = m.dim, D = m.head_dim, qdim = m.n_heads * D, kvdim = m.n_kv_heads * D;
+  const int64_t qkv_n = qdim + 2 * kvdim, layer_cache = m.n_kv_heads * m.ctx * D, row_stride = cache_row_elems(m);
+  const bool int8 = m.int8_activations != 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < D / 2; ++j) {
+      const float angle = static_cast<float>(pos[i]) * m.inv_freq[j];  // float32, as the torch runtime
+      s.cos[i * (D / 2) + j] = std::cos(angle);
+      s.sin[i * (D / 2) + j] = std::sin(angle);
+    }
+  }
+  const auto add = [&](const std::vector<float>& y) {
+    for (int64_t i = 0; i < n * dim; ++i) s.x[i] += y[i];
+  };
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    const Layer& L = m.layers[l];
+    const auto w = [&](int i, int64_t k) { return WeightRef{L.weight[i], k / QK * block_bytes(L.type[i]), L.type[i]}; };
+    for (int64_t i = 0; i < n; ++i) rms_norm(&s.x[i * dim], L.attn_norm, &s.h[i * dim], dim, m.eps);
+    decode_linear(par, DecodeRows(s.h.data(), n, dim, int8), {w(0, dim), w(1, dim), w(2, dim)},
+                  {0, qdim, qdim + kvdim, qkv_n}, s.qkv.data());
+    attention_rows(par, s.qkv.data(), qkv_n, k_cache + l * layer_cache, v_cache + l * layer_cache, row_stride,
+                   s.cos.data(), s.sin.data(), m.window, n, row, pos, m.ctx, D, m.n_heads, m.n_kv_heads,
+                   s.attn.data());
+    decode_linear(par, DecodeRows(s.attn.data(), n, qdim, int8), {w(3, qdim)}, {0, dim}, s.tmp.data());
+    add(s.tmp);
+    for (int64_t i = 0; i < n; ++i) rms_norm(&s.x[i * dim], L.ffn_norm, &s.h[i * dim], dim, m.eps);
+    decode_swiglu(par, DecodeRows(s.h.data(), n, dim, int8), w(4, dim), w(5, dim), m.hidden, s.act.data());
+    decode_linear(par, DecodeRows(s.act.data(), n, m.hidden, int8), {w(6, m.hidden)}, {0, dim}, s.tmp.data());
+    add(s.tmp);
+  }
 }
 
 }  // namespace lwcore

@@ -10,13 +10,11 @@ slower), so nothing else in the package needs to know which one it got.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,11 +70,6 @@ def native_available() -> bool:
         log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", _failure)
     if _native:
         _register_fakes()
-        for name, switch in (("LLAMAWORKS_INT8_DECODE", torch.ops.llamaworks.int8_decode),
-                             ("LLAMAWORKS_BF16_PREFILL", torch.ops.llamaworks.bf16_prefill),
-                             ("LLAMAWORKS_DECODE_POOL", torch.ops.llamaworks.decode_pool)):
-            if name in os.environ:
-                switch(int(os.environ[name] not in ("", "0")))
     return _native
 
 
@@ -86,47 +79,11 @@ def native_failure() -> str | None:
     return _failure
 
 
-def int8_decode(enable: bool | None = None) -> bool:
-    """Whether decode matmuls (up to 32 rows; 8 with float activations) use int8 activations and integer dot
-    products, as llama.cpp does on every CPU.
-
-    On by default (AVX-512 VNNI, AVX-VNNI, AVX2, NEON dotprod and NEON each have an integer dot path; the scalar
-    build runs the reference). The activation rounding moves SmolLM2's logits by up to about 1.3 and can change
-    greedy text at near ties (tests/test_runtime.py bounds it). `enable=False` (or LLAMAWORKS_INT8_DECODE=0)
-    selects the float dequantize-and-dot kernels, `True` the int8 ones; returns the state afterwards (False
-    without the native kernels).
-    """
-    if not native_available():
-        return False
-    return bool(torch.ops.llamaworks.int8_decode(-1 if enable is None else int(enable)))
-
-
-def bf16_prefill(enable: bool | None = None) -> bool:
-    """Whether prefill matmuls (more rows than the decode kernels take) run the gemm in bfloat16 (dequantized
-    bf16 weight slabs).
-
-    On by default where the CPU has AVX-512 BF16 (gemm ~2.4x the float32 rate); elsewhere off by default (torch's
-    bf16 gemm is slower than float32 there) but available. Inputs and outputs of each matmul are rounded to bf16.
-    `enable=False` (or LLAMAWORKS_BF16_PREFILL=0) selects float32; returns the state afterwards.
-    """
-    if not native_available():
-        return False
-    return bool(torch.ops.llamaworks.bf16_prefill(-1 if enable is None else int(enable)))
-
-
-def decode_pool(enable: bool | None = None) -> bool:
-    """Whether decode steps off the main thread run on the kernels' own thread pool (default) or on OpenMP.
-
-    The pool keeps decode equally fast from any thread: with OpenMP, a model run off the thread that loaded it
-    (a server's engine thread) decoded SmolLM2 at 74 instead of 212 tok/s here, because libgomp stops spinning
-    once a second thread team exists. Its workers spin only within a step and sleep between steps, so they never
-    compete with torch's own OpenMP ops (sampling, prefill); the main thread keeps OpenMP, whose first team
-    spins. `enable=False` (or LLAMAWORKS_DECODE_POOL=0) selects OpenMP everywhere; returns the state afterwards
-    (False without the native kernels).
-    """
-    if not native_available():
-        return False
-    return bool(torch.ops.llamaworks.decode_pool(-1 if enable is None else int(enable)))
+def bf16_native() -> bool:
+    """Whether the native kernels were built with AVX-512 BF16 (native bf16 dot products): there the bf16 prefill
+    gemm runs ~2.4x the float32 rate, so it is the default of `GGMLLinear.bf16_prefill`; elsewhere torch's bf16 gemm
+    is slower than float32 and the default is off."""
+    return native_available() and bool(torch.ops.llamaworks.bf16_native())
 
 
 def can_interleave() -> bool:
@@ -154,38 +111,22 @@ def interleave_(raw: Tensor, ggml_type: int, in_features: int) -> int:
     return ggml_type | INTERLEAVED
 
 
-@contextlib.contextmanager
-def float_activations() -> Iterator[None]:
-    """Within the block, int8 decode and bf16 prefill are off: the kernels equal a float32 matmul with the
-    dequantized weights up to summation order (what the exactness tests compare)."""
-    was = int8_decode(), bf16_prefill()
-    int8_decode(False)
-    bf16_prefill(False)
-    try:
-        yield
-    finally:
-        int8_decode(was[0])
-        bf16_prefill(was[1])
-
-
 def _register_fakes() -> None:
     """Shape-only versions so torch.compile can trace through the native ops."""
 
     @torch.library.register_fake("llamaworks::ggml_linear")
-    def _linear_fake(x: Tensor, raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+    def _linear_fake(x: Tensor, raw: Tensor, ggml_type: int, in_features: int, int8: bool, bf16: bool) -> Tensor:
         return x.new_empty((*x.shape[:-1], raw.shape[0]))
 
     @torch.library.register_fake("llamaworks::ggml_linear_group")
-    def _group_fake(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int) -> Tensor:
+    def _group_fake(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int, int8: bool,
+                    bf16: bool) -> Tensor:
         return x.new_empty((*x.shape[:-1], sum(r.shape[0] for r in raws)))
 
     @torch.library.register_fake("llamaworks::ggml_swiglu")
-    def _swiglu_fake(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int) -> Tensor:
+    def _swiglu_fake(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int,
+                     int8: bool, bf16: bool) -> Tensor:
         return x.new_empty((*x.shape[:-1], gate.shape[0]))
-
-    @torch.library.register_fake("llamaworks::ggml_decode_layer")
-    def _layer_fake(x: Tensor, *args: object) -> Tensor:
-        return torch.empty_like(x)
 
     @torch.library.register_fake("llamaworks::ggml_dequantize")
     def _dequantize_fake(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
@@ -256,23 +197,29 @@ def dequantize_blocks(raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
     return dequantize_blocks_torch(raw, ggml_type, in_features)
 
 
-def ggml_linear(x: Tensor, raw: Tensor, ggml_type: int, in_features: int) -> Tensor:
+# int8: int8 activations in the decode kernels (up to 32 rows; integer dot products, as llama.cpp); False keeps
+# them float32 (the float reference's numerics up to summation order). bf16: prefill gemms (more rows) in bfloat16.
+# The torch fallback ignores both: it is a float32 matmul with the dequantized weights.
+def ggml_linear(x: Tensor, raw: Tensor, ggml_type: int, in_features: int, *, int8: bool = True,
+                bf16: bool = False) -> Tensor:
     if raw.device.type == "cpu" and native_available():
-        return torch.ops.llamaworks.ggml_linear(x, raw, ggml_type, in_features)
+        return torch.ops.llamaworks.ggml_linear(x, raw, ggml_type, in_features, int8, bf16)
     w = dequantize_blocks_torch(raw, ggml_type, in_features).to(x.dtype)
     return torch.nn.functional.linear(x, w)
 
 
-def ggml_linear_group(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int) -> Tensor:
+def ggml_linear_group(x: Tensor, raws: list[Tensor], ggml_types: list[int], in_features: int, *, int8: bool = True,
+                      bf16: bool = False) -> Tensor:
     """torch.cat([x @ W_i^T for each W_i], -1), reading all weights in one pass (fused q/k/v)."""
     if raws[0].device.type == "cpu" and native_available():
-        return torch.ops.llamaworks.ggml_linear_group(x, raws, ggml_types, in_features)
+        return torch.ops.llamaworks.ggml_linear_group(x, raws, ggml_types, in_features, int8, bf16)
     return torch.cat([ggml_linear(x, r, t, in_features) for r, t in zip(raws, ggml_types)], dim=-1)
 
 
-def ggml_swiglu(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int) -> Tensor:
+def ggml_swiglu(x: Tensor, gate: Tensor, gate_type: int, up: Tensor, up_type: int, in_features: int, *,
+                int8: bool = True, bf16: bool = False) -> Tensor:
     """silu(x @ Wgate^T) * (x @ Wup^T), both weights read in one pass (fused gate/up)."""
     if gate.device.type == "cpu" and native_available():
-        return torch.ops.llamaworks.ggml_swiglu(x, gate, gate_type, up, up_type, in_features)
+        return torch.ops.llamaworks.ggml_swiglu(x, gate, gate_type, up, up_type, in_features, int8, bf16)
     g = ggml_linear(x, gate, gate_type, in_features)
     return torch.nn.functional.silu(g) * ggml_linear(x, up, up_type, in_features)

@@ -1,9 +1,10 @@
-"""The torch-free native library (`_lean.cpp`): built once per machine like the torch kernels, loaded with ctypes.
+"""The torch-free native library (`_lean.cpp`, behind engine/native.py): built once per machine like the torch
+kernels, loaded with ctypes.
 
 `library(cpu_target)` returns the library built for a CPU target ("native": this machine; or a -march value such
 as "x86-64-v3", to run the AVX2 kernels on an AVX-512 machine), or raises `LeanUnavailable` with the reason (no
-compiler, Windows, ...). Each target's library is its own copy of the kernels with its own switches and thread
-pools. The structures below mirror `LwLayer` / `LwModel` in `_lean.cpp` field by field.
+compiler, Windows, ...). Each target's library is its own copy of the kernels with its own thread pools. The
+structures below mirror `Layer` / `Model` in `_kernels_core.h` field by field.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_lean.cpp")
 CORE_HEADER = Path(__file__).with_name("_kernels_core.h")
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _c_i64, _c_f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _c_u8p = ctypes.c_void_p  # raw block bytes
@@ -38,11 +39,11 @@ class LwLayer(ctypes.Structure):
 
 class LwModel(ctypes.Structure):
     _fields_ = [(name, _c_i64) for name in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                                             "vocab", "ctx", "window")] + [
+                                             "vocab", "ctx", "window", "max_rows")] + [
         ("eps", ctypes.c_double), ("inv_freq", ctypes.c_void_p), ("embedding", ctypes.c_void_p),
         ("embedding_type", _c_i64), ("output", ctypes.c_void_p), ("output_type", _c_i64),
         ("output_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(LwLayer)), ("k_cache", ctypes.c_void_p),
-        ("v_cache", ctypes.c_void_p), ("kv_float32", _c_i64)]
+        ("v_cache", ctypes.c_void_p), ("kv_float32", _c_i64), ("int8_activations", _c_i64)]
 
 
 _libraries: dict[str, ctypes.CDLL] = {}
@@ -53,14 +54,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     err = [ctypes.c_char_p, _c_i64]
     lib.lw_abi_version.restype = ctypes.c_int
     lib.lw_isa.restype = ctypes.c_char_p
-    lib.lw_int8_decode.argtypes, lib.lw_int8_decode.restype = [ctypes.c_int], ctypes.c_int
     lib.lw_pool_new.argtypes, lib.lw_pool_new.restype = [ctypes.c_int], ctypes.c_void_p
     lib.lw_pool_parts.argtypes, lib.lw_pool_parts.restype = [ctypes.c_void_p], ctypes.c_int
     lib.lw_interleave.argtypes = [ctypes.c_void_p, _c_i64, _c_i64, _c_i64, ctypes.c_void_p, *err]
     lib.lw_interleave.restype = ctypes.c_int
-    lib.lw_forward.argtypes = [ctypes.POINTER(LwModel), ctypes.c_void_p, ctypes.c_void_p, _c_i64, _c_i64,
-                               ctypes.c_void_p, ctypes.c_int, *err]
-    lib.lw_forward.restype = ctypes.c_int
+    model = ctypes.POINTER(LwModel)
+    lib.lw_forward_batch.argtypes = [model, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _c_i64,
+                                     ctypes.c_void_p, _c_i64, ctypes.c_void_p, *err]
+    lib.lw_copy_rows.argtypes = [model, _c_i64, _c_i64, _c_i64, *err]
+    lib.lw_release.argtypes = [model, _c_i64, _c_i64, *err]
+    for fn in (lib.lw_forward_batch, lib.lw_copy_rows, lib.lw_release):
+        fn.restype = ctypes.c_int
 
 
 def library(cpu_target: str = "native") -> ctypes.CDLL:
@@ -88,17 +92,8 @@ def library(cpu_target: str = "native") -> ctypes.CDLL:
         _failures[cpu_target] = (f"the torch-free native library for {cpu_target} could not be built or loaded: "
                                  f"{first_error(e)}")
         raise LeanUnavailable(_failures[cpu_target]) from None
-    for name, switch in (("LLAMAWORKS_INT8_DECODE", lib.lw_int8_decode),):
-        if name in os.environ:
-            switch(int(os.environ[name] not in ("", "0")))
     _libraries[cpu_target] = lib
     return lib
-
-
-def int8_decode(enable: bool | None = None, cpu_target: str = "native") -> bool:
-    """Whether the library's kernels quantize activations to int8 blocks (integer dot products: the default on
-    every CPU) or keep them float32; `enable` switches it. Shared by every LeanModel on that library."""
-    return bool(library(cpu_target).lw_int8_decode(-1 if enable is None else int(enable)))
 
 
 def isa(cpu_target: str = "native") -> str:
@@ -107,10 +102,13 @@ def isa(cpu_target: str = "native") -> str:
 
 
 def call(fn: ctypes._CFuncPtr, *args: object) -> None:  # type: ignore[name-defined]
-    """fn(*args, err, len) -> 0, else RuntimeError with the library's one-line message."""
+    """fn(*args, err, len) -> 0; else the library's one-line message as ValueError (-2: an argument out of range)
+    or RuntimeError."""
     err = ctypes.create_string_buffer(512)
-    if fn(*args, err, len(err)) != 0:
-        raise RuntimeError(err.value.decode("utf-8", "replace") or f"{fn.__name__} failed")
+    code = fn(*args, err, len(err))
+    if code != 0:
+        message = err.value.decode("utf-8", "replace") or f"{fn.__name__} failed"
+        raise (ValueError if code == -2 else RuntimeError)(message)
 
 
-__all__ = ["LeanUnavailable", "LwLayer", "LwModel", "call", "int8_decode", "isa", "library"]
+__all__ = ["LeanUnavailable", "LwLayer", "LwModel", "call", "isa", "library"]

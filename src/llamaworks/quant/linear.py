@@ -95,7 +95,14 @@ class GGMLLinear(nn.Module):
     `ggml_type` is the blocks' type; `kernel_type` what the kernels are told, which also says whether the rows
     have been regrouped for decode by `interleave_()`. layout_fixed: the bytes must stay as they are (a
     read-only file mapping, or shared with the embedding table).
+
+    Numerics, per module (`set_numerics` sets a whole model's): `int8_activations` quantizes the decode kernels'
+    activations to int8 blocks (as llama.cpp; False: float32, the float reference's numerics up to summation
+    order); `bf16_prefill` runs prefill gemms in bfloat16 (default where the CPU has native bf16 dot products).
     """
+
+    int8_activations: bool
+    bf16_prefill: bool
 
     def __init__(self, raw: Tensor, ggml_type: int, in_features: int, *, layout_fixed: bool = False) -> None:
         super().__init__()
@@ -114,6 +121,8 @@ class GGMLLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(raw.shape[0])
         self.layout_fixed = layout_fixed
+        self.int8_activations = True
+        self.bf16_prefill = kernels.bf16_native()
 
     @property
     def interleaved(self) -> bool:
@@ -150,7 +159,8 @@ class GGMLLinear(nn.Module):
         return cls(raw, qtype, cols, layout_fixed=fixed)
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.ggml_linear(x, self.raw, self.kernel_type, self.in_features)
+        return kernels.ggml_linear(x, self.raw, self.kernel_type, self.in_features, int8=self.int8_activations,
+                                   bf16=self.bf16_prefill)
 
     def dequantize(self) -> Tensor:
         return kernels.dequantize_blocks(self.raw, self.kernel_type, self.in_features)
@@ -188,3 +198,15 @@ class GGMLEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {KERNEL_TYPES[self.ggml_type]}"
+
+
+def set_numerics(module_tree: nn.Module, *, int8_activations: bool | None = None,
+                 bf16_prefill: bool | None = None) -> None:
+    """Set the numerics of every GGMLLinear in `module_tree` (None leaves that one as it is). The embedding only
+    dequantizes rows, so it has none."""
+    for module in module_tree.modules():
+        if isinstance(module, GGMLLinear):
+            if int8_activations is not None:
+                module.int8_activations = bool(int8_activations)
+            if bf16_prefill is not None:
+                module.bf16_prefill = bool(bf16_prefill)
