@@ -192,7 +192,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         except LeanUnsupported:
             if runtime != "auto":
                 raise
-            from .runtime import set_threads  # a valid file the torch runtime runs: use it, as auto promises
+            from .engine.torch_backend import set_threads  # a valid file the torch runtime runs, as auto promises
 
             set_threads(threads)
     if lean_model is not None:

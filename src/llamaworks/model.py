@@ -46,15 +46,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def lazily_committed(nbytes: int, device: torch.device) -> bool:
+    """Whether `lazy_zeros` gives fresh anonymous pages for this size and device (the CPU, not Windows, 64 KiB+)."""
+    import mmap
+
+    return device.type == "cpu" and nbytes >= 1 << 16 and hasattr(mmap, "MAP_PRIVATE")
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
     """torch.zeros, except that on the CPU the memory is fresh anonymous pages: the OS supplies them zeroed on
     first write, so a cache costs resident memory only for the positions actually used (torch.zeros writes,
     and so commits, every byte up front)."""
-    import mmap
-
     device = torch.device(device) if device is not None else torch.get_default_device()
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < 1 << 16 or not hasattr(mmap, "MAP_PRIVATE"):  # (not on Windows)
+    if not lazily_committed(nbytes, device):
         return torch.zeros(shape, dtype=dtype, device=device)
 
     from .quant.memory import lazy_zeros_buffer
