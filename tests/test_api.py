@@ -135,8 +135,9 @@ def test_load_default_model_and_chat(default_llm):
 @pytest.mark.slow
 def test_gguf_loads_on_the_quantized_fast_path_unless_asked_not_to(default_llm):
     """A GGUF on the CPU keeps its blocks quantized (no float copy of the weights); fast=False is the reference."""
-    from llamaworks.quant.linear import GGMLLinear
     from llamaworks.runtime import FastForward
+
+    from llamaworks.quant.linear import GGMLLinear
 
     fast = default_llm
     assert isinstance(fast.model.forward, FastForward)

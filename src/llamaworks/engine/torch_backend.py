@@ -227,8 +227,6 @@ class TorchBackend:
         context = min(model.config.max_seq_len, options.max_context or model.config.max_seq_len)
         self.config: ModelConfig = model.config.replace(max_seq_len=context)
         self.device = model.norm.weight.device
-        if self.device.type == "cpu":
-            set_threads(options.threads)
         from ..quant import linear
 
         if hasattr(linear, "set_numerics"):  # the quantized modules' activations (until it lands: global defaults)
@@ -272,6 +270,8 @@ class TorchBackend:
             if quantize is not None:
                 quantize_model(model, weights=quantize)
         model.eval().requires_grad_(False)
+        if device_.type == "cpu":
+            set_threads(options.threads)
         if options.interleave:
             for module in model.modules():
                 if isinstance(module, GGMLLinear):
@@ -282,7 +282,10 @@ class TorchBackend:
     def from_model(cls, model: Transformer, tokenizer: Any = None,
                    options: EngineOptions | None = None) -> TorchBackend:
         """Wrap an in-memory model (training-time evaluation, tests): its KV cache is set up here, and the numerics
-        of any quantized modules follow `options`; its weights are used as they are."""
+        of any quantized modules follow `options`; its weights are used as they are. The process's torch threads
+        change only when options.threads says so (a training run keeps its own setting)."""
+        if options is not None and options.threads is not None and model.norm.weight.device.type == "cpu":
+            set_threads(options.threads)
         return cls(model, tokenizer=tokenizer, options=options)
 
     # -- the contract -------------------------------------------------------------------------------------
