@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from llamaworks.config import get_preset
+from llamaworks.engine.backend import EngineOptions
+from llamaworks.engine.torch_backend import TorchBackend
 from llamaworks.model import Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -52,6 +54,11 @@ def default_tokenizer():
         from transformers import AutoTokenizer
 
         return HFTokenizerAdapter(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+
+
+def backend_of(model: Transformer, tokenizer=None, rows: int = 16) -> TorchBackend:
+    """The evaluation backend on an in-memory model: float32 KV cache, `rows` rows (context + 15 choices)."""
+    return TorchBackend.from_model(model, tokenizer, EngineOptions(max_rows=rows, kv_dtype="float32"))
 
 
 def tiny_model(vocab_size: int = 49152, seed: int = 0, **overrides) -> Transformer:

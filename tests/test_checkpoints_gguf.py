@@ -473,7 +473,7 @@ def test_loading_a_model_does_not_import_gguf() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from llamaworks.runtime import load_quantized_model; load_quantized_model(None); "
+    code = ("import sys; from llamaworks.engine.torch_backend import TorchBackend; TorchBackend.load(None); "
             "print(sorted(m for m in ('gguf', 'yaml', 'sentencepiece') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import tiny_model
+from eval_support import backend_of, tiny_model
 from llamaworks.errors import ConfigError
 from llamaworks.eval.perplexity import perplexity, perplexity_of_ids
 
@@ -38,7 +38,7 @@ def token_logprob(model, ids: list[int], j: int, left: int) -> float:
 
 def test_full_window_equals_direct_sum(model):
     ids = ByteTokenizer().encode("hello world, this is a test")
-    nll, scored = perplexity_of_ids(model, ids, max_length=64, stride=64)
+    nll, scored = perplexity_of_ids(backend_of(model, rows=1), ids, max_length=64, stride=64)
     assert scored == len(ids) - 1
     with torch.no_grad():
         logprobs = F.log_softmax(model(torch.tensor([ids[:-1]])).double(), -1)[0]
@@ -49,7 +49,7 @@ def test_full_window_equals_direct_sum(model):
 @pytest.mark.parametrize(("max_length", "stride"), [(8, 3), (8, 8), (5, 1)])
 def test_sliding_window_context_per_token(model, max_length, stride):
     ids = ByteTokenizer().encode("abcdefghijklmnopqrstuvw")  # 24 tokens with BOS
-    nll, scored = perplexity_of_ids(model, ids, max_length=max_length, stride=stride)
+    nll, scored = perplexity_of_ids(backend_of(model, rows=1), ids, max_length=max_length, stride=stride)
     assert scored == len(ids) - 1
     # Chunks of `stride` targets; each chunk's window ends right before its last target, max_length long.
     expected, start = 0.0, 1
@@ -63,11 +63,11 @@ def test_sliding_window_context_per_token(model, max_length, stride):
 
 def test_result_fields_and_bits_per_byte(model):
     text = "naïve café " * 3  # multi-byte characters: bytes != characters
-    r = perplexity(model, ByteTokenizer(), text, max_length=16, stride=8)
+    r = perplexity(backend_of(model, rows=1), ByteTokenizer(), text, max_length=16, stride=8)
     n_bytes = len(text.encode("utf-8"))
     assert r.bytes == n_bytes and r.tokens == n_bytes  # byte tokens after the BOS
     assert r.perplexity == pytest.approx(math.exp(r.nll / r.tokens))
     assert r.bits_per_byte == pytest.approx(r.nll / math.log(2) / n_bytes)
     assert r.to_dict()["stride"] == 8
     with pytest.raises(ConfigError, match=r"--stride must be in 1\.\.max_length"):
-        perplexity(model, ByteTokenizer(), text, max_length=4, stride=5)
+        perplexity(backend_of(model, rows=1), ByteTokenizer(), text, max_length=4, stride=5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import FIXTURES
+from eval_support import FIXTURES, backend_of
 from llamaworks.eval import EvalSettings, FewshotSampler, build_prompt, load_tasks, run_eval
 from llamaworks.eval.scorer import LoglikelihoodScorer
 
@@ -45,7 +45,7 @@ def reference_loglikelihood(model, tok, context: str, continuation: str) -> floa
 
 def test_loglikelihoods_match_transformers_on_fixture_items(ours, reference):
     model, tokenizer = ours
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
     tasks = [*load_tasks(["arc_challenge"], FIXTURES / "arc"), *load_tasks(["mmlu_astronomy"], FIXTURES / "mmlu"),
              *load_tasks(["truthfulqa_mc1"], FIXTURES / "truthfulqa")]
     for task in tasks:
@@ -62,7 +62,7 @@ def test_run_eval_with_the_default_model(ours, reference, tmp_path):
     """The reported accuracy is transformers' argmax over the same prompts against the gold answers."""
     model, tokenizer = ours
     settings = EvalSettings(tasks=["arc_challenge", "mmlu_astronomy"], data_dir=FIXTURES, limit=2, log_samples=True)
-    doc = run_eval(model, tokenizer, settings, progress=False)
+    doc = run_eval(backend_of(model), tokenizer, settings, progress=False)
     assert doc["results"]["arc_challenge"]["n"] == 2
     assert doc["timing"]["items"] == 4
     for task in ("arc_challenge", "mmlu_astronomy"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import FIXTURES, default_tokenizer, tiny_model
+from eval_support import FIXTURES, backend_of, default_tokenizer, tiny_model
 from llamaworks import cli
 from llamaworks.eval import EvalSettings, run_eval
 from llamaworks.eval import report as report_mod
@@ -26,7 +26,7 @@ def results_doc(tmp_path_factory):
     settings = EvalSettings(tasks=["arc_challenge", "mmlu", "truthfulqa_mc2"], data_dir=data, num_fewshot=1,
                             limit=2, log_samples=True)
     info = {"path": "tiny", "fingerprint": report_mod.model_fingerprint(None, model.config.to_dict())}
-    doc = report_mod.finalize(run_eval(model, tokenizer, settings, model_info=info, progress=False))
+    doc = report_mod.finalize(run_eval(backend_of(model), tokenizer, settings, model_info=info, progress=False))
     return doc, model, tokenizer
 
 
@@ -136,7 +136,7 @@ def test_chat_template_mode_wraps_prompts_and_drops_the_space(results_doc):
         pytest.skip("tokenizer without a chat template")
     settings = EvalSettings(tasks=["mmlu_astronomy"], data_dir=FIXTURES / "mmlu", limit=1, chat_template=True,
                             log_samples=True)
-    doc = run_eval(model, tokenizer, settings, progress=False)
+    doc = run_eval(backend_of(model), tokenizer, settings, progress=False)
     (sample,) = doc["samples"]["mmlu_astronomy"]
     # SmolLM2's ChatML template: the MMLU description is the system turn, the question the user turn.
     assert sample["context"] == (

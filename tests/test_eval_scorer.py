@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_support import default_tokenizer, tiny_model
+from eval_support import backend_of, default_tokenizer, tiny_model
 from llamaworks.eval.scorer import LoglikelihoodScorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def direct_loglikelihood(model, context: list[int], continuation: list[int]) -> 
 
 
 def test_encode_pair_moves_trailing_space_and_splits_the_whole_encoding(tokenizer, model):
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
     ctx, cont = scorer.encode_pair("Question: Why?\nAnswer: ", "Because")
     # The harness: context "Question: Why?\nAnswer:", continuation " Because", whole string encoded then split.
     expected_ctx = tokenizer.encode("Question: Why?\nAnswer:")
@@ -47,7 +47,7 @@ def test_encode_pair_moves_trailing_space_and_splits_the_whole_encoding(tokenize
 
 
 def test_loglikelihoods_equal_direct_computation(tokenizer, model):
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
     items = [
         ("Question: What is 2+2?\nAnswer:", [" four", " five apples and more", " x", " 22"]),
         # shares a long token prefix with the previous context: exercises the prefix-cache reuse
@@ -66,11 +66,10 @@ def test_loglikelihoods_equal_direct_computation(tokenizer, model):
             assert got.logprob == pytest.approx(expected, abs=1e-5, rel=1e-6), (context, cont)
             assert got.n_tokens == len(cont_ids)
             assert got.is_greedy == greedy
-    assert not model.has_cache  # the scorer's caches are attached only while it scores
 
 
 def test_cache_reuse_computes_the_context_once(tokenizer, model):
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
     context = "The following are questions. " * 20
     conts = [" yes", " no", " maybe so"]
     scorer.score(context, conts)
@@ -83,7 +82,7 @@ def test_cache_reuse_computes_the_context_once(tokenizer, model):
 
 
 def test_left_truncation_matches_the_harness(tokenizer, model):
-    scorer = LoglikelihoodScorer(model, tokenizer, max_length=12)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer, max_length=12)
     context = "one two three four five six seven eight nine ten eleven twelve"
     cont = " thirteen fourteen"
     ctx_ids, cont_ids = scorer.encode_pair(context, cont)
@@ -96,7 +95,7 @@ def test_left_truncation_matches_the_harness(tokenizer, model):
 
 def test_grouped_query_sliding_window_model(tokenizer):
     model = tiny_model(sliding_window=8, n_kv_heads=1)
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
     context = "a b c d e f g h i j k l m n o p"
     for _ in range(2):  # second round reuses the prefix
         for cont, got in zip([" q r s", " z"], scorer.score(context, [" q r s", " z"])):

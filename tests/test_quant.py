@@ -252,8 +252,8 @@ def _requant_bound(x: np.ndarray, blocks: np.ndarray, target: int) -> np.ndarray
     return bound + 8 * np.spacing(amax.astype(np.float32)).astype(np.float64)
 
 
-def _lean_convert(qtype: Q, rows: int, cols: int, raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """The torch-free runtime's conversion at load (`engine.native._convert`) of one tensor, with its target type."""
+def _native_convert(qtype: Q, rows: int, cols: int, raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """The native backend's conversion at load (`engine.native._convert`) of one tensor, with its target type."""
     from types import SimpleNamespace
 
     from llamaworks.checkpoints.ggml_types import REQUANT_TARGET, GGMLType
@@ -264,14 +264,15 @@ def _lean_convert(qtype: Q, rows: int, cols: int, raw: np.ndarray) -> tuple[np.n
     return np.asarray(_convert("w", tensor, target, Path("random.gguf"))).reshape(rows, -1), int(target)
 
 
-@pytest.mark.parametrize("runtime", ["torch", "lean"])
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize(("qtype", "target"), [(Q.Q2_K, GGML_Q4_1), (Q.Q3_K, GGML_Q4_1), (Q.Q4_K, GGML_Q4_1),
                                                (Q.Q5_K, GGML_Q8_0), (Q.Q6_K, GGML_Q8_0)])
-def test_kquants_are_converted_per_tensor(qtype: Q, target: int, runtime: str) -> None:
+def test_kquants_are_converted_per_tensor(qtype: Q, target: int, backend: str) -> None:
     """Each K-quant converts to its kernel type within the requantization bound of that type, element by element.
 
     Both sides come from gguf-py's dequantizers (the outside reference): the K-quant blocks as read, the
-    converted Q4_1/Q8_0 blocks as written, by either runtime's converter. This is a requantization, not a
+    converted Q4_1/Q8_0 blocks as written, by either backend's entry point (both call ggml_types.convert_blocks, so
+    they hold the same bytes: checked). This is a requantization, not a
     re-labelling: a 4-bit K-quant sub-block is a Q4_1 block only when its codes reach both 0 and 15 (and Q2_K/Q3_K
     sub-blocks are 16 elements), so the bound is the target's half step plus its float16 rounding.
     """
@@ -279,15 +280,16 @@ def test_kquants_are_converted_per_tensor(qtype: Q, target: int, runtime: str) -
     raw = _random_kquant(qtype, rows, cols, seed=4)
     expected = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
     assert np.isfinite(expected).all() and np.abs(expected).max() > 0
-    if runtime == "torch":
+    if backend == "torch":
         converted, got_type, shape = to_ggml_blocks(_Entry(qtype, (rows, cols), raw))
         assert shape == (rows, cols)
         blocks = converted.numpy()
         # The project's own dequantizer reads the converted blocks as gguf-py does.
         got = dequantize_blocks_torch(converted, got_type, cols).numpy()
         np.testing.assert_array_equal(got, gguf.quants.dequantize(blocks, Q(target)).reshape(rows, cols))
+        assert np.array_equal(blocks, _native_convert(qtype, rows, cols, raw)[0])  # one converter: same bytes
     else:
-        blocks, got_type = _lean_convert(qtype, rows, cols, raw)
+        blocks, got_type = _native_convert(qtype, rows, cols, raw)
     assert got_type == target
     got = gguf.quants.dequantize(blocks, Q(target)).reshape(rows, cols)
     x = expected.reshape(-1, 32)

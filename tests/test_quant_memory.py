@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from llamaworks.assets import default_model_path
 from llamaworks.bench import _is_file_mapped
 from llamaworks.checkpoints.gguf import read_gguf
+from llamaworks.engine.backend import EngineOptions
+from llamaworks.engine.torch_backend import TorchBackend
 from llamaworks.quant import GGMLLinear, kernels
 from llamaworks.quant.memory import huge_pages_available, read_into_huge_pages
-from llamaworks.runtime import load_quantized_model
 
 
 def test_read_into_huge_pages_returns_the_file_bytes(tmp_path) -> None:
@@ -35,7 +35,8 @@ def test_read_past_end_of_file_is_a_clear_error(tmp_path) -> None:
 
 @pytest.mark.parametrize("mmap", [False, True])
 def test_default_model_blocks_in_memory_or_mapped(mmap: bool) -> None:
-    model, _, _ = load_quantized_model(None, mmap=mmap)
+    backend = TorchBackend.load(None, EngineOptions(mmap=mmap, max_context=16))
+    model = backend.model
     mapped = read_gguf(default_model_path(), dequantize=False).state_dict["layers.0.attention.wq.weight"]
     wq = model.layers[0].attention.wq
     assert isinstance(wq, GGMLLinear)
@@ -46,9 +47,7 @@ def test_default_model_blocks_in_memory_or_mapped(mmap: bool) -> None:
     assert _is_file_mapped(model) == (mmap or not huge_pages_available())
     # Tied output still shares the embedding's bytes when they were read into memory.
     assert model.output.raw.data_ptr() == model.tok_embeddings.raw.data_ptr()
-    with torch.inference_mode():
-        model.setup_cache(1, 16)
-        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]), last_only=True)).all()
+    assert np.isfinite(backend.forward([0, 0, 0], [1, 2, 3], [0, 1, 2], [2])).all()
 
 
 def test_torch_start_up_pages_are_released_and_come_back_on_use() -> None:
@@ -79,16 +78,16 @@ print(before, after, advised, int(ok))
 
 
 def test_load_pages_out_torch_only_when_enabled(monkeypatch) -> None:
-    from llamaworks import runtime
+    from llamaworks.engine import torch_backend
 
     calls = []
-    monkeypatch.setattr(runtime, "page_out_library_code", lambda: calls.append(1) or 0)
-    monkeypatch.setattr(runtime, "_torch_pages_released", False)
+    monkeypatch.setattr(torch_backend, "page_out_library_code", lambda: calls.append(1) or 0)
+    monkeypatch.setattr(torch_backend, "_torch_pages_released", False)
     monkeypatch.setenv("LLAMAWORKS_PAGE_OUT_TORCH", "0")
-    load_quantized_model(None)
+    TorchBackend.load(None)
     assert calls == []
     monkeypatch.delenv("LLAMAWORKS_PAGE_OUT_TORCH")
-    load_quantized_model(None)
+    TorchBackend.load(None)
     assert calls == [1]
-    load_quantized_model(None)  # once per process: a second model must not push out the code the first uses
+    TorchBackend.load(None)  # once per process: a second model must not push out the code the first uses
     assert calls == [1]

@@ -13,8 +13,7 @@ import shutil
 import pytest
 
 from llamaworks.serve.app import create_app
-from llamaworks.serve.engine import Engine
-from serve_testutil import running_server, tiny_model, wait_until
+from serve_testutil import engine_for, running_server, tiny_model, wait_until
 
 CHROMIUM = os.environ.get("LLAMAWORKS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -34,7 +33,7 @@ def server(smollm2_gguf):
 
     tokenizer = load_tokenizer(smollm2_gguf)
     # A long context so that a reply can outlast the stop button's click.
-    engine = Engine(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_batch=4)
+    engine = engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=4096), tokenizer, max_rows=4)
     with running_server(create_app(engine, model_name="tiny-serve")) as url:
         yield url, engine
 

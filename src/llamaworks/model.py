@@ -1,10 +1,11 @@
 """The LLaMA Transformer in one file.
 
-Pre-norm RMSNorm, rotary position embeddings (with LLaMA 3.1 frequency scaling), grouped-query
-attention with a preallocated KV cache, and a SwiGLU MLP. Parameter names follow Meta's reference
-checkpoints (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...) and so does the rotary
-layout: each head's dimensions rotate in adjacent pairs (0,1), (2,3), ... . The Hugging Face layout
-(first half against second half) is a permutation of the q/k rows, applied in `checkpoints/hf.py`.
+Pre-norm RMSNorm, rotary position embeddings (with LLaMA 3.1 frequency scaling), grouped-query attention with a
+static per-row KV cache (each cache row one sequence, keys written at their positions: the gpt-fast / torchtune
+contract), and a SwiGLU MLP. Parameter names follow Meta's reference checkpoints (`tok_embeddings`,
+`layers.N.attention.wq`, `feed_forward.w1`, ...) and so does the rotary layout: each head's dimensions rotate in
+adjacent pairs (0,1), (2,3), ... . The Hugging Face layout (first half against second half) is a permutation of the
+q/k rows, applied in `checkpoints/hf.py`.
 """
 
 from __future__ import annotations
@@ -45,15 +46,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def lazily_committed(nbytes: int, device: torch.device) -> bool:
+    """Whether `lazy_zeros` gives fresh anonymous pages for this size and device (the CPU, not Windows, 64 KiB+)."""
+    import mmap
+
+    return device.type == "cpu" and nbytes >= 1 << 16 and hasattr(mmap, "MAP_PRIVATE")
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
     """torch.zeros, except that on the CPU the memory is fresh anonymous pages: the OS supplies them zeroed on
     first write, so a cache costs resident memory only for the positions actually used (torch.zeros writes,
     and so commits, every byte up front)."""
-    import mmap
-
     device = torch.device(device) if device is not None else torch.get_default_device()
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < 1 << 16 or not hasattr(mmap, "MAP_PRIVATE"):  # (not on Windows)
+    if not lazily_committed(nbytes, device):
         return torch.zeros(shape, dtype=dtype, device=device)
 
     from .quant.memory import lazy_zeros_buffer
@@ -67,22 +73,24 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 
 class KVCache(nn.Module):
-    """Keys and values of every past position, preallocated for `max_seq_len` slots (resident as they fill)."""
+    """Keys and values of `max_rows` independent sequences, `max_seq_len` positions each (resident as they fill).
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+    Static: a key is written at its row and position and never moved; each row has its own timeline."""
+
+    def __init__(self, max_rows: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        shape = (max_rows, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", lazy_zeros(shape, dtype, device), persistent=False)
         self.register_buffer("v", lazy_zeros(shape, dtype, device), persistent=False)
 
-    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, {end} requested")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, rows: Tensor, positions: Tensor, span: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hk, T, D) at cache row rows[b], positions[b, t]; return each row's keys and values at
+        positions [0, span) as (B, Hk, span, D)."""
+        index = (rows[:, None], slice(None), positions)  # advanced indices around a slice: (B, T, Hk, D)
+        self.k[index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[index] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[rows, :, :span], self.v[rows, :, :span]
 
 
 class Attention(nn.Module):
@@ -95,15 +103,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache_at: tuple[Tensor, Tensor, int] | None) -> Tensor:
+        """cache_at: (rows, positions, span) to write this call's keys/values into the cache and attend to
+        positions [0, span) of those rows (the mask says which); None attends to this call's tokens only."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-            if k.dtype != q.dtype:  # a float16 cache under float32 activations (the fast CPU path)
+        if cache_at is not None:
+            k, v = self.cache.update(*cache_at, k, v)
+            if k.dtype != q.dtype:  # a float16 cache under float32 activations: the attention math stays float32
                 k, v = k.to(q.dtype), v.to(q.dtype)
         # enable_gqa lets each group of query heads read its shared key/value head without copies.
         causal = mask is None and T > 1
@@ -133,8 +144,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache_at: tuple[Tensor, Tensor, int] | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_at)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -167,70 +179,60 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None,
-                    dtype: torch.dtype | None = None) -> None:
-        """Preallocate a KV cache; forward() then appends to it at `start_pos`.
-
-        dtype: default `kv_cache_dtype()` (the activation dtype, or float16 where the fast path set it).
-        """
-        length = max_seq_len or self.config.max_seq_len
-        dtype = dtype or self.kv_cache_dtype()
+    def setup_cache(self, max_rows: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Preallocate a static KV cache of `max_rows` rows of `max_seq_len` positions; forward() with
+        `cache_rows` then reads and writes it."""
         device = self.inv_freq.device
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, length, self.config.kv_heads, self.config.head_size,
+            layer.attention.cache = KVCache(max_rows, max_seq_len, self.config.kv_heads, self.config.head_size,
                                             dtype, device)
-
-    def kv_cache_dtype(self) -> torch.dtype:
-        """The KV cache's element type: `self.kv_dtype` when set (runtime.py sets float16 for the native CPU
-        decode, as llama.cpp does), else the activation dtype (the final norm's; the embedding may be a
-        quantized uint8 table)."""
-        explicit = getattr(self, "kv_dtype", None)
-        if explicit is not None:
-            return explicit
-        dtype = self.norm.weight.dtype
-        return dtype if dtype.is_floating_point else torch.float32
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
 
     @property
-    def has_cache(self) -> bool:
-        return self.layers[0].attention.cache is not None
-
-    @property
-    def cache_len(self) -> int:
-        cache = self.layers[0].attention.cache
-        return 0 if cache is None else cache.k.shape[2]
+    def caches(self) -> list[KVCache]:
+        """Each layer's KV cache (empty without setup_cache)."""
+        caches = [layer.attention.cache for layer in self.layers]
+        return [] if caches[0] is None else caches
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, start_pos: int = 0, *, key_mask: Tensor | None = None,
-                positions: Tensor | None = None, segment_ids: Tensor | None = None,
+    def forward(self, tokens: Tensor, *, positions: Tensor | None = None, cache_rows: Tensor | None = None,
+                key_mask: Tensor | None = None, segment_ids: Tensor | None = None,
                 last_only: bool = False, return_hidden: bool = False) -> Tensor:
         """Logits (B, T, vocab) for `tokens` (B, T).
 
-        start_pos:   cache slot of tokens[:, 0] (with a KV cache set up); keys are slots [0, start_pos+T).
-        key_mask:    (B, start_pos+T) bool, False for padding slots that no query may attend to.
-        positions:   (B, T) rotary positions; default start_pos + arange(T). Left-padded rows pass their own.
-        segment_ids: (B, T) for packed training sequences: attention stays inside a segment.
+        positions:   (B, T) rotary positions; default arange(T).
+        cache_rows:  (B,) cache row of each batch row (needs setup_cache): token t of row b writes its key and
+                     value at cache row cache_rows[b], position positions[b, t], and attends to that row's
+                     positions <= its own (within the sliding window). Each row's earlier positions must hold
+                     what its caller put there. Without cache_rows the cache is not touched (training).
+        key_mask:    (B, T) bool, False for padding no query may attend to (without a cache).
+        segment_ids: (B, T) for packed training sequences: attention stays inside a segment (without a cache).
         last_only:   compute logits for the last position only (prefill needs nothing else).
+        return_hidden: the final-norm hidden states (B, T, dim) instead of logits (see lm_head).
         """
         T = tokens.shape[1]
-        if not self.has_cache and start_pos:
-            raise ValueError("start_pos needs a KV cache: call setup_cache() first")
         device = tokens.device
         if positions is None:
-            positions = torch.arange(start_pos, start_pos + T, device=device).unsqueeze(0)
+            if cache_rows is not None:
+                raise ValueError("cache_rows needs positions: each row has its own")
+            positions = torch.arange(T, device=device).unsqueeze(0)
         angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B|1, T, D/2)
         cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-        mask = self._attention_mask(T, start_pos, key_mask, segment_ids, device)
+        if cache_rows is None:
+            cache_at = None
+            mask = self._attention_mask(T, key_mask, segment_ids, device)
+        else:
+            cache_at, mask = self._cache_mask(cache_rows, positions, key_mask, segment_ids)
 
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_at, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, start_pos)
+                x = layer(x, cos, sin, mask, cache_at)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -243,28 +245,44 @@ class Transformer(nn.Module):
             return F.linear(hidden, self.tok_embeddings.weight)
         return self.output(hidden)
 
-    def _attention_mask(self, T: int, start_pos: int, key_mask: Tensor | None, segment_ids: Tensor | None,
+    def _cache_mask(self, rows: Tensor, positions: Tensor, key_mask: Tensor | None,
+                    segment_ids: Tensor | None) -> tuple[tuple[Tensor, Tensor, int], Tensor]:
+        """((rows, positions, span), boolean (B, 1, T, span) mask) for a forward through the cache."""
+        if not self.caches:
+            raise ValueError("cache_rows needs a KV cache: call setup_cache() first")
+        if key_mask is not None or segment_ids is not None:
+            raise ValueError("key_mask and segment_ids are for forward without a cache: rows have their own positions")
+        max_rows, _, max_len, _ = self.caches[0].k.shape
+        if rows.ndim != 1 or rows.shape[0] != positions.shape[0]:
+            raise ValueError(f"cache_rows {tuple(rows.shape)}: expected one row per batch row ({positions.shape[0]})")
+        lo, hi = int(positions.min()), int(positions.max())  # one host sync: the span of keys to read
+        if lo < 0 or hi >= max_len:
+            raise ValueError(f"positions {lo}..{hi} are outside the KV cache's 0..{max_len - 1}")
+        if int(rows.min()) < 0 or int(rows.max()) >= max_rows:
+            raise ValueError(f"cache rows {rows.tolist()} are outside the KV cache's 0..{max_rows - 1}")
+        span = hi + 1
+        k_pos = torch.arange(span, device=positions.device).view(1, 1, span)
+        q_pos = positions.unsqueeze(-1)  # (B, T, 1)
+        allowed = k_pos <= q_pos  # keys past a row's own position are another sequence's or not written yet
+        if self.config.sliding_window is not None:
+            allowed = allowed & (q_pos - k_pos < self.config.sliding_window)
+        return (rows, positions, span), allowed.unsqueeze(1)
+
+    def _attention_mask(self, T: int, key_mask: Tensor | None, segment_ids: Tensor | None,
                         device: torch.device) -> Tensor | None:
-        """Boolean (B|1, 1, T, S) mask, or None when plain causal attention (or none) is exact."""
+        """Boolean (B|1, 1, T, T) mask over this call's tokens, or None when plain causal attention is exact."""
         window = self.config.sliding_window
-        S = start_pos + T
-        # SDPA's is_causal aligns the mask to the top-left corner, which is right only when queries and keys
-        # start together (start_pos == 0); one query (T == 1) may see every cached key.
-        plain = start_pos == 0 or T == 1
-        if plain and key_mask is None and segment_ids is None and (window is None or window >= S):
+        if key_mask is None and segment_ids is None and (window is None or window >= T):
             return None
-        q_pos = torch.arange(start_pos, S, device=device).view(T, 1)
-        k_pos = torch.arange(S, device=device).view(1, S)
+        q_pos = torch.arange(T, device=device).view(T, 1)
+        k_pos = torch.arange(T, device=device).view(1, T)
         allowed = k_pos <= q_pos
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
-        allowed = allowed.view(1, 1, T, S)
+        allowed = allowed.view(1, 1, T, T)
         if key_mask is not None:
-            allowed = allowed & key_mask.view(key_mask.shape[0], 1, 1, S).bool()
+            allowed = allowed & key_mask.view(key_mask.shape[0], 1, 1, T).bool()
         if segment_ids is not None:
-            if start_pos:
-                raise ValueError("segment_ids are for training without a cache")
             allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        # A query may always see itself: a padding row with no visible key would give NaN, and NaN
-        # values in the cache poison every later query even when masked.
-        return allowed | (q_pos == k_pos).view(1, 1, T, S)
+        # A query may always see itself: a padding row with no visible key would give NaN.
+        return allowed | (q_pos == k_pos).view(1, 1, T, T)

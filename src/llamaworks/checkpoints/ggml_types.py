@@ -9,6 +9,9 @@ against the installed gguf.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
+
+import numpy as np
 
 
 class GGMLType(IntEnum):
@@ -70,6 +73,20 @@ REQUANT_TARGET: dict[GGMLType, GGMLType] = {
     GGMLType.Q2_K: GGMLType.Q4_1, GGMLType.Q3_K: GGMLType.Q4_1, GGMLType.Q4_K: GGMLType.Q4_1,
     GGMLType.Q5_0: GGMLType.Q8_0, GGMLType.Q5_1: GGMLType.Q8_0, GGMLType.Q5_K: GGMLType.Q8_0,
     GGMLType.Q6_K: GGMLType.Q8_0}
+
+
+def convert_blocks(data: Any, qtype: int, shape: tuple[int, int],
+                   target: int | None = None) -> tuple[np.ndarray, GGMLType]:
+    """THE conversion of a GGUF tensor of a type the kernels lack (both backends call it, so both hold the same
+    bytes): gguf-py's reference dequantizer, then its quantizer for `target` (default REQUANT_TARGET, else Q8_0).
+    Returns (blocks (rows, row_bytes) uint8, target type)."""
+    import gguf  # numpy reference (de)quantizers; only for files whose types have no kernel
+
+    target = GGMLType(target if target is not None else REQUANT_TARGET.get(GGMLType(int(qtype)), GGMLType.Q8_0))
+    values = gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(int(qtype)))
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+    blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType(int(target)))
+    return np.ascontiguousarray(blocks).reshape(shape[0], -1), target
 
 
 class GGUFValueType(IntEnum):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoints.ggml_types import KERNEL_TYPES, REQUANT_TARGET, GGMLType
+from ..checkpoints.ggml_types import KERNEL_TYPES, REQUANT_TARGET, GGMLType, convert_blocks
 from ..checkpoints.gguf import _generation_config, read_gguf_layout
 from ..config import ModelConfig, rope_inverse_frequencies
 from ..errors import ConfigError, FormatError
@@ -81,13 +81,10 @@ def available() -> bool:
 
 
 def _convert(name: str, t: Any, target: GGMLType, source: Path) -> np.ndarray:
-    """A GGUF tensor of another type as `target` blocks (rows, row_bytes), for the kernels."""
-    import gguf  # numpy reference (de)quantizers; only for files whose types have no kernel
-
+    """A GGUF tensor of another type as `target` blocks (rows, row_bytes), for the kernels (ggml_types.convert_blocks:
+    the same bytes as the torch backend's)."""
     try:
-        values = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(int(t.qtype)))
-        values = np.ascontiguousarray(values, dtype=np.float32).reshape(t.shape)
-        return gguf.quants.quantize(values, gguf.GGMLQuantizationType(int(target)))
+        return convert_blocks(t.data, int(t.qtype), tuple(t.shape), int(target))[0]
     except Exception as e:  # a damaged tensor: name it
         raise FormatError(f"{source}: cannot convert tensor {name!r} ({t.qtype.name}) to {target.name}: {e}") from None
 

@@ -13,10 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.backend import Backend, EngineOptions
 from ..errors import ConfigError
 from . import arc, hellaswag, metrics, mmlu, truthfulqa
 from .scorer import LoglikelihoodScorer
 from .task import DEFAULT_FEWSHOT_SEED, FewshotSampler, Task, build_prompt
+
+DEFAULT_ROWS = 16  # KV cache rows when the tasks are not known: the context's and 15 choices'
 
 TASK_NAMES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 
@@ -157,22 +160,21 @@ def leaderboard_summary(results: dict[str, dict], groups: dict[str, dict]) -> di
     return {"scores": scores, "average": metrics.mean([s["value"] for s in scores.values()]) if complete else None}
 
 
-def run_eval(model, tokenizer, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
+def run_eval(backend: Backend, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate and return the results document (see report.py for its layout)."""
+    """Evaluate on `backend` (tokenizer None: the backend's) and return the results document (see report.py for
+    its layout). Give the backend at least max choices + 1 rows (`rows_for`) to score an item in one call."""
     if settings.leaderboard:
         settings.tasks = list(LEADERBOARD)
         settings.fewshot_by_task = {name: shots for name, (shots, _) in LEADERBOARD.items()}
     tasks = load_tasks(settings.tasks, Path(settings.data_dir))
-    chat = _chat_renderer(tokenizer) if settings.chat_template else None
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(backend, tokenizer)
+    chat = _chat_renderer(scorer.tokenizer) if settings.chat_template else None
     total = sum(min(len(t.docs), settings.limit or len(t.docs)) for t in tasks)
     bar = _progress_bar(total, progress)
     results: dict[str, dict[str, Any]] = {}
     samples: dict[str, list] = {}
     started = time.perf_counter()
-    was_training = model.training
-    model.eval()
     try:
         for task in tasks:
             bar.set_description(task.name)
@@ -183,7 +185,6 @@ def run_eval(model, tokenizer, settings: EvalSettings, *, model_info: dict[str, 
     finally:
         bar.close()
         scorer.reset()
-        model.train(was_training)
     elapsed = time.perf_counter() - started
     groups = aggregate_groups(results, tasks)
     doc: dict[str, Any] = {
@@ -208,17 +209,23 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="item", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def _load(model_path: str | None):
-    from ..checkpoints import load_model  # GGUF, HF dir or Meta dir
+def rows_for(tasks: list[Task]) -> int:
+    """KV cache rows that score every item of `tasks` in one call: the context's row plus one per choice."""
+    return 1 + max((len(doc.choices) for t in tasks for doc in t.docs), default=DEFAULT_ROWS - 1)
 
-    model, tokenizer, checkpoint = load_model(model_path)
-    path = getattr(checkpoint, "path", None) or model_path
-    config = model.config.to_dict()
+
+def _load(model_path: str | None, rows: int) -> tuple[Backend, dict[str, Any]]:
+    from ..engine.torch_backend import TorchBackend
+
+    # The float reference (as evaluation has always run): float weights, float32 activations and KV cache.
+    backend = TorchBackend.load(model_path, EngineOptions(max_rows=rows, kv_dtype="float32"), reference=True)
+    path = getattr(backend.checkpoint, "path", None) or model_path
+    config = backend.config.to_dict()
     from .report import model_fingerprint
 
-    info = {"path": str(path) if path else None, "format": getattr(checkpoint, "format", None),
+    info = {"path": str(path) if path else None, "format": getattr(backend.checkpoint, "format", None),
             "config": config, "fingerprint": model_fingerprint(path, config)}
-    return model, tokenizer, info
+    return backend, info
 
 
 def eval_main(*, model: str | None, tasks: str | None, data_dir: str | None, num_fewshot: int | None = None,
@@ -245,9 +252,9 @@ def eval_main(*, model: str | None, tasks: str | None, data_dir: str | None, num
                             num_fewshot=num_fewshot, limit=limit, seed=seed, chat_template=chat_template,
                             log_samples=log_samples, leaderboard=leaderboard)
     # Read the data before loading the model, so a bad file fails in a second, not after the model load.
-    load_tasks(list(LEADERBOARD) if leaderboard else settings.tasks, settings.data_dir)
-    lm, tokenizer, info = _load(model)
-    doc = report.finalize(run_eval(lm, tokenizer, settings, model_info=info, progress=progress))
+    loaded = load_tasks(list(LEADERBOARD) if leaderboard else settings.tasks, settings.data_dir)
+    backend, info = _load(model, rows_for(loaded))
+    doc = report.finalize(run_eval(backend, None, settings, model_info=info, progress=progress))
     if out:
         report.write_json(doc, out)
     return report.markdown_table(doc)

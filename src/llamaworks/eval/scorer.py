@@ -5,23 +5,23 @@ continuation, then `context + continuation` is encoded whole and the continuatio
 the first len(encode(context)) tokens; the model input is encode(context) + those tokens. An empty context
 is replaced by the BOS (else EOS) token.
 
-Speed comes from computing the shared context once: it is prefilled into a batch-1 KV cache, the cache is
-copied to one row per choice, and all continuations run as one right-padded batch (causal attention never lets
-a real position see the padding after it, so no mask is needed for correctness). The context's cache is kept
-between items and only the tokens after the longest common prefix are computed, so MMLU's shared 5-shot block
-or TruthfulQA's preamble is computed once per run. Logits are taken only at the positions that are scored.
+It runs on any backend (engine/backend.py: the native one or TorchBackend). Speed comes from computing the
+shared context once: it is kept in cache row 0, copied (`backend.copy`) into one row per choice, and all the
+choices' continuation tokens run in one `backend.forward` call, each in its own row. Row 0 is kept between items
+and only the tokens after the longest common prefix with the previous input are computed, so MMLU's shared 5-shot
+block or TruthfulQA's preamble is computed once per run. Logits are asked for only at the positions that are
+scored; log-softmax is taken in float64.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import numpy as np
 
-from ..model import KVCache, Transformer
+from ..engine.backend import Backend, context_of
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,29 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-class LoglikelihoodScorer:
-    """Scores (context, continuations) with a llamaworks Transformer and Tokenizer.
+def _logprobs(logits: np.ndarray, targets: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """(log P of each target, whether every target is the argmax) from float logits (n, vocab), in float64."""
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(x - top).sum(-1))
+    target = np.asarray(targets)
+    picked = x[np.arange(len(target)), target] - lse
+    return picked, bool((x.argmax(-1) == target).all())
 
+
+class LoglikelihoodScorer:
+    """Scores (context, continuations) with a backend and a llamaworks Tokenizer.
+
+    tokenizer:  default the backend's own.
     max_length: the longest model input; longer inputs lose tokens on the left, as in the harness
-    (default: the model's max_seq_len).
+                (default and at most: the backend's positions per row).
     """
 
-    def __init__(self, model: Transformer, tokenizer, *, max_length: int | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_length = max_length or model.config.max_seq_len
-        self._prefix_ids: list[int] = []  # tokens whose keys/values sit in self._base
-        self._base: list[KVCache] | None = None
+    def __init__(self, backend: Backend, tokenizer: Any = None, *, max_length: int | None = None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
+        self.max_length = min(max_length or context_of(backend), context_of(backend))
+        self._prefix_ids: list[int] = []  # tokens whose keys/values sit in row 0
         self.tokens_computed = 0  # forward-pass positions, for speed reports
 
     # -- tokenisation (the harness's rules) ------------------------------------------------------
@@ -80,7 +90,6 @@ class LoglikelihoodScorer:
         pairs = [self.encode_pair(context, c) for c in continuations]
         return self.score_tokens(pairs)
 
-    @torch.inference_mode()
     def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[ChoiceScore]:
         for _, cont in pairs:
             if not cont:
@@ -88,98 +97,65 @@ class LoglikelihoodScorer:
         context = pairs[0][0]
         shared = all(ctx == context for ctx, _ in pairs)
         too_long = max(len(ctx) + len(cont) for ctx, cont in pairs) > self.max_length + 1
-        # Our caches are attached only while scoring; whatever the model had before is put back.
-        before = [layer.attention.cache for layer in self.model.layers]
-        try:
-            if not shared or too_long:
-                return [self._score_alone(ctx, cont) for ctx, cont in pairs]
-            return self._score_shared(context, [cont for _, cont in pairs])
-        finally:
-            self._swap_caches(before)
+        if not shared or too_long:
+            return [self._score_alone(ctx, cont) for ctx, cont in pairs]
+        return self._score_shared(context, [cont for _, cont in pairs])
 
-    def _device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+    def _extend_row0(self, ids: list[int], n_logits: int) -> np.ndarray:
+        """Make row 0 hold `ids`, computing only what follows its common prefix with what it held; the logits
+        of the last n_logits tokens."""
+        reuse = min(_common_prefix(self._prefix_ids, ids), len(ids) - n_logits)
+        new = ids[reuse:]
+        self._prefix_ids = []  # (until the call has written the row)
+        logits = self.backend.forward([0] * len(new), new, range(reuse, len(ids)),
+                                      range(len(new) - n_logits, len(new)))
+        self._prefix_ids = list(ids)
+        self.tokens_computed += len(new)
+        return logits
 
     def _score_alone(self, context: list[int], continuation: list[int]) -> ChoiceScore:
-        """One full forward without cache, left-truncated like the harness; the fallback path."""
-        self._swap_caches(None)
+        """One sequence in row 0, left-truncated like the harness; the fallback path."""
         ids = (context + continuation)[-(self.max_length + 1):][:-1]
-        tokens = torch.tensor([ids], device=self._device())
-        hidden = self.model(tokens, return_hidden=True)[0, -len(continuation):]
-        self.tokens_computed += len(ids)
-        return self._gather(hidden, continuation)
-
-    def _gather(self, hidden: Tensor, targets: list[int]) -> ChoiceScore:
-        logprobs = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
-        target = torch.tensor(targets, device=logprobs.device)
-        picked = logprobs.gather(-1, target[:, None])[:, 0]
-        greedy = bool((logprobs.argmax(-1) == target).all())
-        return ChoiceScore(float(picked.sum()), greedy, len(targets))
+        picked, greedy = _logprobs(self._extend_row0(ids, len(continuation)), continuation)
+        return ChoiceScore(float(picked.sum()), greedy, len(continuation))
 
     def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[ChoiceScore]:
-        model, device = self.model, self._device()
         C = len(context)
-        # 1. Extend the batch-1 prefix cache to hold the context; the last context token is always computed
-        # because its output scores every continuation's first token.
-        reuse = min(_common_prefix(self._prefix_ids, context), C - 1)
-        self._ensure_base(C)
-        self._swap_caches(self._base)
-        new = torch.tensor([context[reuse:]], device=device)
-        key_mask = torch.ones(1, C, dtype=torch.bool, device=device) if reuse and len(new[0]) > 1 else None
-        last_hidden = model(new, reuse, key_mask=key_mask, last_only=True, return_hidden=True)[0]
-        self._prefix_ids = list(context)
-        self.tokens_computed += C - reuse
-
-        # 2. All continuations in one batch, each row starting from a copy of the context's cache.
-        B = len(continuations)
-        L = max(len(c) for c in continuations) - 1
-        rows: list[Tensor] = []
-        if L > 0:
-            self._swap_caches(self._expanded_caches(C, B, C + L))
-            inputs = torch.zeros(B, L, dtype=torch.long, device=device)
-            for i, cont in enumerate(continuations):
-                inputs[i, : len(cont) - 1] = torch.tensor(cont[:-1], device=device)
-            key_mask = torch.ones(B, C + L, dtype=torch.bool, device=device)
-            hidden = model(inputs, C, key_mask=key_mask, return_hidden=True)
-            rows = [hidden[i, : len(cont) - 1] for i, cont in enumerate(continuations)]
-            self.tokens_computed += sum(len(c) - 1 for c in continuations)
-            self._swap_caches(self._base)
+        # 1. Row 0 holds the context; its last token is always computed: it scores every choice's first token.
+        first = self._extend_row0(context, 1)
+        # 2. Choices of more than one token: each in a row holding a copy of the context, all in one forward call
+        # (groups of max_rows - 1 choices; with one row only, one by one in row 0 after the context).
+        logits: dict[int, np.ndarray] = {}
+        longer = [i for i, cont in enumerate(continuations) if len(cont) > 1]
+        spare = list(range(1, self.backend.max_rows)) or [0]
+        for g in range(0, len(longer), len(spare)):
+            group = longer[g:g + len(spare)]
+            rows: list[int] = []
+            tokens: list[int] = []
+            positions: list[int] = []
+            for row, i in zip(spare, group):
+                if row:
+                    self.backend.copy(0, row, C)
+                inputs = continuations[i][:-1]
+                rows += [row] * len(inputs)
+                tokens += inputs
+                positions += range(C, C + len(inputs))
+            out = self.backend.forward(rows, tokens, positions, range(len(tokens)))
+            start = 0
+            for i in group:
+                n = len(continuations[i]) - 1
+                logits[i] = out[start:start + n]
+                start += n
+            self.tokens_computed += len(tokens)
         scores = []
         for i, cont in enumerate(continuations):
-            h = last_hidden if len(cont) == 1 else torch.cat([last_hidden, rows[i]])
-            scores.append(self._gather(h, cont))
+            rows_logits = np.concatenate([first, logits[i]]) if i in logits else first
+            picked, greedy = _logprobs(rows_logits, cont)
+            scores.append(ChoiceScore(float(picked.sum()), greedy, len(cont)))
         return scores
 
-    # -- cache plumbing ------------------------------------------------------------------------
-    def _swap_caches(self, caches: list[KVCache] | None) -> None:
-        for i, layer in enumerate(self.model.layers):
-            layer.attention.cache = None if caches is None else caches[i]
-
-    def _new_caches(self, batch: int, length: int) -> list[KVCache]:
-        cfg, w = self.model.config, self.model.tok_embeddings.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        return [KVCache(batch, length, cfg.kv_heads, cfg.head_size, dtype, w.device) for _ in self.model.layers]
-
-    def _ensure_base(self, length: int) -> None:
-        """Grow the prefix cache (doubling, capped at max_length) and keep what it holds."""
-        if self._base is not None and self._base[0].k.shape[2] >= length:
-            return
-        size = min(max(length, 2 * (self._base[0].k.shape[2] if self._base else 256)), self.max_length + 1)
-        grown = self._new_caches(1, max(size, length))
-        if self._base is not None:
-            kept = self._base[0].k.shape[2]
-            for old, new in zip(self._base, grown):
-                new.k[:, :, :kept] = old.k
-                new.v[:, :, :kept] = old.v
-        self._base = grown
-
-    def _expanded_caches(self, prefix_len: int, batch: int, length: int) -> list[KVCache]:
-        caches = self._new_caches(batch, length)
-        for base, cache in zip(self._base, caches):
-            cache.k[:, :, :prefix_len] = base.k[:, :, :prefix_len]
-            cache.v[:, :, :prefix_len] = base.v[:, :, :prefix_len]
-        return caches
-
     def reset(self) -> None:
-        """Forget the cached prefix (frees its memory)."""
-        self._prefix_ids, self._base = [], None
+        """Forget the cached prefix (its memory, and the choices' rows', goes back where the backend can)."""
+        self._prefix_ids = []
+        for row in range(self.backend.max_rows):
+            self.backend.release(row)

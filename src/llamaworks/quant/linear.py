@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints.ggml_types import REQUANT_TARGET
+from ..checkpoints.ggml_types import REQUANT_TARGET, convert_blocks
 from ..checkpoints.ggml_types import GGMLType as QType
 from . import kernels
 from .kernels import BLOCK_BYTES, BLOCK_ELEMS, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
@@ -74,14 +74,9 @@ def to_ggml_blocks(entry: Any, default_type: int = GGML_Q8_0) -> tuple[Tensor, i
     if int(qtype) in KERNEL_TYPES:
         raw = _raw_tensor(np.asarray(entry.raw)).reshape(rows, -1)
         return raw, int(qtype), (rows, cols)
-    target = int(REQUANT_TARGET.get(qtype, default_type))  # see ggml_types.REQUANT_TARGET
-    if hasattr(entry, "dequantize"):
-        w = entry.dequantize()
-    else:
-        import gguf  # the reference dequantizers
-
-        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(entry.raw, gguf.GGMLQuantizationType(qtype))))
-    return quantize_blocks(w.reshape(rows, cols), target), target, (rows, cols)
+    # THE converter of other GGUF types (the native backend's too): the same bytes on either backend.
+    blocks, target = convert_blocks(entry.raw, int(qtype), (rows, cols), REQUANT_TARGET.get(qtype, default_type))
+    return torch.from_numpy(blocks), int(target), (rows, cols)
 
 
 def _used_in_place(entry: Any) -> bool:
