@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from llamaworks.assets import default_model_path
-from llamaworks.bench import _is_file_mapped
 from llamaworks.checkpoints.gguf import read_gguf
 from llamaworks.engine.backend import EngineOptions
-from llamaworks.engine.torch_backend import TorchBackend
+from llamaworks.engine.torch_backend import TorchBackend, _is_file_mapped
 from llamaworks.quant import GGMLLinear, kernels
 from llamaworks.quant.memory import huge_pages_available, read_into_huge_pages
 

@@ -83,7 +83,7 @@ def test_chat_usage_and_logprobs(client, server, tokenizer):
     assert r.usage.completion_tokens == len(entries) == 8  # the random model never says <|im_end|> this early
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # The returned values are the model's own: log_softmax of its logits along its greedy path.
-    ids, rows = _greedy_reference(server[1].model, prompt, 8)
+    ids, rows = _greedy_reference(server[1].backend.model, prompt, 8)
     assert [e.token for e in entries] == [tokenizer.decode([i]) for i in ids]
     assert [e.logprob for e in entries] == pytest.approx([float(r[i]) for r, i in zip(rows, ids)], abs=1e-4)
     for e, row in zip(entries, rows):
@@ -102,7 +102,7 @@ def test_completion_usage_and_logprobs(client, server, tokenizer):
     assert r.usage.prompt_tokens == len(ids)
     assert c.finish_reason == "length" and r.usage.completion_tokens == 6
     assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 6
-    generated, rows = _greedy_reference(server[1].model, ids, 6)
+    generated, rows = _greedy_reference(server[1].backend.model, ids, 6)
     assert c.logprobs.tokens == [tokenizer.decode([i]) for i in generated]
     assert c.logprobs.token_logprobs == pytest.approx([float(r[i]) for r, i in zip(rows, generated)], abs=1e-4)
     for top, row in zip(c.logprobs.top_logprobs, rows):
