@@ -13,12 +13,19 @@ from llamaworks.eval.scorer import LoglikelihoodScorer
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(scope="module")
-def ours(smollm2_gguf):
+@pytest.fixture(scope="module", params=["torch", "native"])
+def ours(smollm2_gguf, request):
+    """(backend, tokenizer): the torch float reference, and the native backend as `llamaworks eval` runs it on a
+    GGUF (the blocks as they are, float32 activations and KV cache)."""
     from llamaworks.checkpoints import load_model
+    from llamaworks.eval.runner import _load
 
-    model, tokenizer, _ = load_model(smollm2_gguf, dtype=torch.float32)
-    return model.eval(), tokenizer
+    if request.param == "torch":
+        model, tokenizer, _ = load_model(smollm2_gguf, dtype=torch.float32)
+        return backend_of(model.eval()), tokenizer
+    backend, info = _load(str(smollm2_gguf), 6)
+    assert backend.name == info["backend"] == "native"
+    return backend, backend.tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,8 @@ def reference_loglikelihood(model, tok, context: str, continuation: str) -> floa
 
 
 def test_loglikelihoods_match_transformers_on_fixture_items(ours, reference):
-    model, tokenizer = ours
-    scorer = LoglikelihoodScorer(backend_of(model), tokenizer)
+    backend, tokenizer = ours
+    scorer = LoglikelihoodScorer(backend, tokenizer)
     tasks = [*load_tasks(["arc_challenge"], FIXTURES / "arc"), *load_tasks(["mmlu_astronomy"], FIXTURES / "mmlu"),
              *load_tasks(["truthfulqa_mc1"], FIXTURES / "truthfulqa")]
     for task in tasks:
@@ -60,9 +67,9 @@ def test_loglikelihoods_match_transformers_on_fixture_items(ours, reference):
 
 def test_run_eval_with_the_default_model(ours, reference, tmp_path):
     """The reported accuracy is transformers' argmax over the same prompts against the gold answers."""
-    model, tokenizer = ours
+    backend, tokenizer = ours
     settings = EvalSettings(tasks=["arc_challenge", "mmlu_astronomy"], data_dir=FIXTURES, limit=2, log_samples=True)
-    doc = run_eval(backend_of(model), tokenizer, settings, progress=False)
+    doc = run_eval(backend, tokenizer, settings, progress=False)
     assert doc["results"]["arc_challenge"]["n"] == 2
     assert doc["timing"]["items"] == 4
     for task in ("arc_challenge", "mmlu_astronomy"):

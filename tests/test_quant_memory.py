@@ -76,16 +76,12 @@ print(before, after, advised, int(ok))
     assert before - after > 20 * 1024  # KiB: measured ~57 MiB of libtorch pages leave
 
 
-def test_load_pages_out_torch_only_when_enabled(monkeypatch) -> None:
+def test_load_pages_out_torch_once_per_process(monkeypatch) -> None:
     from llamaworks.engine import torch_backend
 
     calls = []
     monkeypatch.setattr(torch_backend, "page_out_library_code", lambda: calls.append(1) or 0)
     monkeypatch.setattr(torch_backend, "_torch_pages_released", False)
-    monkeypatch.setenv("LLAMAWORKS_PAGE_OUT_TORCH", "0")
-    TorchBackend.load(None)
-    assert calls == []
-    monkeypatch.delenv("LLAMAWORKS_PAGE_OUT_TORCH")
     TorchBackend.load(None)
     assert calls == [1]
     TorchBackend.load(None)  # once per process: a second model must not push out the code the first uses

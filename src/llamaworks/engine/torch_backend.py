@@ -190,7 +190,7 @@ def _release_torch_pages() -> None:
     """Torch's one-time start-up code leaves memory before the weights arrive; once per process, so a second load
     does not push out the code a running model uses (see quant/memory.page_out_library_code)."""
     global _torch_pages_released
-    if not _torch_pages_released and os.environ.get("LLAMAWORKS_PAGE_OUT_TORCH", "1") not in ("", "0"):
+    if not _torch_pages_released:
         page_out_library_code()
         _torch_pages_released = True
 

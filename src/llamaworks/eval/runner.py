@@ -214,18 +214,29 @@ def rows_for(tasks: list[Task]) -> int:
     return 1 + max((len(doc.choices) for t in tasks for doc in t.docs), default=DEFAULT_ROWS - 1)
 
 
-def _load(model_path: str | None, rows: int) -> tuple[Backend, dict[str, Any]]:
-    from ..engine.torch_backend import TorchBackend
+def _load(model_path: str | None, rows: int, backend_name: str = "auto") -> tuple[Backend, dict[str, Any]]:
+    """The model for scoring, with float32 activations and KV cache so per-item log-likelihoods stay those of the
+    float model (the harness's): the native backend for a GGUF on the CPU (its blocks read as they are), else the
+    torch backend's float reference."""
+    from ..api import load_backend
 
-    # The float reference (as evaluation has always run): float weights, float32 activations and KV cache.
-    backend = TorchBackend.load(model_path, EngineOptions(max_rows=rows, kv_dtype="float32"), reference=True)
-    path = getattr(backend.checkpoint, "path", None) or model_path
+    options = EngineOptions(max_rows=rows, kv_dtype="float32", int8_activations=False, bf16_prefill=False)
+    backend = load_backend(model_path, backend=backend_name, options=options,
+                           reference=not _native_runs(model_path, backend_name))
+    path = getattr(backend, "path", None) or getattr(getattr(backend, "checkpoint", None), "path", None) or model_path
     config = backend.config.to_dict()
     from .report import model_fingerprint
 
-    info = {"path": str(path) if path else None, "format": getattr(backend.checkpoint, "format", None),
+    fmt = "gguf" if backend.name == "native" else getattr(getattr(backend, "checkpoint", None), "format", None)
+    info = {"path": str(path) if path else None, "format": fmt, "backend": backend.name,
             "config": config, "fingerprint": model_fingerprint(path, config)}
     return backend, info
+
+
+def _native_runs(model_path: str | None, backend_name: str) -> bool:
+    from ..api import choose_backend
+
+    return choose_backend(backend_name, model_path, "cpu") == "native"
 
 
 def eval_main(*, model: str | None, tasks: str | None, data_dir: str | None, num_fewshot: int | None = None,

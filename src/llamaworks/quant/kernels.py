@@ -11,7 +11,6 @@ slower), so nothing else in the package needs to know which one it got.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import sysconfig
@@ -55,8 +54,8 @@ def native_available() -> bool:
     if _native is not None:
         return _native
     _native = False
-    if os.environ.get("LLAMAWORKS_NO_NATIVE") or sys.platform == "win32":
-        _failure = "switched off (LLAMAWORKS_NO_NATIVE or Windows)"
+    if sys.platform == "win32":
+        _failure = "not built on Windows"
         return False
     target = library_path("llamaworks_kernels", [SOURCE, CORE_HEADER], torch.__version__)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +73,8 @@ def library(cpu_target: str = "native") -> ctypes.CDLL:
         return _libraries[cpu_target]
     if cpu_target in _failures:
         raise LeanUnavailable(_failures[cpu_target])
-    if sys.platform == "win32" or os.environ.get("LLAMAWORKS_NO_NATIVE"):
-        _failures[cpu_target] = ("the torch-free runtime needs the native library (not built on Windows or with "
-                                 "LLAMAWORKS_NO_NATIVE)")
+    if sys.platform == "win32":
+        _failures[cpu_target] = "the native backend's library is not built on Windows"
         raise LeanUnavailable(_failures[cpu_target])
     target = library_path("llamaworks_lean", [SOURCE, CORE_HEADER], cpu_target=cpu_target)
     try:
