@@ -1,4 +1,4 @@
-"""Prompts and tolerances shared by the fast-path tests of both runtimes (test_runtime.py,
+"""Prompts and tolerances shared by the fast-path tests of both runtimes (test_torch_backend.py,
 test_native_backend.py), whose module docstrings state what each bound means."""
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",

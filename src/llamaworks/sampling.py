@@ -24,7 +24,7 @@ class SamplingParams:
     """How to choose each next token and when to stop.
 
     temperature 0 means greedy (argmax). top_k 0 and top_p 1 and min_p 0 disable those filters.
-    Penalties look at `histories` passed to `sample_next` (prompt + generated ids in `generate*`):
+    Penalties look at the history passed to `sample_token` (prompt + generated ids in the scheduler):
     repetition_penalty divides positive logits of seen tokens (multiplies negative ones) as in CTRL/HF;
     presence_penalty subtracts a constant from every seen token, frequency_penalty subtracts count * value
     (OpenAI semantics). `stop` strings end generation and are never part of the output; `stop_token_ids`
