@@ -1,7 +1,10 @@
 """Serving load test: `llamaworks serve` and (optionally) llama.cpp's native `llama-server`, side by side.
 
-One run starts each server in turn (never both at once) on a free 127.0.0.1 port with the same model and
---threads, and measures it with streaming chat clients over loopback:
+One run starts both servers on free 127.0.0.1 ports with the same model and --threads, and measures them with
+streaming chat clients over loopback, phase by phase, one server at a time within a phase (llamaworks then
+llama-server, then the next phase: the idle one costs no CPU, and load that drifts during the run hits both
+alike). CPU cores used by the measured server, by this client and by other processes are reported per server,
+with a warning when neighbours were busy. Phases:
 
 1. levels (--clients, e.g. 1,8): N clients send streaming chat requests back to back for --duration seconds
    (requests in flight at the deadline are finished, not dropped). Per level: completion tokens/s summed over
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -302,12 +306,13 @@ class RssPeak:
 
 
 class CpuMeter:
-    """Average cores used, between __enter__ and __exit__, by the server process (with its threads and reaped
-    children), by this load-test client, and by everything else on the machine (from /proc/stat): on a shared
-    machine a busy neighbour skews the comparison, so every report shows it."""
+    """Average cores used while inside its `with` blocks (summed over all of them) by the server process (with
+    its threads and reaped children), by this load-test client, and by everything else on the machine (from
+    /proc/stat): on a shared machine a busy neighbour skews the comparison, so every report shows it."""
 
     def __init__(self, pid: int | None):
-        self.pid, self.cores = pid, {}
+        self.pid = pid
+        self.wall = self.machine = self.server = self.client = 0.0  # seconds, CPU seconds
 
     @staticmethod
     def _machine_busy() -> int:
@@ -332,10 +337,15 @@ class CpuMeter:
 
     def __exit__(self, *exc) -> None:
         (t0, m0, s0, c0), (t1, m1, s1, c1) = self._start, self._snap()
-        tick, wall = os.sysconf("SC_CLK_TCK"), t1 - t0
-        server, client, machine = (s1 - s0) / tick / wall, (c1 - c0) / tick / wall, (m1 - m0) / tick / wall
-        self.cores = {"server_cores": round(server, 2), "client_cores": round(client, 2),
-                      "other_cores": round(max(0.0, machine - server - client), 2)}
+        tick = os.sysconf("SC_CLK_TCK")
+        self.wall += t1 - t0
+        self.machine, self.server, self.client = (self.machine + (m1 - m0) / tick, self.server + (s1 - s0) / tick,
+                                                  self.client + (c1 - c0) / tick)
+
+    def cores(self) -> dict:
+        w = self.wall or float("nan")
+        return {"server_cores": round(self.server / w, 2), "client_cores": round(self.client / w, 2),
+                "other_cores": round(max(0.0, self.machine - self.server - self.client) / w, 2)}
 
 
 # -- servers -------------------------------------------------------------------------------------------------
@@ -414,42 +424,59 @@ def stop(server: Server) -> None:
             server.proc.wait()
 
 
-# -- one server, all phases ----------------------------------------------------------------------------------
-def measure(server: Server, args: argparse.Namespace, levels: list[int], long_prompt: str | None,
+# -- phases, each run for every server in turn -----------------------------------------------------------------
+def phase_idle(server: Server, out: dict, levels: list[int], headers: dict) -> None:
+    asyncio.run(warm_up(server.url, server.model, max(levels), headers))
+    out.update({"cmd": shlex.join(server.cmd) or f"(running server at {server.url})", "pid": server.pid,
+                "levels": []})
+
+
+def phase_level(server: Server, out: dict, n: int, args: argparse.Namespace, headers: dict) -> None:
+    row = asyncio.run(run_clients(server.url, server.model, n, args.duration, args.max_tokens, headers)).summary()
+    out["levels"].append(row)
+    print(f"  [{server.name}] N={n:>2}  requests={row['completed']:>4} failed={row['failed']}  "
+          f"tok/s={row['tokens_per_s']:.1f}  TTFT p50={row['ttft_p50_s']:.3f}s p99={row['ttft_p99_s']:.3f}s  "
+          f"ITL p50={row['itl_p50_s'] * 1e3:.1f}ms p99={row['itl_p99_s'] * 1e3:.1f}ms", flush=True)
+    for e in row["errors"]:
+        print("     error:", e)
+
+
+def phase_long(server: Server, out: dict, prompt: str, args: argparse.Namespace, headers: dict) -> None:
+    with RssPeak(server.pid) as peak:
+        lp = asyncio.run(long_prompt_phase(server.url, server.model, args.max_batch, prompt, args, headers))
+    out["long_prompt"], out["rss_peak_long_mib"] = lp, peak.peak
+    print(f"  [{server.name}] long prompt: {json.dumps(lp)}", flush=True)
+
+
+def measure(servers: list[Server], args: argparse.Namespace, levels: list[int], long_prompt: str | None,
             headers: dict) -> dict:
-    with CpuMeter(server.pid) as cpu:
-        out = measure_phases(server, args, levels, long_prompt, headers)
-    out["cpu"] = cpu.cores
-    print(f"  [{server.name}] CPU cores used on average: {cpu.cores}", flush=True)
-    return out
-
-
-def measure_phases(server: Server, args: argparse.Namespace, levels: list[int], long_prompt: str | None,
-                   headers: dict) -> dict:
-    url, model = server.url, server.model
-    asyncio.run(warm_up(url, model, max(levels), headers))
+    """All phases, each phase for every server in turn (A B, A B, ...): both servers stay up (an idle one costs
+    no CPU) and load that drifts during the run hits them alike."""
+    results: dict = {s.name: {} for s in servers}
+    meters = {s.name: CpuMeter(s.pid) for s in servers}
+    for s in servers:
+        with meters[s.name]:
+            phase_idle(s, results[s.name], levels, headers)
     time.sleep(args.settle)
-    out: dict = {"cmd": shlex.join(server.cmd) or f"(running server at {url})", "pid": server.pid, "levels": [],
-                 "rss_idle_mib": rss_mib(server.pid) if server.pid else None}
+    for s in servers:
+        results[s.name]["rss_idle_mib"] = rss_mib(s.pid) if s.pid else None
     for n in levels:
-        row = asyncio.run(run_clients(url, model, n, args.duration, args.max_tokens, headers)).summary()
-        out["levels"].append(row)
-        print(f"  [{server.name}] N={n:>2}  requests={row['completed']:>4} failed={row['failed']}  "
-              f"tok/s={row['tokens_per_s']:.1f}  TTFT p50={row['ttft_p50_s']:.3f}s p99={row['ttft_p99_s']:.3f}s  "
-              f"ITL p50={row['itl_p50_s'] * 1e3:.1f}ms p99={row['itl_p99_s'] * 1e3:.1f}ms", flush=True)
-        for e in row["errors"]:
-            print("     error:", e)
+        for s in servers:
+            with meters[s.name]:
+                phase_level(s, results[s.name], n, args, headers)
     if long_prompt is not None:
-        with RssPeak(server.pid) as peak:
-            lp = asyncio.run(long_prompt_phase(url, model, args.max_batch, long_prompt, args, headers))
-        out["long_prompt"] = lp
-        out["rss_peak_long_mib"] = peak.peak
-        print(f"  [{server.name}] long prompt: {json.dumps(lp)}", flush=True)
+        for s in servers:
+            with meters[s.name]:
+                phase_long(s, results[s.name], long_prompt, args, headers)
     time.sleep(args.settle)
-    out["rss_after_mib"] = rss_mib(server.pid) if server.pid else None
-    print(f"  [{server.name}] RSS MiB idle={fmt(out['rss_idle_mib'], digits=0)} "
-          f"peak={fmt(out.get('rss_peak_long_mib'), digits=0)} after={fmt(out['rss_after_mib'], digits=0)}", flush=True)
-    return out
+    for s in servers:
+        out = results[s.name]
+        out["rss_after_mib"] = rss_mib(s.pid) if s.pid else None
+        out["cpu"] = meters[s.name].cores()
+        print(f"  [{s.name}] RSS MiB idle={fmt(out['rss_idle_mib'], digits=0)} "
+              f"peak={fmt(out.get('rss_peak_long_mib'), digits=0)} after={fmt(out['rss_after_mib'], digits=0)}; "
+              f"CPU cores used on average: {out['cpu']}", flush=True)
+    return results
 
 
 # -- report --------------------------------------------------------------------------------------------------
@@ -603,18 +630,16 @@ def main() -> int:
     for s in servers:
         print(f"{s.name}: {shlex.join(s.cmd) or s.url}", flush=True)
 
-    results: dict = {}
-    long_prompt = None
-    for s in servers:  # one at a time: each gets the whole machine
-        with tempfile.TemporaryFile(mode="w+") as log:
+    with contextlib.ExitStack() as stack:
+        for s in servers:
+            log = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
+            stack.callback(stop, s)
             launch(s, log)
-            try:
-                if args.long_prompt_tokens > 0 and long_prompt is None:  # calibrated once: same text for both
-                    long_prompt, header["long_prompt_calibration"] = asyncio.run(
-                        calibrate_long_prompt(s.url, s.model, args.long_prompt_tokens, headers))
-                results[s.name] = measure(s, args, levels, long_prompt, headers)
-            finally:
-                stop(s)
+        long_prompt = None
+        if args.long_prompt_tokens > 0:  # calibrated once on the first server: the same text for all
+            long_prompt, header["long_prompt_calibration"] = asyncio.run(
+                calibrate_long_prompt(servers[0].url, servers[0].model, args.long_prompt_tokens, headers))
+        results = measure(servers, args, levels, long_prompt, headers)
 
     summary = {"header": header, "servers": results, "targets": targets(results, levels, args)}
     print_report(summary)
