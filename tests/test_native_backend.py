@@ -81,12 +81,14 @@ def native_greedy(backend: NativeBackend, ids: list[int], steps: int) -> tuple[l
 
 @torch.inference_mode()
 def reference_greedy(model: Transformer, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    model.setup_cache(1, 256)
-    logits = model(torch.tensor([ids]), start_pos=0, last_only=True)[0, -1]
+    model.setup_cache(1, 256, torch.float32)
+    row = torch.tensor([0])
+    logits = model(torch.tensor([ids]), positions=torch.arange(len(ids))[None], cache_rows=row, last_only=True)[0, -1]
     out, seen = [], [logits]
     for i in range(steps):
         out.append(int(logits.argmax()))
-        logits = model(torch.tensor([[out[-1]]]), start_pos=len(ids) + i, last_only=True)[0, -1]
+        logits = model(torch.tensor([[out[-1]]]), positions=torch.tensor([[len(ids) + i]]), cache_rows=row,
+                       last_only=True)[0, -1]
         seen.append(logits)
     return out, torch.stack(seen).float().numpy()
 

@@ -108,8 +108,8 @@ def run_bench(model_path: str | os.PathLike[str] | None = None, *, prompt_tokens
     cfg = model.config
     return {"engine": "llamaworks", "backend": model.name, **_machine(facts.pop("kernel_isa"), cpu_target),
             "model": str(getattr(model, "path", model_path)), "model_name": cfg.name,
-            "params_m": round(cfg.n_params / 1e6, 1), "int8_activations": model.options.int8_activations,
-            "kv_dtype": model.options.kv_dtype, **facts, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+            "params_m": round(cfg.n_params / 1e6, 1), "int8_activations": model.options.int8_activations, **facts,
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
             "ctx": ctx, "runs": runs, "load_s": round(load_s, 3), "ttft_s": round(ttft_s, 3), **speeds,
             "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_load_mib": round(rss_before, 1)}
 

@@ -33,7 +33,9 @@ class EngineOptions:
     max_rows:         sequences that can be in flight at once (KV cache rows; a row's memory is committed only
                       as its positions fill, and returned when the scheduler releases it).
     max_context:      positions per row (None: the model's maximum).
-    kv_dtype:         "float16" (half the memory, as llama.cpp) or "float32"; attention math is float32.
+    kv_dtype:         "float16" (half the memory, as llama.cpp) or "float32"; attention math is float32 either way.
+                      None: the backend's own (native: float16; torch: the model's activation dtype, so the float
+                      reference stays exact).
     int8_activations: quantize activations to int8 blocks for the decode kernels (integer dot products, as
                       llama.cpp); False keeps them float32 (the float reference's numerics, for evaluation).
     bf16_prefill:     torch backend only: prefill gemms in bfloat16 (None: where the CPU has AVX512-BF16).
@@ -45,7 +47,7 @@ class EngineOptions:
     threads: int | None = None
     max_rows: int = 1
     max_context: int | None = None
-    kv_dtype: str = "float16"
+    kv_dtype: str | None = None
     int8_activations: bool = True
     bf16_prefill: bool | None = None
     mmap: bool = False
@@ -55,7 +57,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         from ..errors import ConfigError
 
-        if self.kv_dtype not in ("float16", "float32"):
+        if self.kv_dtype not in (None, "float16", "float32"):
             raise ConfigError(f"kv_dtype {self.kv_dtype!r}: expected float16 or float32")
         if self.max_rows < 1:
             raise ConfigError(f"max_rows={self.max_rows}: expected at least 1")

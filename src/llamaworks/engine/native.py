@@ -140,7 +140,7 @@ class NativeBackend:
         self._lock = threading.Lock()
         # Per row: positions below this may have been written (the high-water mark, lowered by release).
         self._filled = np.zeros(options.max_rows, np.int64)
-        elem = np.dtype(options.kv_dtype).itemsize
+        elem = np.dtype(options.kv_dtype or "float16").itemsize
         self._position_bytes = config.head_size * elem
         self._span_bytes = config.max_seq_len * self._position_bytes  # one (layer, kv head) span of a row
         self._spans = config.n_layers * config.kv_heads
@@ -210,7 +210,7 @@ class NativeBackend:
         inv_freq = layout.inv_freq if layout.inv_freq is not None else rope_inverse_frequencies(config)
         inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
         cache_shape = (options.max_rows, config.n_layers, config.kv_heads, ctx, config.head_size)
-        kv_type = np.dtype(options.kv_dtype)
+        kv_type = np.dtype(options.kv_dtype or "float16")
         nbytes = math.prod(cache_shape) * kv_type.itemsize  # resident only as positions are written
         try:
             k_cache, v_cache = (np.frombuffer(lazy_zeros_buffer(nbytes), kv_type).reshape(cache_shape) for _ in "kv")
@@ -298,7 +298,7 @@ class NativeBackend:
         """Facts for benchmark reports (see backend.Backend.describe)."""
         return {"kernel_isa": lean_kernels.isa(self.cpu_target), "threads": self.threads,
                 "weights_in": self.weights_in, "interleaved_linears": round(self.interleaved_share, 3),
-                "bf16_prefill": False}
+                "bf16_prefill": False, "kv_dtype": self.options.kv_dtype or "float16"}
 
     def __repr__(self) -> str:
         return (f"NativeBackend({self.config.name}, {self.max_rows} rows x {self.config.max_seq_len} positions, "

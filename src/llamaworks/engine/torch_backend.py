@@ -230,7 +230,9 @@ class TorchBackend:
         from ..quant import linear
 
         linear.set_numerics(model, int8_activations=options.int8_activations, bf16_prefill=options.bf16_prefill)
-        model.setup_cache(options.max_rows, context, _KV_DTYPES[options.kv_dtype])
+        activations = model.norm.weight.dtype if model.norm.weight.dtype.is_floating_point else torch.float32
+        self.kv_dtype = _KV_DTYPES[options.kv_dtype] if options.kv_dtype else activations
+        model.setup_cache(options.max_rows, context, self.kv_dtype)
         self._filled = [0] * options.max_rows  # per row: positions [0, n) may have been written
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -395,7 +397,8 @@ class TorchBackend:
         return {"kernel_isa": kernels.isa(), "threads": torch.get_num_threads(),
                 "weights_in": "mmap" if _is_file_mapped(self.model) else "memory",
                 "interleaved_linears": round(sum(m.interleaved for m in linears) / len(linears), 3) if linears else 0.0,
-                "bf16_prefill": any(m.bf16_prefill for m in linears)}
+                "bf16_prefill": any(m.bf16_prefill for m in linears),
+                "kv_dtype": str(self.kv_dtype).removeprefix("torch.")}
 
     def _lazy(self) -> bool:
         k = self.model.caches[0].k
