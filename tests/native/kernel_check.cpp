@@ -354,6 +354,39 @@ void check_attention(int64_t D, int64_t n_keys, bool masked) {
         "max error " + std::to_string(err));
 }
 
+// Several queries sharing one key/value head (a prompt chunk's tokens x a GQA group), each with its own key range
+// (causal limits, a sliding window's start): every query's output as the reference computes it alone.
+template <typename KV>
+void check_attend_queries(int64_t D, int64_t nq, int64_t n_keys, int64_t window) {
+  std::vector<float> qf(nq * D), kf(n_keys * D), vf(n_keys * D);
+  for (auto& v : qf) v = uniform(-2.f, 2.f);
+  for (auto& v : kf) v = uniform(-2.f, 2.f);
+  for (auto& v : vf) v = uniform(-1.f, 1.f);
+  std::vector<KV> keys(n_keys * D), vals(n_keys * D);
+  store_row(keys.data(), kf.data(), n_keys * D);
+  store_row(vals.data(), vf.data(), n_keys * D);
+  std::vector<const float*> q(nq);
+  std::vector<float> out(nq * D), want(nq * D);
+  std::vector<float*> o(nq), w(nq);
+  std::vector<int64_t> first(nq), limit(nq);
+  for (int64_t i = 0; i < nq; ++i) {
+    q[i] = qf.data() + i * D, o[i] = out.data() + i * D, w[i] = want.data() + i * D;
+    limit[i] = n_keys - (nq - 1 - i) / 3;  // three heads per token, tokens at consecutive positions
+    first[i] = window > 0 ? std::max<int64_t>(0, limit[i] - window) : 0;
+  }
+  std::vector<float> work;
+  const float scale = 1.f / std::sqrt(float(D));
+  attend_queries(nq, q.data(), o.data(), first.data(), limit.data(), keys.data(), vals.data(), D, scale, work);
+  ref::attend_queries(nq, q.data(), w.data(), first.data(), limit.data(), keys.data(), vals.data(), D, scale, work);
+  double err = 0;
+  for (int64_t i = 0; i < nq * D; ++i) err = std::max(err, std::fabs(double(out[i]) - want[i]));
+  const double tol = sum_bound(n_keys + D + 16, 1.0) + 8 * std::ldexp(1.0, -23);
+  check(err <= tol, ("attention of " + std::to_string(nq) + " queries, " + (sizeof(KV) == 2 ? "float16" : "float32") +
+                     " KV, D " + std::to_string(D) + ", " + std::to_string(n_keys) + " keys, window " +
+                     std::to_string(window)).c_str(),
+        "max error " + std::to_string(err));
+}
+
 void check_pool() {
   for (int workers : {1, 2, 3}) {
     SpinPool pool(workers);
@@ -399,6 +432,8 @@ int main() {
     for (int64_t n : {1, 7, 40, 300}) {
       check_attention<float>(D, n, false);
       check_attention<Half>(D, n, n > 1);
+      check_attend_queries<float>(D, 24, n + 8, 0);
+      check_attend_queries<Half>(D, 3, n + 2, n > 8 ? 5 : 0);
     }
   }
   check_pool();

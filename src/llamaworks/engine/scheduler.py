@@ -180,12 +180,15 @@ class Scheduler:
 
     keep_prefix: positions a finished sequence's row keeps for the next request (None: all of them, as a chat
     wants its earlier turns; the server keeps a bounded prefix so memory returns after a long prompt).
-    step_tokens: tokens per step while other sequences decode (prompt chunks fill the step up to it);
+    step_tokens: at most this many tokens per step while other sequences decode (prompt chunks fill the step);
+    stall_limit: within that, the prompt chunk adapts so a step with one takes at most about this many times a
+    decode-only step of the same rows (measured as it runs): a long prompt slows the streams' tokens by at most
+    that factor while it is read;
     prefill_chunk: prompt tokens per step when nothing else is decoding.
     """
 
     def __init__(self, backend: Backend, *, queue_size: int = 64, keep_prefix: int | None = None,
-                 step_tokens: int = 32, prefill_chunk: int = 512) -> None:
+                 step_tokens: int = 32, stall_limit: float = 1.5, prefill_chunk: int = 512) -> None:
         if queue_size < 1 or step_tokens < 2 or prefill_chunk < 1:
             raise ValueError("queue_size, step_tokens (>= 2) and prefill_chunk must be positive")
         self.backend = backend
@@ -195,6 +198,11 @@ class Scheduler:
         self.queue_size = queue_size
         self.keep_prefix = keep_prefix
         self.step_tokens = step_tokens
+        self.stall_limit = stall_limit
+        self._chunk = step_tokens  # prompt tokens a step may carry beside decoding rows (adapted to stall_limit)
+        self._decode_seconds: dict[int, float] = {}  # decoding rows -> recent time of a decode-only step
+        self._mixed_steps = 0  # steps planned while rows decode and a prompt waits to be read
+        self._token_seconds: float | None = None  # recent cost of one prompt token beside decoding rows
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
         self._rows = [_Row() for _ in range(backend.max_rows)]
@@ -335,7 +343,14 @@ class Scheduler:
         decoding = [s for s in self._active if not s.prefilling]
         for seq in decoding:
             feed(seq, 1)
-        budget = self.prefill_chunk if not decoding else max(self.step_tokens - len(decoding), 1)
+        if not decoding:
+            budget = self.prefill_chunk
+        elif self._mixed_steps % 8 == 7:
+            budget = 0  # every 8th step leaves the prompt out: it measures what a decode-only step costs now
+        else:
+            budget = max(min(self.step_tokens - len(decoding), self._chunk), 1)
+        if decoding and any(s.prefilling for s in self._active):
+            self._mixed_steps += 1
         for seq in self._active:
             if seq.prefilling and budget > 0:
                 count = min(budget, len(seq.pending))
@@ -355,11 +370,29 @@ class Scheduler:
             self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, n)
             self.stats.multi_row_steps += n > 1
         self.stats.prefill_tokens += len(tokens) - n
+        self._adapt_chunk(n, len(tokens) - n, seconds)
         for seq in self._active:
             if seq.prefilling:
                 seq.prefill_seconds += seconds
             else:
                 seq.decode_seconds += seconds
+
+    def _adapt_chunk(self, decoding: int, prompt_tokens: int, seconds: float) -> None:
+        """Size the prompt chunk that rides along with decoding rows: learn what a decode-only step of that many
+        rows costs now (it grows with their lengths) and what each prompt token adds (it grows with the prompt's
+        position: attention), then allow as many prompt tokens as fit in (stall_limit - 1) decode steps."""
+        if not decoding:
+            return
+        base = self._decode_seconds.get(decoding)
+        if not prompt_tokens:
+            self._decode_seconds[decoding] = seconds if base is None else 0.5 * base + 0.5 * seconds
+            return
+        if base is None:
+            return
+        per_token = max(seconds - base, 0.0) / prompt_tokens
+        self._token_seconds = per_token if self._token_seconds is None else 0.5 * self._token_seconds + 0.5 * per_token
+        allowed = (self.stall_limit - 1.0) * base / max(self._token_seconds, 1e-9)
+        self._chunk = int(min(max(allowed, 1), self.step_tokens))
 
     # -- admission and the prefix cache -----------------------------------------------------------------------
     def _drop_cancelled(self) -> None:

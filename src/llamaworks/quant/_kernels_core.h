@@ -352,6 +352,11 @@ inline void group_dot_q8(int64_t t, const uint8_t* group, const int8_t* xq, cons
 template <typename KV>
 void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool* visible, int64_t n_keys,
                      int64_t D, float scale, float* scores, float* out);
+// nq queries sharing one key/value head: query i (D floats at q[i]) attends to keys [first[i], limit[i]) of
+// `keys`/`vals` (rows of D) and writes D floats at out[i]. `work` is scratch.
+template <typename KV>
+void attend_queries(int64_t nq, const float* const* q, float* const* out, const int64_t* first, const int64_t* limit,
+                    const KV* keys, const KV* vals, int64_t D, float scale, std::vector<float>& work);
 
 }  // namespace ref
 
@@ -1154,6 +1159,17 @@ void ref::attend_one_head(const float* q, const KV* keys, const KV* vals, const 
   for (int64_t d = 0; d < D; ++d) out[d] *= inv_total;
 }
 
+template <typename KV>
+void ref::attend_queries(int64_t nq, const float* const* q, float* const* out, const int64_t* first,
+                         const int64_t* limit, const KV* keys, const KV* vals, int64_t D, float scale,
+                         std::vector<float>& work) {
+  for (int64_t i = 0; i < nq; ++i) {
+    work.resize(static_cast<size_t>(limit[i] - first[i]));
+    ref::attend_one_head(q[i], keys + first[i] * D, vals + first[i] * D, nullptr, limit[i] - first[i], D, scale,
+                         work.data(), out[i]);
+  }
+}
+
 #if defined(LW_AVX2) || defined(LW_NEON)
 // The SIMD attention, written once over an 8-float vector for AVX2 (one ymm register) and NEON (two q
 // registers): GCC/Clang vector extensions, with the ISA's instructions only where the extensions have no word.
@@ -1180,6 +1196,18 @@ inline float v8_sum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 inline v8f v8_set(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// {x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7} (AVX's hadd order).
+inline v8f v8_pairsum(v8f x, v8f y) {
+  return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// The sums of 8 vectors at once: lane j is the sum of a[j]'s lanes.
+inline v8f v8_sum8(const v8f* a) {
+  const v8f h0 = v8_pairsum(v8_pairsum(a[0], a[1]), v8_pairsum(a[2], a[3]));  // a0..a3: low halves, high halves
+  const v8f h1 = v8_pairsum(v8_pairsum(a[4], a[5]), v8_pairsum(a[6], a[7]));
+  return __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
 inline v8f v8_fma(v8f a, v8f b, v8f c) {  // a * b + c, fused (the file is built with -ffp-contract=off)
 #if defined(LW_AVX2)
   return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
@@ -1229,13 +1257,32 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
   const int64_t nd = D / 8;
   v8f qv[32];
   for (int64_t c = 0; c < nd; ++c) qv[c] = v8_load(q + 8 * c) * v8_set(scale);
+  // Scores 8 keys at a time: their 8 partial-sum vectors reduce together (one transpose-and-add) instead of one
+  // horizontal sum per key, which cost as much as the key's dot product.
+  v8f vmx = v8_set(-INFINITY);
+  int64_t first_tail = 0;
+  for (; first_tail + 8 <= n_keys; first_tail += 8) {
+    v8f a[8];
+    for (int j = 0; j < 8; ++j) {
+      const KV* k = keys + (first_tail + j) * D;
+      a[j] = qv[0] * v8_load(k);
+      for (int64_t c = 1; c < nd; ++c) a[j] = v8_fma(qv[c], v8_load(k + 8 * c), a[j]);
+    }
+    v8f r = v8_sum8(a);
+    if (visible != nullptr)
+      for (int j = 0; j < 8; ++j)
+        if (!visible[first_tail + j]) r[j] = -INFINITY;
+    std::memcpy(scores + first_tail, &r, 32);
+    vmx = vmx > r ? vmx : r;
+  }
   float mx = -INFINITY;
-  for (int64_t s = 0; s < n_keys; ++s) {
-    const KV* k = keys + s * D;
+  for (int j = 0; j < 8; ++j) mx = std::max(mx, vmx[j]);
+  for (int64_t t = first_tail; t < n_keys; ++t) {
+    const KV* k = keys + t * D;
     v8f a = qv[0] * v8_load(k);
     for (int64_t c = 1; c < nd; ++c) a = v8_fma(qv[c], v8_load(k + 8 * c), a);
-    scores[s] = visible != nullptr && !visible[s] ? -INFINITY : v8_sum(a);
-    mx = std::max(mx, scores[s]);
+    scores[t] = visible != nullptr && !visible[t] ? -INFINITY : v8_sum(a);
+    mx = std::max(mx, scores[t]);
   }
   int64_t s = 0;
   v8f vtotal = v8_set(0.f);
@@ -1267,6 +1314,92 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
 #endif
 }
 
+// ref::attend_queries, with every key and value converted to float once for all nq queries (a prompt chunk's
+// tokens and a group's query heads share them) and 8 keys' scores reduced together.
+template <typename KV>
+void attend_queries(int64_t nq, const float* const* q, float* const* out, const int64_t* first, const int64_t* limit,
+                    const KV* keys, const KV* vals, int64_t D, float scale, std::vector<float>& work) {
+#if defined(LW_AVX2) || defined(LW_NEON)
+  if (D % 8 != 0 || D > 256 || nq < 1) return ref::attend_queries(nq, q, out, first, limit, keys, vals, D, scale, work);
+  const int64_t nd = D / 8;
+  int64_t lo = first[0], hi = limit[0];
+  for (int64_t i = 1; i < nq; ++i) lo = std::min(lo, first[i]), hi = std::max(hi, limit[i]);
+  const int64_t span = (hi - lo + 7) / 8 * 8;
+  work.resize(static_cast<size_t>(nq * span + 8 * D + nq));
+  float* const sc = work.data();  // (nq, span) scores of keys lo.., then weights
+  float* const kb = sc + nq * span;  // 8 keys (then 8 values) as float
+  float* const totals = kb + 8 * D;
+  const auto convert = [&](const KV* rows, int64_t s0, int64_t n) {
+    for (int64_t j = 0; j < 8; ++j)
+      for (int64_t c = 0; c < nd; ++c) {
+        const v8f v = j < n ? v8_load(rows + (s0 + j) * D + 8 * c) : v8_set(0.f);
+        std::memcpy(kb + j * D + 8 * c, &v, 32);
+      }
+  };
+  for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+    convert(keys, s0, std::min<int64_t>(8, hi - s0));
+    for (int64_t i = 0; i < nq; ++i) {
+      v8f r = v8_set(-INFINITY);
+      if (s0 < limit[i] && s0 + 8 > first[i]) {
+        v8f a[8];
+        for (int64_t c = 0; c < nd; ++c) {
+          const v8f qc = v8_load(q[i] + 8 * c);
+          for (int j = 0; j < 8; ++j) a[j] = c == 0 ? qc * v8_load(kb + j * D) : v8_fma(qc, v8_load(kb + j * D + 8 * c), a[j]);
+        }
+        r = v8_sum8(a) * v8_set(scale);
+        for (int j = 0; j < 8; ++j)
+          if (s0 + j < first[i] || s0 + j >= limit[i]) r[j] = -INFINITY;
+      }
+      std::memcpy(sc + i * span + (s0 - lo), &r, 32);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {  // softmax weights (not yet normalised); keys outside get 0
+    float* row = sc + i * span;
+    v8f vmx = v8_set(-INFINITY);
+    for (int64_t s = 0; s < span; s += 8) {
+      const v8f x = v8_load(row + s);
+      vmx = vmx > x ? vmx : x;
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < 8; ++j) mx = std::max(mx, vmx[j]);
+    v8f vtotal = v8_set(0.f);
+    for (int64_t s = 0; s < span; s += 8) {
+      const v8f x = v8_load(row + s);
+      const v8f e = x == v8_set(-INFINITY) ? v8_set(0.f) : v8_exp_nonpositive(x - v8_set(mx));
+      std::memcpy(row + s, &e, 32);
+      vtotal += e;
+    }
+    totals[i] = v8_sum(vtotal);
+    std::memset(out[i], 0, D * sizeof(float));
+  }
+  for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+    const int64_t n = std::min<int64_t>(8, hi - s0);
+    convert(vals, s0, n);
+    for (int64_t i = 0; i < nq; ++i) {
+      if (s0 >= limit[i] || s0 + 8 <= first[i]) continue;
+      const float* w = sc + i * span + (s0 - lo);
+      v8f acc[32];
+      for (int64_t c = 0; c < nd; ++c) acc[c] = v8_load(out[i] + 8 * c);
+      for (int64_t j = 0; j < n; ++j) {
+        if (w[j] == 0.f) continue;
+        const v8f p = v8_set(w[j]);
+        for (int64_t c = 0; c < nd; ++c) acc[c] = v8_fma(p, v8_load(kb + j * D + 8 * c), acc[c]);
+      }
+      for (int64_t c = 0; c < nd; ++c) std::memcpy(out[i] + 8 * c, &acc[c], 32);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const v8f inv = v8_set(1.f / totals[i]);
+    for (int64_t c = 0; c < nd; ++c) {
+      const v8f o = v8_load(out[i] + 8 * c) * inv;
+      std::memcpy(out[i] + 8 * c, &o, 32);
+    }
+  }
+#else
+  ref::attend_queries(nq, q, out, first, limit, keys, vals, D, scale, work);
+#endif
+}
+
 // RoPE on B new q/k rows, their cache writes, and attention. Row b of qp (qkv_n floats: q, then k, then v) is the
 // token at position slot[b] of cache row seq[b], with angles cos/sin (B, D/2); kc/vc point at this layer's
 // (n_kv_heads, S, D) block of cache row 0, and one cache row is row_stride elements further on. Its queries see
@@ -1278,7 +1411,6 @@ void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, in
                     const float* sin, int64_t window, int64_t B, const int64_t* seq, const int64_t* slot, int64_t S,
                     int64_t D, int64_t n_heads, int64_t n_kv_heads, float* ap) {
   const int64_t G = n_heads / n_kv_heads, qdim = n_heads * D, kvdim = n_kv_heads * D;
-  int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
     if (slot[b] < 0 || slot[b] >= S) fail("cache slot out of range");
     float* row = qp + b * qkv_n;
@@ -1289,17 +1421,48 @@ void attention_rows(const Par& par, float* qp, int64_t qkv_n, KV* kc, KV* vc, in
       store_row(kc + at, row + qdim + g * D, D);
       store_row(vc + at, row + qdim + kvdim + g * D, D);
     }
-    max_keys = std::max(max_keys, slot[b] + 1);
   }
   const float scale = 1.0f / std::sqrt(float(D));
-  par(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(max_keys);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / n_heads, head = i % n_heads, kvh = head / G;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, slot[b] - window + 1) : 0;
-      const int64_t base = seq[b] * row_stride + (kvh * S + first) * D;
-      attend_one_head(qp + b * qkv_n + head * D, kc + base, vc + base, nullptr, slot[b] + 1 - first, D, scale,
-                      scores.data(), ap + b * qdim + head * D);
+  // Work items: up to kTile tokens of one cache row (position order) with one key/value head: the tokens' G query
+  // heads share each key and value. Items go out longest first from a shared counter, so a long prompt's items
+  // start early and short decoding rows fill the gaps.
+  constexpr int64_t kTile = 8;
+  std::vector<int64_t> order(B);
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return seq[x] != seq[y] ? seq[x] < seq[y] : slot[x] < slot[y];
+  });
+  struct Item { int64_t t0, nt, kvh, cost; };
+  std::vector<Item> items;
+  for (int64_t i = 0; i < B;) {
+    int64_t j = i + 1;
+    while (j < B && seq[order[j]] == seq[order[i]] && j - i < kTile) ++j;
+    for (int64_t kvh = 0; kvh < n_kv_heads; ++kvh) items.push_back({i, j - i, kvh, (j - i) * (slot[order[j - 1]] + 1)});
+    i = j;
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  par(0, n_items, 1, [&](int64_t, int64_t) {
+    thread_local std::vector<float> work;
+    std::vector<const float*> qs;
+    std::vector<float*> outs;
+    std::vector<int64_t> firsts, limits;
+    for (int64_t k = next.fetch_add(1); k < n_items; k = next.fetch_add(1)) {
+      const Item& it = items[k];
+      qs.clear(), outs.clear(), firsts.clear(), limits.clear();
+      for (int64_t t = it.t0; t < it.t0 + it.nt; ++t) {
+        const int64_t b = order[t];
+        for (int64_t head = it.kvh * G; head < (it.kvh + 1) * G; ++head) {
+          qs.push_back(qp + b * qkv_n + head * D);
+          outs.push_back(ap + b * qdim + head * D);
+          firsts.push_back(window > 0 ? std::max<int64_t>(0, slot[b] - window + 1) : 0);
+          limits.push_back(slot[b] + 1);
+        }
+      }
+      const int64_t base = seq[order[it.t0]] * row_stride + it.kvh * S * D;
+      attend_queries(static_cast<int64_t>(qs.size()), qs.data(), outs.data(), firsts.data(), limits.data(),
+                     kc + base, vc + base, D, scale, work);
     }
   }, 1);
 }
