@@ -44,6 +44,11 @@ from .backend import Backend
 log = logging.getLogger("llamaworks.engine")
 
 
+# A prompt token beside decoding rows costs about as much for its share of the weights as its attention over this
+# many positions (measured on SmolLM2: ~0.7 ms against ~1.5 us per position); the cost model's one fixed shape.
+POSITION_OFFSET = 512
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is full (the server answers 503 with Retry-After)."""
 
@@ -181,14 +186,14 @@ class Scheduler:
     keep_prefix: positions a finished sequence's row keeps for the next request (None: all of them, as a chat
     wants its earlier turns; the server keeps a bounded prefix so memory returns after a long prompt).
     step_tokens: at most this many tokens per step while other sequences decode (prompt chunks fill the step);
-    stall_limit: within that, the prompt chunk adapts so a step with one takes at most about this many times a
-    decode-only step of the same rows (measured as it runs): a long prompt slows the streams' tokens by at most
-    that factor while it is read;
+    stall_limit: within that, prompt tokens (shortest prompt first) are added while the predicted step time stays
+    within this many decode-only steps of the same rows: both are measured as it runs (a prompt token's cost grows
+    with its position), so a long prompt slows the streams' tokens by about that factor at most while it is read;
     prefill_chunk: prompt tokens per step when nothing else is decoding.
     """
 
     def __init__(self, backend: Backend, *, queue_size: int = 64, keep_prefix: int | None = None,
-                 step_tokens: int = 32, stall_limit: float = 1.5, prefill_chunk: int = 512) -> None:
+                 step_tokens: int = 32, stall_limit: float = 2.0, prefill_chunk: int = 256) -> None:
         if queue_size < 1 or step_tokens < 2 or prefill_chunk < 1:
             raise ValueError("queue_size, step_tokens (>= 2) and prefill_chunk must be positive")
         self.backend = backend
@@ -199,10 +204,10 @@ class Scheduler:
         self.keep_prefix = keep_prefix
         self.step_tokens = step_tokens
         self.stall_limit = stall_limit
-        self._chunk = step_tokens  # prompt tokens a step may carry beside decoding rows (adapted to stall_limit)
         self._decode_seconds: dict[int, float] = {}  # decoding rows -> recent time of a decode-only step
         self._mixed_steps = 0  # steps planned while rows decode and a prompt waits to be read
-        self._token_seconds: float | None = None  # recent cost of one prompt token beside decoding rows
+        self._seconds_per_position = 0.0  # what a prompt token adds per position it attends to (learned)
+        self._work = self._work_seconds = 0.0
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
         self._rows = [_Row() for _ in range(backend.max_rows)]
@@ -343,24 +348,52 @@ class Scheduler:
         decoding = [s for s in self._active if not s.prefilling]
         for seq in decoding:
             feed(seq, 1)
+        # Shortest prompt first: a short request arriving during a long prompt is answered without waiting for it.
+        prefilling = sorted((s for s in self._active if s.prefilling), key=lambda s: len(s.pending))
         if not decoding:
             budget = self.prefill_chunk
-        elif self._mixed_steps % 8 == 7:
-            budget = 0  # every 8th step leaves the prompt out: it measures what a decode-only step costs now
-        else:
-            budget = max(min(self.step_tokens - len(decoding), self._chunk), 1)
-        if decoding and any(s.prefilling for s in self._active):
-            self._mixed_steps += 1
-        for seq in self._active:
-            if seq.prefilling and budget > 0:
+            for seq in prefilling:
                 count = min(budget, len(seq.pending))
                 feed(seq, count)
                 budget -= count
+            return rows, tokens, positions, scored
+        if not prefilling:
+            return rows, tokens, positions, scored
+        self._mixed_steps += 1
+        if self._mixed_steps % 8 == 0:
+            return rows, tokens, positions, scored  # every 8th leaves prompts out: what does decoding alone cost now?
+        room = max(self.step_tokens - len(decoding), 1)
+        seconds_left = self._prompt_seconds(len(decoding))
+        taken = 0
+        for seq in prefilling:
+            start, count = len(self._rows[seq.row].tokens), 0
+            while count < len(seq.pending) and taken < room:
+                cost = self._token_cost(start + count)
+                if cost > seconds_left and taken:  # at least one prompt token per step: every prompt advances
+                    break
+                seconds_left -= cost
+                count += 1
+                taken += 1
+            if count:
+                feed(seq, count)
         return rows, tokens, positions, scored
+
+    def _prompt_seconds(self, decoding: int) -> float:
+        """Time a step may spend on prompt tokens beside `decoding` rows: (stall_limit - 1) decode-only steps."""
+        if not self._decode_seconds:
+            return float("inf")  # nothing measured yet: this step teaches the costs
+        nearest = min(self._decode_seconds, key=lambda n: abs(n - decoding))  # rows come and go
+        return (self.stall_limit - 1.0) * self._decode_seconds[nearest]
+
+    def _token_cost(self, position: int) -> float:
+        """Predicted seconds one prompt token at `position` adds to a step: proportional to the positions its
+        attention reads plus a constant for its share of the weights (0 until a step has been measured)."""
+        return self._seconds_per_position * (position + POSITION_OFFSET)
 
     def _account(self, batch: tuple[list[int], list[int], list[int], list[tuple[int, _Sequence]]],
                  seconds: float) -> None:
-        _, tokens, _, scored = batch
+        rows, tokens, positions, scored = batch
+        prompt_rows = {s.row for s in self._active if s.prefilling}
         self.stats.steps += 1
         decoded = [s for _, s in scored if not s.prefilling]
         n = len(decoded)
@@ -370,29 +403,28 @@ class Scheduler:
             self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, n)
             self.stats.multi_row_steps += n > 1
         self.stats.prefill_tokens += len(tokens) - n
-        self._adapt_chunk(n, len(tokens) - n, seconds)
+        self._learn_costs(n, [p for p, row in zip(positions, rows) if row in prompt_rows], seconds)
         for seq in self._active:
             if seq.prefilling:
                 seq.prefill_seconds += seconds
             else:
                 seq.decode_seconds += seconds
 
-    def _adapt_chunk(self, decoding: int, prompt_tokens: int, seconds: float) -> None:
-        """Size the prompt chunk that rides along with decoding rows: learn what a decode-only step of that many
-        rows costs now (it grows with their lengths) and what each prompt token adds (it grows with the prompt's
-        position: attention), then allow as many prompt tokens as fit in (stall_limit - 1) decode steps."""
+    def _learn_costs(self, decoding: int, prompt_positions: list[int], seconds: float) -> None:
+        """Learn what a decode-only step of `decoding` rows costs now (it grows with their lengths) and, from the
+        steps that carried prompt tokens beside them, the seconds per unit of `position + POSITION_OFFSET` a prompt
+        token adds (a ratio over recent steps, older ones fading)."""
         if not decoding:
             return
         base = self._decode_seconds.get(decoding)
-        if not prompt_tokens:
+        if not prompt_positions:
             self._decode_seconds[decoding] = seconds if base is None else 0.5 * base + 0.5 * seconds
             return
         if base is None:
             return
-        per_token = max(seconds - base, 0.0) / prompt_tokens
-        self._token_seconds = per_token if self._token_seconds is None else 0.5 * self._token_seconds + 0.5 * per_token
-        allowed = (self.stall_limit - 1.0) * base / max(self._token_seconds, 1e-9)
-        self._chunk = int(min(max(allowed, 1), self.step_tokens))
+        self._work = 0.8 * self._work + sum(p + POSITION_OFFSET for p in prompt_positions)
+        self._work_seconds = 0.8 * self._work_seconds + max(seconds - base, 0.0)
+        self._seconds_per_position = self._work_seconds / self._work
 
     # -- admission and the prefix cache -----------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
