@@ -56,6 +56,8 @@ from pathlib import Path
 
 import httpx
 
+from llamaworks.memory_stats import process_rss_bytes
+
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a CPU cache is in two sentences.",
@@ -270,13 +272,8 @@ async def long_prompt_phase(url: str, model: str, n: int, prompt: str, args: arg
 
 # -- memory --------------------------------------------------------------------------------------------------
 def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    rss = process_rss_bytes(pid)
+    return None if rss is None else rss / 2**20
 
 
 class RssPeak:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from llamaworks.memory_stats import process_rss_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_test import free_port, launch_server
 
@@ -199,13 +201,8 @@ async def probe_health(client: httpx.AsyncClient, url: str, deadline: float, int
 
 
 def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    rss = process_rss_bytes(pid)
+    return None if rss is None else rss / 2**20
 
 
 async def sample_rss(pid: int | None, deadline: float, every: float, samples: list[tuple[float, float]]) -> None:

@@ -11,9 +11,9 @@ import os
 import sys
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -45,3 +45,9 @@ def current_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def process_rss_bytes(pid: int) -> int | None:
+    """Resident memory of another process now (a server under test), in bytes; None where it cannot be read."""
+    rss = _status_kib("VmRSS", pid)
+    return None if rss is None else rss * 1024

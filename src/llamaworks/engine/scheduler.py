@@ -601,6 +601,17 @@ class Scheduler:
                                     seq.prefill_seconds, seq.decode_seconds, seq.cached_tokens))
 
 
+def _result(event: FinishEvent) -> GenerationResult:
+    """The API's result of a finished sequence (RuntimeError for one that failed)."""
+    if event.reason == "error":
+        raise RuntimeError(f"generation failed: {event.error}")
+    return GenerationResult(text=event.text, token_ids=event.token_ids,
+                            finish_reason="stop" if event.reason == "stop" else "length",
+                            prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                            prefill_seconds=event.prefill_seconds, decode_seconds=event.decode_seconds,
+                            stop_sequence=event.stop_sequence)
+
+
 # -- synchronous generation on the caller's thread -------------------------------------------------------------
 def generate_stream(scheduler: Scheduler, prompt_ids: Sequence[int],
                     params: SamplingParams | None = None) -> Iterator[str | GenerationResult]:
@@ -621,13 +632,7 @@ def generate_stream(scheduler: Scheduler, prompt_ids: Sequence[int],
                 if event.text:
                     yield event.text
             else:
-                if event.reason == "error":
-                    raise RuntimeError(f"generation failed: {event.error}")
-                yield GenerationResult(text=event.text, token_ids=event.token_ids,
-                                       finish_reason="stop" if event.reason == "stop" else "length",
-                                       prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                       prefill_seconds=event.prefill_seconds, decode_seconds=event.decode_seconds,
-                                       stop_sequence=event.stop_sequence)
+                yield _result(event)
     finally:
         if not request.done:  # the consumer stopped early: free the row at the next step
             request.cancel()
@@ -660,17 +665,7 @@ def generate_batch(scheduler: Scheduler, prompts: Sequence[Sequence[int]],
         requests.append(scheduler.submit(prompt, p, emit))
     while not all(r.done for r in requests):
         scheduler.step()
-    results = []
-    for i in range(len(prompts)):
-        e = finished[i]
-        if e.reason == "error":
-            raise RuntimeError(f"generation failed: {e.error}")
-        results.append(GenerationResult(text=e.text, token_ids=e.token_ids,
-                                         finish_reason="stop" if e.reason == "stop" else "length",
-                                         prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
-                                         prefill_seconds=e.prefill_seconds, decode_seconds=e.decode_seconds,
-                                         stop_sequence=e.stop_sequence))
-    return results
+    return [_result(finished[i]) for i in range(len(prompts))]
 
 
 __all__ = ["EngineStats", "Event", "FinishEvent", "PromptTooLongError", "QueueFullError", "Request", "Scheduler",
