@@ -369,7 +369,8 @@ def free_port() -> int:
 def llamaworks_cmd(args: argparse.Namespace, port: int) -> list[str]:
     return [sys.executable, "-m", "llamaworks", "serve", "--model", args.model, "--port", str(port),
             "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-context",
-            str(args.max_context), "--queue-size", str(args.queue_size), "--model-name", "bench"]
+            str(args.max_context), "--queue-size", str(args.queue_size), "--model-name", "bench",
+            "--cpu-target", args.cpu_target]
 
 
 def llama_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
@@ -607,6 +608,9 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=8192, help="per-sequence context (llama-server gets "
                                                                   "-c MAX_BATCH*MAX_CONTEXT)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-target", default="native",
+                    help="build llamaworks' kernels for another CPU class (x86-64-v3: AVX2), to pair with a llama.cpp "
+                         "built for it (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)")
     ap.add_argument("--long-prompt-tokens", type=int, default=4000, help="long prompt's length; 0 skips it")
     ap.add_argument("--long-max-tokens", type=int, default=8)
     ap.add_argument("--long-lead", type=float, default=3.0, help="seconds of the 'before' ITL window")
@@ -619,7 +623,8 @@ def main() -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     servers = make_servers(args)
-    header = {**cpu_header(), "threads": args.threads, "model": args.model, "levels": levels,
+    header = {**cpu_header(), "threads": args.threads, "cpu_target": args.cpu_target, "model": args.model,
+              "levels": levels,
               "duration_s": args.duration, "max_tokens": args.max_tokens,
               "long_prompt_tokens": args.long_prompt_tokens, "long_max_tokens": args.long_max_tokens,
               "long_lead_s": args.long_lead, "settle_s": args.settle}

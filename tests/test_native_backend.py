@@ -6,7 +6,8 @@ Tolerances (stated once):
   pass reads the same block values the float reference dequantizes and differs by summation order only: greedy
   tokens are identical for 16 steps and logits agree within LOGIT_ATOL = 2e-3 (SmolLM2 and tiny random models).
 - With the default int8 activations it drifts like llama.cpp's int8 path (and the torch backend with int8 activations):
-  fed the reference's greedy tokens, logits stay within LOW_PRECISION_LOGIT_ATOL = 2.0 of the float reference
+  fed the reference's greedy tokens, next-token log-probabilities over the reference's 20 likeliest tokens stay within
+  LOW_PRECISION_LOGPROB_ATOL = 2.0 of the float reference (llama.cpp's own int8 paths drift up to 1.94 there)
   and the argmax agrees wherever the reference's top-2 margin exceeds 0.5; free-running greedy text may part
   from the reference only at a near tie (top-2 margin below NEAR_TIE = 0.25). Example of such a tie: SmolLM2's
   chat answer to "What is the capital of France?" opens with 'L' (24.96) or 'The' (24.94): the int8 paths of
@@ -30,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGIT_ATOL, NEAR_TIE, PROMPTS
+from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGPROB_ATOL, NEAR_TIE, PROMPTS, logprob_drift
 from llamaworks.api import choose_backend, load
 from llamaworks.checkpoints import load_model, save_gguf
 from llamaworks.config import get_preset
@@ -135,7 +136,7 @@ def test_int8_activations_drift_against_float_reference(smollm2, cpu_target: str
         ids = backend.tokenizer.encode(prompt)
         want, want_logits = reference_greedy(reference, ids, 16)
         got_logits = native_forced(backend, ids, want)
-        assert np.abs(got_logits - want_logits).max() < LOW_PRECISION_LOGIT_ATOL
+        assert logprob_drift(got_logits, want_logits) < LOW_PRECISION_LOGPROB_ATOL
         top2 = -np.sort(-want_logits, axis=-1)[:, :2]
         clear = top2[:, 0] - top2[:, 1] > 0.5
         assert np.array_equal(got_logits.argmax(-1)[clear], want_logits.argmax(-1)[clear])
@@ -245,7 +246,7 @@ def test_two_backends_keep_their_own_numerics(smollm2, smollm2_float) -> None:
     int8, floats = smollm2[0], smollm2_float
     ids = int8.tokenizer.encode("The capital of France is")
     a, b = run(int8, ids), run(floats, ids)
-    assert not np.array_equal(a, b) and np.abs(a - b).max() < LOW_PRECISION_LOGIT_ATOL
+    assert not np.array_equal(a, b) and logprob_drift(a, b) < LOW_PRECISION_LOGPROB_ATOL
     assert np.array_equal(run(int8, ids), a) and np.array_equal(run(floats, ids), b)  # after each other
     assert np.array_equal(run(NativeBackend.load(None, FLOAT.with_(max_context=64)), ids), b)
 

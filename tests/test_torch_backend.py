@@ -6,8 +6,9 @@ on the default model greedy tokens must be identical for 16 steps and logits agr
 absolute (float32 summation order differs). These exact comparisons load the backend with float32 activations
 (EngineOptions(int8_activations=False, bf16_prefill=False)) and a float32 KV cache. The defaults (activations
 quantized to int8 blocks as llama.cpp does; bf16 prefill gemm on AVX-512 BF16 CPUs; a float16 KV cache) drift
-further: fed the reference's greedy tokens, their logits stay within LOW_PRECISION_LOGIT_ATOL = 2.0 of the float
-reference (measured at most about 1.5 over the three prompts, logits spanning about 30), and the argmax agrees
+further: fed the reference's greedy tokens, their next-token log-probabilities over the reference's 20 likeliest
+tokens stay within LOW_PRECISION_LOGPROB_ATOL = 2.0 of the float reference (what llama.cpp's own int8 paths drift
+by: up to 1.94, benchmarks/int8_vs_llama_cpp.py), and the argmax agrees
 wherever the reference's top-2 margin exceeds 0.5. Free-running greedy text may part from the reference only at
 a near tie: the first differing token must be one where the reference's top-2 margin is below NEAR_TIE = 0.25
 (measured with the defaults: "The capital of France is" parts at token 5, margin 0.22; "def fibonacci" at
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGIT_ATOL, NEAR_TIE, PROMPTS
+from inference_bounds import LOGIT_ATOL, LOW_PRECISION_LOGPROB_ATOL, NEAR_TIE, PROMPTS, logprob_drift
 from llamaworks.config import get_preset
 from llamaworks.engine.backend import Backend, EngineOptions
 from llamaworks.engine.torch_backend import TorchBackend, quantize_model
@@ -95,7 +96,7 @@ def test_low_precision_activations_drift_against_float_reference(reference, opti
 
 
 def _check_low_precision_drift(got_logits: np.ndarray, want_logits: np.ndarray) -> None:
-    assert np.abs(got_logits - want_logits).max() < LOW_PRECISION_LOGIT_ATOL
+    assert logprob_drift(got_logits, want_logits) < LOW_PRECISION_LOGPROB_ATOL
     top2 = np.sort(want_logits, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.5
     assert np.array_equal(got_logits.argmax(-1)[clear], want_logits.argmax(-1)[clear])
@@ -284,7 +285,7 @@ def test_out_of_range_calls_are_refused() -> None:
 
 def test_cache_bytes_grow_with_positions_and_release_returns_them() -> None:
     config = get_preset("tiny-12m")  # 4 KV heads of 32 float16 values: 64 bytes per head and position, 64 a page
-    backend = TorchBackend.from_model(_tiny("tiny-12m"), options=EngineOptions(max_rows=2))
+    backend = TorchBackend.from_model(_tiny("tiny-12m"), options=EngineOptions(max_rows=2, kv_dtype="float16"))
     layers, heads, page = config.n_layers, config.kv_heads, 4096
     assert backend.cache_bytes() == 0
     backend.forward([0] * 40, list(range(40)), range(40), [39])

@@ -174,7 +174,7 @@ class _Terminal:
 def run_chat(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
              chat_template: str | None = None, system: str | None = None, max_context: int | None = None,
              reference: bool = False, mmap: bool | None = None, backend: str | None = None,
-             threads: int | None = None,
+             threads: int | None = None, cpu_target: str = "native",
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
              **sampling: Any) -> int:
     """`llamaworks chat`: load a model and talk to it until /exit or end of input. Returns an exit code."""
@@ -185,7 +185,7 @@ def run_chat(*, model: str | None = None, device: str | None = None, dtype: str 
 
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
                reference=reference, mmap=mmap, backend=backend, threads=threads,
-               options=EngineOptions.from_environment())
+               options=EngineOptions.from_environment(cpu_target=cpu_target))
     session = ChatSession(llm.scheduler, llm.template, system=system, params=llm.sampling(**sampling),
                           max_context=max_context)
     if term.interactive:
@@ -253,6 +253,7 @@ def run_generate(prompt: str, *, model: str | None = None, device: str | None = 
                  chat_template: str | None = None, chat: bool = False, system: str | None = None,
                  stream: bool = False, stats: bool = False, max_context: int | None = None, reference: bool = False,
                  mmap: bool | None = None, backend: str | None = None, threads: int | None = None,
+                 cpu_target: str = "native",
                  out: Any = None, err: Any = None, **sampling: Any) -> int:
     """`llamaworks generate`: complete `prompt` (raw, or as one chat user turn with `chat`) and print the text.
     Returns an exit code."""
@@ -263,7 +264,7 @@ def run_generate(prompt: str, *, model: str | None = None, device: str | None = 
 
     llm = load(model, device=device, dtype=dtype, chat_template=chat_template, max_context=max_context,
                reference=reference, mmap=mmap, backend=backend, threads=threads,
-               options=EngineOptions.from_environment())
+               options=EngineOptions.from_environment(cpu_target=cpu_target))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = llm.encode_chat(messages)

@@ -45,6 +45,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
                    help="native: the C++ kernels, torch never imported (GGUF on the CPU); torch: model.py on torch "
                         "(CUDA, other formats, the float reference); auto (default): native where it applies")
+    g.add_argument("--cpu-target", default="native", metavar="MARCH",
+                   help="native backend: build its kernels for another CPU class to measure or test them here, a "
+                        "-march value such as x86-64-v3 (AVX2+FMA+F16C); default: native (this CPU)")
     p.set_defaults(needs_torch=_needs_torch)
 
 
@@ -58,7 +61,8 @@ def _needs_torch(args: argparse.Namespace) -> bool:
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "device": args.device, "dtype": args.dtype,
             "chat_template": args.chat_template, "max_context": args.max_context, "reference": args.reference,
-            "mmap": True if args.mmap else None, "backend": args.backend, "threads": args.threads}
+            "mmap": True if args.mmap else None, "backend": args.backend, "threads": args.threads,
+            "cpu_target": args.cpu_target}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -671,7 +671,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           max_batch: int = 8, queue_size: int = 64, device: str | None = None, dtype: str | None = None,
           chat_template: str | None = None, max_context: int | None = None, model_name: str | None = None,
           reference: bool = False, mmap: bool | None = None, backend: str | None = "auto", threads: int | None = None,
-          max_body_bytes: int = MAX_BODY_BYTES) -> int:
+          cpu_target: str = "native", max_body_bytes: int = MAX_BODY_BYTES) -> int:
     """`llamaworks serve`: load a model onto a backend (native by default for a GGUF on the CPU) and serve it until
     interrupted. Returns an exit code."""
     import uvicorn
@@ -686,7 +686,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     sock = listen_socket(host, port)  # before loading: a busy port should fail in a second, not after the model
     if max_batch < 1 or queue_size < 1:
         raise ConfigError(f"--max-batch {max_batch} / --queue-size {queue_size}: expected at least 1")
-    options = EngineOptions.from_environment(max_rows=max_batch, max_context=max_context, threads=threads, mmap=mmap)
+    options = EngineOptions.from_environment(max_rows=max_batch, max_context=max_context, threads=threads, mmap=mmap,
+                                             cpu_target=cpu_target)
     backend_ = load_backend(model, backend=backend, options=options, device=device, dtype=dtype, reference=reference)
     if backend_.tokenizer is None:
         raise ConfigError(f"{model}: the checkpoint carries no tokenizer")
