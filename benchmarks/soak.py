@@ -28,6 +28,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import httpx
 from llamaworks.memory_stats import process_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import free_port, launch_server
+from load_test import Server, free_port, launch
 
 from llamaworks.hardware import cpu_description
 
@@ -267,7 +268,10 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    return launch_server(cmd, port)
+    server = Server("llamaworks", cmd, f"http://127.0.0.1:{port}", "soak")
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open as long as the server runs; a pipe would fill and block it)
+    launch(server, log)
+    return server.proc, server.url
 
 
 def main() -> int:
