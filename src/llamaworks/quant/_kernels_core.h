@@ -1001,6 +1001,9 @@ struct WeightRef {
 // The activation rows of one decode matmul, prepared once: int8 blocks (integer dot products, as llama.cpp does on
 // every CPU; the drift from float is bounded in tests/test_native_backend.py) or per-block float sums. The choice
 // is the caller's, per call: there is no process-wide switch.
+// out[j] = w[j * k, (j + 1) * k) . x for the 8 float rows of w (defined with the vector helpers below).
+inline void dot8_float(const float* w, int64_t k, const float* x, float* out);
+
 struct DecodeRows {
   const float* x;
   int64_t m, k, nb;
@@ -1061,13 +1064,18 @@ struct DecodeRows {
       }
       return;
     }
-    // Float activations: unpack the group to plain rows (in cache) and use the float kernel.
+    // Float activations: the group's 8 rows dequantized to float once (each element d * q + m, as the float
+    // reference reads them), then every input row dotted with all 8 (one activation load feeds 8 multiply-adds).
+    // Dequantizing per input row inside the dot instead made a 32-row prompt chunk cost 32 dequantizations.
     thread_local std::vector<uint8_t> plain;
+    thread_local std::vector<float> wf;
     plain.resize(8 * w.stride);
+    wf.resize(8 * k);
     unpack_group(bt, group, nb, plain.data());
+    const int64_t bb = block_bytes(bt);
     for (int64_t j = 0; j < 8; ++j)
-      for (int64_t i = 0; i < m; ++i)
-        out[i * ldo + j] = row_dot(bt, plain.data() + j * w.stride, x + i * k, sums.data() + i * nb, nb);
+      for (int64_t b = 0; b < nb; ++b) dequant_block(bt, plain.data() + j * w.stride + b * bb, wf.data() + j * k + b * QK);
+    for (int64_t i = 0; i < m; ++i) dot8_float(wf.data(), k, x + i * k, out + i * ldo);
   }
 
   template <int64_t T>
@@ -1341,6 +1349,26 @@ inline void weighted_rows(float* o, const float* w, int64_t n, const float* rows
   for (int u = 0; u < CB; ++u) v8_store(o + 8 * u, acc[u]);
 }
 #endif
+
+inline void dot8_float(const float* w, int64_t k, const float* x, float* out) {
+#if defined(LW_AVX2) || defined(LW_NEON)
+  if (k % 8 == 0) {
+    v8f acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = v8_set(0.f);
+    for (int64_t c = 0; c < k; c += 8) {
+      const v8f xv = v8_load(x + c);
+      for (int j = 0; j < 8; ++j) acc[j] = v8_fma(v8_load(w + j * k + c), xv, acc[j]);
+    }
+    v8_store(out, v8_sum8(acc));
+    return;
+  }
+#endif
+  for (int j = 0; j < 8; ++j) {
+    float sum = 0.f;
+    for (int64_t c = 0; c < k; ++c) sum += w[j * k + c] * x[c];
+    out[j] = sum;
+  }
+}
 
 // ref::attend_queries, with every key and value converted to float once for all nq queries (a prompt chunk's
 // tokens and a group's query heads share them) and 8 keys' scores reduced together.

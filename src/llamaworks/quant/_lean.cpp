@@ -3,8 +3,9 @@
 // memory, more than the default model's weights; this library links only the C++ runtime.
 //
 // The kernels and the transformer block are the core's (_kernels_core.h). A batch of tokens (any cache rows, any
-// positions) goes through in chunks of up to decode_rows_limit tokens with the decode kernels: every token of a
-// chunk shares each weight read, so prompts and many sequences' decode steps take the same path.
+// positions) goes through in chunks of up to 32 tokens with the decode kernels (float activations too: an x8
+// group is dequantized once per chunk): every token of a chunk shares each weight read, so prompts and many
+// sequences' decode steps take the same path.
 #include "_kernels_core.h"
 
 #include <sys/mman.h>
@@ -60,7 +61,7 @@ void forward_batch(SpinPool& p, const Model& m, const int32_t* tokens, const int
   KV* kc = static_cast<KV*>(m.k_cache);
   KV* vc = static_cast<KV*>(m.v_cache);
   const bool int8 = m.int8_activations != 0;
-  const int64_t chunk = decode_rows_limit(int8), dim = m.dim, nb = dim / QK;
+  const int64_t chunk = kSmallBatch, dim = m.dim, nb = dim / QK;
   const int64_t emb_bb = block_bytes(m.embedding_type), emb_row = nb * emb_bb;
   // The logits wanted, by token index: (token, output row), so each chunk finds its own in one run.
   std::vector<std::pair<int64_t, int64_t>> wanted(n_logits);
