@@ -42,13 +42,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mmap", action="store_true",
                    help="keep a GGUF's quantized weights memory-mapped from the file (the OS may evict them under "
                         "memory pressure) instead of reading them into huge pages (faster decode)")
+    add_backend_options(g)
+    p.set_defaults(needs_torch=_needs_torch)
+
+
+def add_backend_options(g: Any) -> None:
+    """--backend and --cpu-target (a parser or an argument group)."""
     g.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
                    help="native: the C++ kernels, torch never imported (GGUF on the CPU); torch: model.py on torch "
                         "(CUDA, other formats, the float reference); auto (default): native where it applies")
     g.add_argument("--cpu-target", default="native", metavar="MARCH",
                    help="native backend: build its kernels for another CPU class to measure or test them here, a "
-                        "-march value such as x86-64-v3 (AVX2+FMA+F16C); default: native (this CPU)")
-    p.set_defaults(needs_torch=_needs_torch)
+                        "-march value such as x86-64-v3 (AVX2+FMA+F16C) or x86-64-v2 (the scalar reference); "
+                        "default: native (this CPU)")
 
 
 def _needs_torch(args: argparse.Namespace) -> bool:
@@ -461,12 +467,7 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--weights", default="q8_0", help="format for float weights of non-GGUF checkpoints")
     p.add_argument("--mmap", action="store_true", help="keep GGUF weights memory-mapped (default: huge pages)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
-                   help="native: the C++ kernels (what chat/generate/serve use for GGUF files on the CPU), torch: "
-                        "model.py on torch; auto (default): as the chat chooses")
-    p.add_argument("--cpu-target", default="native", metavar="MARCH",
-                   help="build the native kernels for another CPU class and measure them here: a -march value "
-                        "such as x86-64-v3 (AVX2+FMA+F16C) or x86-64-v2 (scalar reference); default: native")
+    add_backend_options(p)
 
     def run(a: argparse.Namespace) -> int:
         from .bench import main as bench_main
