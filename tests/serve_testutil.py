@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,20 @@ def engine_for(model: Transformer, tokenizer, *, max_rows: int = 1, max_context:
 
     options = EngineOptions(max_rows=max_rows, max_context=max_context)
     return Scheduler(TorchBackend.from_model(model, tokenizer, options=options), **kw)
+
+
+def native_engine_for(model: Transformer, tokenizer, directory, *, max_rows: int = 1, max_context: int | None = None,
+                      **kw):
+    """The one scheduler over the native backend (the server's default) running `model`, written as a Q8_0 GGUF
+    with `tokenizer`'s vocabulary into `directory`."""
+    from llamaworks.checkpoints import save_gguf
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.engine.native import NativeBackend
+    from llamaworks.engine.scheduler import Scheduler
+
+    path = save_gguf(Path(directory) / "tiny.gguf", model, model.config, tokenizer, tensor_type="q8_0")
+    options = EngineOptions(max_rows=max_rows, max_context=max_context, threads=1)
+    return Scheduler(NativeBackend.load(path, options), **kw)
 
 
 def generate_alone(model: Transformer, tokenizer, prompt: list[int], params):

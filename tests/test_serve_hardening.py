@@ -17,7 +17,7 @@ import pytest
 from llamaworks.chat_template import ChatTemplate, TemplateLimits
 from llamaworks.sampling import SamplingParams
 from llamaworks.serve.app import create_app, prompt_char_limit
-from serve_testutil import engine_for, running_server, tiny_model
+from serve_testutil import engine_for, native_engine_for, running_server, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +48,12 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer):
-    """A server whose chat template is hostile (nested range(100000) loops); /v1/completions does not use it.
-    Its step budget is lifted so that the wall clock (3 s) is what stops it: the bad request stays in flight."""
-    engine = engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=512), tokenizer, max_rows=4, queue_size=6,
-                    max_context=512)
+def server(tokenizer, tmp_path_factory):
+    """A server on the native backend (its default) whose chat template is hostile (nested range(100000) loops);
+    /v1/completions does not use it. Its step budget is lifted so that the wall clock (3 s) is what stops it: the
+    bad request stays in flight."""
+    engine = native_engine_for(tiny_model(tokenizer.vocab_size, max_seq_len=512), tokenizer,
+                               tmp_path_factory.mktemp("hostile"), max_rows=4, queue_size=6, max_context=512)
     template = ChatTemplate(NESTED_LOOPS, name="hostile.jinja", limits=TemplateLimits(seconds=3.0, steps=10**12))
     app = create_app(engine, model_name=MODEL, chat_template=template, max_body_bytes=64 * 1024)
     with running_server(app) as url:
