@@ -63,6 +63,7 @@ def choose_backend(backend: str | None, path: str | Path | None, device: Any = N
     """"native" or "torch" for a load request, without importing torch. "auto" (the default) picks native for a
     GGUF file on the CPU in float32 (device cpu, or auto with no GPU visible) when the native library builds here;
     "native" raises ConfigError saying what rules it out."""
+    from .checkpoints import is_gguf_file
     from .errors import ConfigError
 
     backend = (backend or "auto").lower()
@@ -75,7 +76,7 @@ def choose_backend(backend: str | None, path: str | Path | None, device: Any = N
     obstacle = None
     if reference:
         obstacle = "the float reference path (--reference) runs on torch"
-    elif not _is_gguf_file(path):
+    elif not is_gguf_file(path):
         obstacle = f"{path}: it runs GGUF files only"
     elif str(device) not in ("None", "auto", "cpu"):
         obstacle = f"it runs on the CPU only (device {device} requested)"
@@ -249,19 +250,6 @@ def load(path: str | Path | None = None, *, backend: str | None = "auto", device
 
         raise FormatError(f"{getattr(model, 'path', path)}: the checkpoint carries no tokenizer")
     return LLM(model, template_for(model.tokenizer, chat_template))
-
-
-def _is_gguf_file(path: str | Path | None) -> bool:
-    """True for the default model and any file that starts with the GGUF magic."""
-    if path is None:
-        return True
-    from .assets import resolve_model_path
-
-    p = Path(resolve_model_path(path)) if str(path) == "default" else Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def _defaults_from(generation_config: dict[str, Any], params_cls: type) -> Any:

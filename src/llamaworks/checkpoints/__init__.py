@@ -135,6 +135,19 @@ def _state_of(model_or_state_dict: Any) -> dict[str, Any]:
 
 
 # -- public API ---------------------------------------------------------------------------------------
+def is_gguf_file(path: str | os.PathLike[str] | None) -> bool:
+    """True for the bundled default model (None, "default") and any file that starts with the GGUF magic."""
+    if path is None:
+        return True
+    from ..assets import resolve_model_path
+
+    p = resolve_model_path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     """("gguf"|"hf"|"meta", resolved path) by looking at the files, not at names the user typed ("default": the
     bundled model)."""

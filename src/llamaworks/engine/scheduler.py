@@ -130,7 +130,6 @@ class Request:
         self.json_mode = json_mode
         self.cancelled = threading.Event()
         self.unfinished = n
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -156,7 +155,6 @@ class _Sequence:
         self.row = -1
         self.pending: list[int] = []  # tokens to feed before the next sample (prompt rest, or the last sampled)
         self.finished = False
-        self.admitted = self.first_token = 0.0
         self.prefill_seconds = self.decode_seconds = 0.0  # step time while reading the prompt / decoding
         self.cached_tokens = 0  # prompt tokens found in the row (or copied) instead of computed
 
@@ -478,7 +476,6 @@ class Scheduler:
         self._rows[row].seq = seq
         seq.row, seq.pending = row, list(prompt[reused:])
         seq.cached_tokens = reused
-        seq.admitted = time.perf_counter()
         self._active.append(seq)
         self.stats.prefills += 1
         self.stats.cached_prompt_tokens += reused
@@ -515,8 +512,6 @@ class Scheduler:
             if want:
                 top = np.argsort(-logp, kind="stable")[:want]
                 info.top = [(int(t), self.token_text(int(t)), float(logp[t])) for t in top]
-        if not seq.generated:
-            seq.first_token = time.perf_counter()
         self._advance(seq, token, info)
 
     def _advance(self, seq: _Sequence, token: int, info: TokenInfo) -> None:

@@ -195,13 +195,6 @@ def _release_torch_pages() -> None:
         _torch_pages_released = True
 
 
-def _is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 _KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -249,13 +242,13 @@ class TorchBackend:
         """
         from .. import resolve_device, resolve_dtype
         from ..assets import default_model_path, resolve_model_path
-        from ..checkpoints import load_checkpoint, load_model
+        from ..checkpoints import is_gguf_file, load_checkpoint, load_model
 
         options = options or EngineOptions()
         resolved = default_model_path() if path is None else resolve_model_path(path)
         device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
         blocks = (not reference and device_.type == "cpu" and dtype_ in (None, torch.float32)
-                  and _is_gguf(resolved))
+                  and is_gguf_file(resolved))
         if blocks:
             _release_torch_pages()
             checkpoint = load_checkpoint(resolved, dequantize=False)
