@@ -101,3 +101,32 @@ def test_grouped_query_sliding_window_model(tokenizer):
         for cont, got in zip([" q r s", " z"], scorer.score(context, [" q r s", " z"])):
             expected, _ = direct_loglikelihood(model, *scorer.encode_pair(context, cont))
             assert got.logprob == pytest.approx(expected, abs=1e-5)
+
+
+def _counting(forward, calls: list[int]):
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return forward(*args, **kwargs)
+    return counted
+
+
+def test_batched_items_equal_direct_computation_in_two_forward_calls(tokenizer, model):
+    """score_many puts several items' contexts in one forward call and all their choices in a second; every
+    score stays the direct computation's, whatever else shares its call. With fewer rows the batch splits."""
+    items = [
+        ("Question: Which is largest?\nAnswer:", [" the sun", " a cat", " B"]),
+        ("Question: Which is smallest?\nAnswer:", [" an atom of hydrogen", " x"]),
+        ("Completely different text here", [" and there", " ok"]),
+    ]
+    for rows, expected_calls in [(12, 2), (5, 4)]:  # 3 context rows + 4 choice rows fit in 12, not in 5
+        backend = backend_of(model, rows=rows)
+        calls: list[int] = []
+        backend.forward = _counting(backend.forward, calls)
+        scorer = LoglikelihoodScorer(backend, tokenizer, batch_tokens=1000)
+        got = scorer.score_many(items)
+        assert len(calls) == expected_calls, calls
+        for (context, continuations), scores in zip(items, got):
+            for cont, score in zip(continuations, scores):
+                expected, greedy = direct_loglikelihood(model, *scorer.encode_pair(context, cont))
+                assert score.logprob == pytest.approx(expected, abs=1e-5, rel=1e-6), (rows, context, cont)
+                assert score.is_greedy == greedy

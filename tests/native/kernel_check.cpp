@@ -294,7 +294,7 @@ void check_int8_group(int64_t k) {
 void check_decode_rows() {
   const int64_t k = 256, nb = k / QK;
   for (bool int8 : {true, false}) {
-    for (int64_t m : {1, 5, 9}) {
+    for (int64_t m : {1, 2, 5, 9, 32}) {
       const auto x = random_activations(m, k);
       const DecodeRows rows(x.data(), m, k, int8);
       bool ok = true;

@@ -11,8 +11,8 @@ memory. This backend needs numpy, `tokenizers` and the small C++ library in quan
 same kernels as the torch backend (quant/_kernels_core.h): int8 activations with integer dot products (AVX-512
 VNNI, AVX2, NEON: whatever this CPU has; `EngineOptions.int8_activations=False` keeps them float32), x8 rows, a
 float16 KV cache. A forward call's tokens (any rows, any positions) run through the decode kernels in chunks of
-32 tokens (8 with float activations): every token of a chunk shares each weight read, so one row's prompt and
-eight rows' decode steps take the same path.
+32 tokens (128 with float activations, whose weight groups are dequantized once per chunk): every token of a chunk
+shares each weight read, so one row's prompt and eight rows' decode steps take the same path.
 
 Q4_0/Q4_1/Q8_0 blocks are used as they are; other GGUF types are converted at load as the torch backend converts
 them (Q2_K-Q4_K to Q4_1, wider K-quants and Q5_* to Q8_0), and float matrices (F16, BF16, F32) to Q8_0.

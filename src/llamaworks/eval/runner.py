@@ -20,6 +20,8 @@ from .scorer import LoglikelihoodScorer
 from .task import DEFAULT_FEWSHOT_SEED, FewshotSampler, Task, build_prompt
 
 DEFAULT_ROWS = 16  # KV cache rows when the tasks are not known: the context's and 15 choices'
+ITEMS_PER_CALL = 4  # rows_for gives room for this many items per forward call (the scorer's batches)
+SCORE_ITEMS = 32  # items handed to the scorer at a time (the progress bar moves between them)
 
 TASK_NAMES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 
@@ -97,9 +99,12 @@ def score_task(task: Task, scorer: LoglikelihoodScorer, settings: EvalSettings, 
     docs = task.docs[: settings.limit] if settings.limit else task.docs
     values: dict[str, list[float]] = {m: [] for m in task.metrics}
     samples = []
-    for index, doc in enumerate(docs):
-        prompt = build_prompt(task, doc, sampler.sample(k, doc), chat)
-        scores = scorer.score(prompt.context, prompt.continuations)
+    prompts = [build_prompt(task, doc, sampler.sample(k, doc), chat) for doc in docs]
+    scored: list = []
+    for index, (doc, prompt) in enumerate(zip(docs, prompts)):
+        if index % SCORE_ITEMS == 0:  # the scorer batches items within each slice
+            scored = scorer.score_many([(p.context, p.continuations) for p in prompts[index:index + SCORE_ITEMS]])
+        scores = scored[index % SCORE_ITEMS]
         lls = [s.logprob for s in scores]
         item: dict[str, float] = {}
         if doc.labels is not None:  # TruthfulQA mc2 reports its probability mass as "acc"
@@ -210,8 +215,9 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def rows_for(tasks: list[Task]) -> int:
-    """KV cache rows that score every item of `tasks` in one call: the context's row plus one per choice."""
-    return 1 + max((len(doc.choices) for t in tasks for doc in t.docs), default=DEFAULT_ROWS - 1)
+    """KV cache rows that score ITEMS_PER_CALL items of `tasks` per forward call: each item's context row plus one
+    per choice. Rows cost memory only for the positions written (the backends' caches are allocated lazily)."""
+    return ITEMS_PER_CALL * (1 + max((len(doc.choices) for t in tasks for doc in t.docs), default=DEFAULT_ROWS - 1))
 
 
 def _load(model_path: str | None, rows: int, backend_name: str = "auto") -> tuple[Backend, dict[str, Any]]:

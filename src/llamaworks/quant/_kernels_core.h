@@ -987,6 +987,10 @@ inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
 // Up to this many input rows the decode kernels (weights read once, every row dotted in cache) beat
 // dequantizing to a gemm: with int8 activations up to 32, with the float kernels up to 8.
 constexpr int64_t kSmallBatch = 32;
+// Tokens per forward chunk with float activations: every weight group is dequantized once per chunk, so a longer
+// chunk spreads that over more tokens (int8 activations skip dequantization and keep kSmallBatch).
+constexpr int64_t kFloatChunk = 128;
+constexpr int64_t kMaxChunk = kFloatChunk > kSmallBatch ? kFloatChunk : kSmallBatch;  // DecodeRows' most rows
 inline int64_t decode_rows_limit(bool int8) { return int8 ? kSmallBatch : 8; }
 // Weight rows per plain-layout decode kernel call: they share each activation block's loads (2 rows measured
 // faster than 4 or 8: more interleaved streams hurt the prefetchers).
@@ -1001,8 +1005,9 @@ struct WeightRef {
 // The activation rows of one decode matmul, prepared once: int8 blocks (integer dot products, as llama.cpp does on
 // every CPU; the drift from float is bounded in tests/test_native_backend.py) or per-block float sums. The choice
 // is the caller's, per call: there is no process-wide switch.
-// out[j] = w[j * k, (j + 1) * k) . x for the 8 float rows of w (defined with the vector helpers below).
-inline void dot8_float(const float* w, int64_t k, const float* x, float* out);
+// out[i * ldo + j] = w[j * k, (j + 1) * k) . x[i * k, (i + 1) * k) for the 8 float rows of w and m input rows
+// (defined with the vector helpers below).
+inline void dot8_float_rows(const float* w, int64_t k, const float* x, int64_t m, float* out, int64_t ldo);
 
 struct DecodeRows {
   const float* x;
@@ -1014,6 +1019,17 @@ struct DecodeRows {
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
         qx(int8 ? m_ : 0, k_) {
     if (int8) quantize_rows(xp, m_, k_, qx);
+  }
+
+  // Float activations and at least this many input rows: plain weight rows are dequantized once, 8 at a time, and
+  // dotted with every input row (row_dot converts each block again for every input row).
+  static constexpr int64_t kDequantOnce = 4;
+  bool dequant_once() const { return !int8 && m >= kDequantOnce; }
+
+  // How many weight rows from `local` one dot_range call takes: an x8 group's rest, 8 dequantized plain rows, or
+  // kRows plain rows.
+  int64_t unit(const WeightRef& w, int64_t local) const {
+    return interleaved(w.type) || dequant_once() ? 8 - local % 8 : kRows;
   }
 
   // out[i * ldo + j] = row (r0 + j) of w . input row i, for j < n (n <= kRows).
@@ -1030,13 +1046,25 @@ struct DecodeRows {
 
   // Like dot_rows for any weight layout and n <= 8; for an x8 weight rows r0 .. r0 + n must be in one group.
   void dot_range(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
+    if (!interleaved(w.type) && dequant_once()) {
+      const int64_t bt = base_type(w.type);
+      thread_local std::vector<float> wf;
+      wf.assign(8 * k, 0.f);  // rows past n stay zero
+      for (int64_t j = 0; j < n; ++j) dequant_row(bt, w.data + (r0 + j) * w.stride, wf.data() + j * k);
+      if (n == 8) return dot8_float_rows(wf.data(), k, x, m, out, ldo);
+      float tmp[kMaxChunk * 8];
+      dot8_float_rows(wf.data(), k, x, m, tmp, 8);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) out[i * ldo + j] = tmp[i * 8 + j];
+      return;
+    }
     if (!interleaved(w.type)) {
       for (int64_t j = 0; j < n; j += kRows) dot_rows(w, r0 + j, std::min(kRows, n - j), out + j, ldo);
       return;
     }
     const int64_t g = r0 / 8, within = r0 % 8;
     if (within == 0 && n == 8) return dot_group(w, g, out, ldo);
-    float tmp[kSmallBatch * 8];
+    float tmp[kMaxChunk * 8];
     dot_group(w, g, tmp, 8);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) out[i * ldo + j] = tmp[i * 8 + within + j];
@@ -1072,10 +1100,14 @@ struct DecodeRows {
     plain.resize(8 * w.stride);
     wf.resize(8 * k);
     unpack_group(bt, group, nb, plain.data());
-    const int64_t bb = block_bytes(bt);
-    for (int64_t j = 0; j < 8; ++j)
-      for (int64_t b = 0; b < nb; ++b) dequant_block(bt, plain.data() + j * w.stride + b * bb, wf.data() + j * k + b * QK);
-    for (int64_t i = 0; i < m; ++i) dot8_float(wf.data(), k, x + i * k, out + i * ldo);
+    for (int64_t j = 0; j < 8; ++j) dequant_row(bt, plain.data() + j * w.stride, wf.data() + j * k);
+    dot8_float_rows(wf.data(), k, x, m, out, ldo);
+  }
+
+  // One weight row's nb blocks -> k floats (each element d * q + m, as the float reference reads them).
+  void dequant_row(int64_t t, const uint8_t* row, float* out) const {
+    const int64_t bb = block_bytes(t);
+    for (int64_t b = 0; b < nb; ++b) dequant_block(t, row + b * bb, out + b * QK);
   }
 
   template <int64_t T>
@@ -1102,8 +1134,7 @@ inline void decode_columns(const DecodeRows& rows, const std::vector<WeightRef>&
   for (int64_t c = c0; c < c1;) {
     while (c >= offsets[w + 1]) ++w;
     const int64_t local = c - offsets[w];
-    const int64_t unit = interleaved(ws[w].type) ? 8 - local % 8 : kRows;  // x8: up to the group's end
-    const int64_t n = std::min<int64_t>({unit, c1 - c, offsets[w + 1] - c});
+    const int64_t n = std::min<int64_t>({rows.unit(ws[w], local), c1 - c, offsets[w + 1] - c});
     rows.dot_range(ws[w], local, n, y + c, ldy);
     c += n;
   }
@@ -1350,24 +1381,69 @@ inline void weighted_rows(float* o, const float* w, int64_t n, const float* rows
 }
 #endif
 
-inline void dot8_float(const float* w, int64_t k, const float* x, float* out) {
+#if defined(LW_AVX2) || defined(LW_NEON)
+// T input rows against the 8 weight rows, R weight rows per pass: the R * T accumulators stay in registers and each
+// load feeds R or T multiply-adds (one input row at a time, 9 loads fed 8 and the loads were the limit). Every
+// (weight row, input row) accumulator takes the same fused multiply-adds in the same order and the same lane
+// reduction whatever R and T are, so the result does not depend on the blocking.
+// An empty asm that takes v in a vector register: the compiler then loads it once instead of folding the load
+// into every multiply-add that reads it (which made T loads of each weight vector).
+inline void keep_in_register(v8f& v) {
+#if defined(LW_AVX2)
+  asm("" : "+x"(v));
+#endif
+}
+
+template <int R, int T>
+inline void dot8_float_block(const float* w, int64_t k, const float* x, float* out, int64_t ldo) {
+  v8f sums[T][8];
+  for (int h = 0; h < 8; h += R) {
+    v8f acc[T][R];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[t][r] = v8_set(0.f);
+    for (int64_t c = 0; c < k; c += 8) {
+      v8f xv[T];
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) xv[t] = v8_load(x + t * k + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        v8f wv = v8_load(w + (h + r) * k + c);
+        keep_in_register(wv);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[t][r] = v8_fma(wv, xv[t], acc[t][r]);
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) sums[t][h + r] = acc[t][r];
+  }
+  for (int t = 0; t < T; ++t) v8_store(out + t * ldo, v8_sum8(sums[t]));
+}
+#endif
+
+inline void dot8_float_rows(const float* w, int64_t k, const float* x, int64_t m, float* out, int64_t ldo) {
 #if defined(LW_AVX2) || defined(LW_NEON)
   if (k % 8 == 0) {
-    v8f acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = v8_set(0.f);
-    for (int64_t c = 0; c < k; c += 8) {
-      const v8f xv = v8_load(x + c);
-      for (int j = 0; j < 8; ++j) acc[j] = v8_fma(v8_load(w + j * k + c), xv, acc[j]);
-    }
-    v8_store(out, v8_sum8(acc));
+    // Register budgets: AVX-512VL's 32 ymm registers hold 8 x 3 accumulators; AVX2's 16 ymm and NEON's 32 q
+    // registers (two per v8f) hold 4 x 2 of them plus the loads.
+#if defined(__AVX512VL__)
+    constexpr int R = 8, T = 3;
+#else
+    constexpr int R = 4, T = 2;
+#endif
+    int64_t i = 0;
+    for (; i + T <= m; i += T) dot8_float_block<R, T>(w, k, x + i * k, out + i * ldo, ldo);
+    for (; i < m; ++i) dot8_float_block<8, 1>(w, k, x + i * k, out + i * ldo, ldo);
     return;
   }
 #endif
-  for (int j = 0; j < 8; ++j) {
-    float sum = 0.f;
-    for (int64_t c = 0; c < k; ++c) sum += w[j * k + c] * x[c];
-    out[j] = sum;
-  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float sum = 0.f;
+      for (int64_t c = 0; c < k; ++c) sum += w[j * k + c] * x[i * k + c];
+      out[i * ldo + j] = sum;
+    }
 }
 
 // ref::attend_queries, with every key and value converted to float once for all nq queries (a prompt chunk's
@@ -1531,12 +1607,11 @@ void decode_linear(const Par& par, const DecodeRows& rows, const std::vector<Wei
 template <typename Par>
 void decode_swiglu(const Par& par, const DecodeRows& rows, const WeightRef& gate, const WeightRef& up, int64_t n,
                    float* y) {
-  const bool x8 = interleaved(gate.type) || interleaved(up.type);
   const int64_t m = rows.m;
   par(0, n, 16, [&](int64_t r0, int64_t r1) {
-    float gv[kSmallBatch * 8], uv[kSmallBatch * 8];
+    float gv[kMaxChunk * 8], uv[kMaxChunk * 8];
     for (int64_t r = r0; r < r1;) {
-      const int64_t c = std::min<int64_t>(x8 ? 8 - r % 8 : kRows, r1 - r);
+      const int64_t c = std::min({rows.unit(gate, r), rows.unit(up, r), r1 - r});
       rows.dot_range(gate, r, c, gv, 8);
       rows.dot_range(up, r, c, uv, 8);
       for (int64_t i = 0; i < m; ++i)
