@@ -1389,7 +1389,9 @@ inline void weighted_rows(float* o, const float* w, int64_t n, const float* rows
 // An empty asm that takes v in a vector register: the compiler then loads it once instead of folding the load
 // into every multiply-add that reads it (which made T loads of each weight vector).
 inline void keep_in_register(v8f& v) {
-#if defined(LW_AVX2)
+#if defined(__AVX512VL__)
+  asm("" : "+v"(v));  // any of the 32 ymm registers
+#elif defined(LW_AVX2)
   asm("" : "+x"(v));
 #endif
 }
