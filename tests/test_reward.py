@@ -191,9 +191,15 @@ def test_finetune_reward_learns_a_preference_and_score_reads_it(tmp_path, tiny_b
     assert again[0] == pytest.approx(rewards[0], abs=1e-5)
 
 
-def test_score_names_the_bad_line(tmp_path, tiny_base):
+def test_score_names_the_bad_line(tmp_path, tiny_base, capsys):
     from llamaworks.cli import main
 
     bad = tmp_path / "conv.jsonl"
     bad.write_text('{"prompt": "hi", "response": "hello"}\n{"messages": [{"role": "user", "content": "x"}]}\n')
-    assert main(["score", "--model", str(tiny_base), str(bad)]) == 2
+    assert main(["--threads", "1", "score", "--model", str(tiny_base), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "conv.jsonl:2: expected 'messages'" in err
+    # A plain language model is refused in one line too.
+    bad.write_text('{"prompt": "hi", "response": "hello"}\n')
+    assert main(["--threads", "1", "score", "--model", str(tiny_base), str(bad)]) == 2
+    assert "not a reward model" in capsys.readouterr().err
