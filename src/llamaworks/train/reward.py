@@ -247,20 +247,28 @@ class RewardScorer:
             raise FormatError(f"{ckpt.path}: the reward model carries no tokenizer")
         return cls(model, tokenizer, template_for(tokenizer, chat_template), batch_size=batch_size)
 
-    def ids(self, messages: list[dict], reply: str) -> list[int]:
+    def ids(self, messages: list[dict], reply: str, where: str = "conversation") -> list[int]:
+        """Token ids of the conversation as training rendered it (a FormatError naming `where` if the template
+        refuses it)."""
         from .dpo import _render_ids
 
         def render(msgs: list[dict], add_generation_prompt: bool) -> str:
             return self.template.render(msgs, add_generation_prompt=add_generation_prompt)
 
-        ids, _ = _render_ids(render, self.tokenizer, messages, reply)
+        try:
+            ids, _ = _render_ids(render, self.tokenizer, messages, reply)
+        except Exception as e:  # the template raising on this conversation (e.g. roles not alternating)
+            raise FormatError(f"{where}: chat template failed: {e}") from None
         return ids[-self.max_len:]  # a conversation longer than the context keeps its end (the reply)
 
-    @torch.no_grad()
     def __call__(self, items: Sequence[tuple[list[dict], str]], progress: bool = False) -> list[float]:
+        return self.score_ids([self.ids(m, r) for m, r in items], progress)
+
+    @torch.no_grad()
+    def score_ids(self, rows: Sequence[list[int]], progress: bool = False) -> list[float]:
+        """Rewards of token id rows (batched, right-padded)."""
         from tqdm.auto import tqdm
 
-        rows = [self.ids(m, r) for m, r in items]
         device = next(self.model.parameters()).device
         out: list[float] = []
         starts = range(0, len(rows), self.batch_size)
@@ -285,19 +293,18 @@ def score_file(model: str, path: str, out: str | None = None, *, chat_template: 
     from ..data.records import BadRecord
     from ..files import atomic_write_text
 
-    records: list[dict] = []
-    items: list[tuple[list[dict], str]] = []
+    records: list[tuple[str, dict, tuple[list[dict], str]]] = []
     for item in read_json_records(Path(path)):
         if isinstance(item, BadRecord):
             raise FormatError(str(item))
         lineno, rec = item
-        items.append(conversation_record(rec, f"{path}:{lineno}"))
-        records.append(rec)
+        records.append((f"{path}:{lineno}", rec, conversation_record(rec, f"{path}:{lineno}")))
     if not records:
         raise FormatError(f"{path}: no records to score")
     scorer = RewardScorer.load(model, chat_template=chat_template, device=device, batch_size=batch_size)
-    rewards = scorer(items, progress=progress)
-    text = "".join(json.dumps({**rec, "reward": r}, ensure_ascii=False) + "\n" for rec, r in zip(records, rewards))
+    rewards = scorer.score_ids([scorer.ids(*item, where=where) for where, _, item in records], progress=progress)
+    text = "".join(json.dumps({**rec, "reward": r}, ensure_ascii=False) + "\n"
+                   for (_, rec, _), r in zip(records, rewards))
     if out:
         atomic_write_text(out, text)
         mean = sum(rewards) / len(rewards)
