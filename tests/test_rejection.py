@@ -1,8 +1,8 @@
 """Rejection sampling: n choices per prompt on the engine, the scorers (Python function, OpenAI-compatible judge),
 and two chained rounds (`rejection-sample` -> `finetune`) raising the greedy answers' reward.
 
-The cheap setting: a tiny random LLaMA with SmolLM2's tokenizer is first fine-tuned into an "SFT starting point"
-that answers "No, ..." to 70% and "Yes, ..." to 30% of the training questions, so its greedy answer is "No";
+The cheap setting: a tiny random LLaMA with a small BPE vocabulary is first fine-tuned into an "SFT starting point"
+that answers "No, ..." to 11 of its 14 questions and "Yes, ..." to the others, so its greedy answer is "No";
 the scorer rewards "Yes". Best of 8 samples keeps "Yes" answers where the policy sampled one; after two rounds the
 greedy answers to held-out questions say "Yes". The default model with a trained reward model is measured by
 `python benchmarks/reward_rejection.py` (docs/finetuning.md).
@@ -28,6 +28,7 @@ from llamaworks.train.rejection import (
     parse_rating,
     rejection_sample,
 )
+from train_helpers import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,16 +130,19 @@ def cli(*args: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def sft_start(tmp_path_factory, smollm2_gguf) -> Path:
-    """A tiny LLaMA taught to answer No (70%) or Yes (30%): greedy says No, sampling sometimes Yes."""
+def sft_start(tmp_path_factory) -> Path:
+    """A tiny LLaMA taught to answer No (11 of 14 questions) or Yes: greedy says No, sampling sometimes Yes. Its
+    byte-level BPE of 300 tokens (trained on these texts) keeps every step cheap on a busy machine."""
     from llamaworks.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("rs")
-    base = write_tiny_smol_model(root / "random", load_tokenizer(smollm2_gguf), 128)
+    texts = [f"user {q} assistant {a}" for q in QUESTIONS + HELD_OUT for a in (YES, NO)]
+    tokenizer = load_tokenizer(build_tokenizer(root / "tok", texts, vocab_size=300, chat=True))
+    base = write_tiny_smol_model(root / "random", tokenizer, 128)
     data = root / "sft.jsonl"
     with data.open("w") as f:
-        for i, q in enumerate(QUESTIONS + HELD_OUT):
-            answer = YES if i % 10 in (2, 5, 8) else NO
+        for i, q in enumerate(QUESTIONS + HELD_OUT):  # held-out questions all No: the baseline is 0
+            answer = YES if i in (2, 5, 8) else NO
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": answer}]}) + "\n")
     cli("finetune", "full", "--model", base, "--data", data, "--out", root / "sft", "--seq-len", "48",
@@ -164,6 +168,7 @@ def test_n_choices_share_the_prompt(sft_start):
             assert results[i * 3 + j].token_ids == alone.token_ids
 
 
+@pytest.mark.slow  # ~40 s alone, minutes on a loaded machine: two sampling passes and two fine-tunings
 def test_two_rounds_raise_the_greedy_reward(tmp_path, sft_start):
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in HELD_OUT))
@@ -190,5 +195,6 @@ def test_two_rounds_raise_the_greedy_reward(tmp_path, sft_start):
             "--log-every", "12", "--no-progress", "--seed", str(rnd))
         policy = tmp_path / f"policy{rnd}"
         history.append((result.mean_all, result.mean_best, greedy_reward(policy)))
+    print("round: (mean of samples, best of 8, greedy on held-out)", history)
     assert history[-1][2] > before, history
     assert history[-1][2] >= 0.75, history
