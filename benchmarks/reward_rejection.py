@@ -83,6 +83,10 @@ def main() -> int:
     ap.add_argument("--sft-epochs", type=float, default=2.0)
     ap.add_argument("--sft-lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--rm", default=None, help="reuse this reward model (skip step 2's training)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rounds")
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--train-prompts", type=int, default=20, help="prompts sampled per round")
     args = ap.parse_args()
 
     import torch
@@ -103,11 +107,13 @@ def main() -> int:
 
     # -- reward model ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    rm = work / "rm"
-    finetune(FinetuneConfig(method="reward", reward_method="lora", model=None, data=[str(work / "pairs_train.jsonl")],
-                            val_data=[str(work / "pairs_held.jsonl")], out=str(rm), seq_len=160, micro_batch_size=4,
-                            max_steps=args.rm_steps, lr=5e-4, warmup_steps=4, log_every=10, seed=0,
-                            progress=False, tensorboard=False))
+    rm = Path(args.rm) if args.rm else work / "rm"
+    if not args.rm:
+        finetune(FinetuneConfig(method="reward", reward_method="lora", model=None,
+                                data=[str(work / "pairs_train.jsonl")],
+                                val_data=[str(work / "pairs_held.jsonl")], out=str(rm), seq_len=160,
+                                micro_batch_size=4, max_steps=args.rm_steps, lr=5e-4, warmup_steps=4,
+                                log_every=10, seed=0, progress=False, tensorboard=False))
     summary = json.loads((rm / "finetune.json").read_text())
     results["rm"] = {"val_accuracy": summary["val_accuracy"], "val_pairs": summary["val_pairs"],
                      "steps": summary["steps"], "seconds": time.perf_counter() - t0}
@@ -122,9 +128,15 @@ def main() -> int:
 
     # -- rejection sampling ---------------------------------------------------------------------------
     prompts = [q for q, _ in qa]
-    rs_train, rs_held = prompts[:24] + prompts[30:36], prompts[24:30] + prompts[36:]
+    rs_train, rs_held = (prompts[:24] + prompts[30:36])[:args.train_prompts], prompts[24:30] + prompts[36:]
     write_prompts(work / "rs_train.jsonl", rs_train)
     write_prompts(work / "rs_held.jsonl", rs_held)
+
+    def engine_copy(policy: Path) -> str:
+        """The fine-tuned HF folder as a Q8_0 GGUF, so sampling runs on the native backend like the start."""
+        from llamaworks.checkpoints.convert import convert
+
+        return str(convert(policy, policy.with_suffix(".q8_0.gguf"), "gguf", quant="q8_0"))
 
     def greedy(policy: str | None) -> float:
         r = rejection_sample(policy or "default", scorer, str(work / "rs_held.jsonl"), 1, temperature=0.0,
@@ -133,19 +145,21 @@ def main() -> int:
 
     rows = [{"round": 0, "policy": "SmolLM2-135M-Instruct", "greedy_reward": greedy(None)}]
     print(f"round 0 (start): greedy mean reward {rows[0]['greedy_reward']:.4f}", flush=True)
-    policy: str | None = None
+    policy: str | None = None  # the HF folder finetune continues from
+    engine: str | None = None  # its GGUF copy the engine samples from
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         best = work / f"round{rnd}.jsonl"
-        sampled = rejection_sample(policy or "default", scorer, str(work / "rs_train.jsonl"), args.k, out=best,
-                                   temperature=1.0, max_new_tokens=args.max_tokens, seed=rnd, progress=False)
+        sampled = rejection_sample(engine or "default", scorer, str(work / "rs_train.jsonl"), args.k, out=best,
+                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_tokens,
+                                   seed=rnd, progress=False)
         out = work / f"policy{rnd}"
         finetune(FinetuneConfig(method="lora", model=policy, data=[str(best)], out=str(out), seq_len=256,
                                 micro_batch_size=4, epochs=args.sft_epochs, lr=args.sft_lr, warmup_steps=2,
                                 log_every=10, seed=rnd, progress=False, tensorboard=False))
-        policy = str(out)
+        policy, engine = str(out), engine_copy(out)
         rows.append({"round": rnd, "policy": out.name, "sample_mean": sampled.mean_all,
-                     "best_of_k_mean": sampled.mean_best, "greedy_reward": greedy(policy),
+                     "best_of_k_mean": sampled.mean_best, "greedy_reward": greedy(engine),
                      "seconds": time.perf_counter() - t0})
         print(f"round {rnd}: samples {sampled.mean_all:.4f}, best of {args.k} {sampled.mean_best:.4f}, "
               f"greedy after fine-tuning {rows[-1]['greedy_reward']:.4f}", flush=True)
