@@ -328,7 +328,8 @@ def _add_finetune(sub: Subparsers) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on chat/instruction data: full, LoRA or QLoRA (+ DPO)",
                        description="OUT becomes a model directory `llamaworks chat --model OUT` opens (LoRA/QLoRA: "
                                    "adapters merged in, the PEFT adapter in OUT/adapter). See docs/finetuning.md.")
-    p.add_argument("method", choices=["full", "lora", "qlora"], help="what trains (qlora: 4-bit NF4 base + LoRA)")
+    p.add_argument("method", choices=["full", "lora", "qlora", "reward"],
+                   help="what trains (qlora: 4-bit NF4 base + LoRA; reward: a reward model on preference pairs)")
     p.add_argument("--model", "-m", metavar="PATH", default=None, help="base model (default: bundled SmolLM2-135M)")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="alpaca / sharegpt / openai-messages JSONL or a KakaoTalk export (repeatable); "
@@ -346,6 +347,10 @@ def _add_finetune(sub: Subparsers) -> None:
     p.add_argument("--double-quant", action="store_true", help="qlora: also quantize the NF4 block scales")
     p.add_argument("--dpo", action="store_true", help="preference tuning (DPO) instead of SFT")
     p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--reward-method", choices=["full", "lora"], default="lora",
+                   help="reward: what trains under the new score head (default lora)")
+    p.add_argument("--margin", action="store_true",
+                   help="reward: LLaMA 2's margin term from each pair's 'margin' (or score_chosen - score_rejected)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training row (default 1024)")
     p.add_argument("--no-pack", action="store_true", help="one example per row (padded) instead of packing")
     p.add_argument("--train-on-prompt", action="store_true", help="learn prompt tokens too, not only replies")
@@ -381,9 +386,64 @@ def _add_finetune(sub: Subparsers) -> None:
                  "system", "chat_template", "kakao_assistant", "lr", "epochs", "max_steps", "micro_batch_size",
                  "grad_accum_steps", "warmup_steps", "weight_decay", "save_every", "keep_last", "eval_every",
                  "log_every", "precision", "activation_checkpointing", "seed", "device", "dtype", "save_dtype",
-                 "resume", "kakao_gap_minutes", "scrub", "val_fraction", "preview")
+                 "resume", "kakao_gap_minutes", "scrub", "val_fraction", "preview", "reward_method", "margin")
         return run_finetune(pack=not a.no_pack, progress=not a.no_progress, scrub_names=a.scrub_name,
                             **{n: getattr(a, n) for n in names})
+
+    p.set_defaults(run=run)
+
+
+def _add_score(sub: Subparsers) -> None:
+    p = sub.add_parser("score", help="score conversations with a reward model (adds a 'reward' field)",
+                       description="FILE: JSONL of {messages: [..., assistant reply]} or {prompt, response}. "
+                                   "See docs/finetuning.md#reward-models.")
+    p.add_argument("file", metavar="FILE", help="conversations to score (JSONL)")
+    p.add_argument("--model", "-m", required=True, metavar="DIR", help="reward model (`finetune reward` output)")
+    p.add_argument("--out", "-o", default=None, metavar="FILE", help="output JSONL (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE", help="default: the model's own")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(a: argparse.Namespace) -> int:
+        from .train.reward import score_file
+
+        score_file(a.model, a.file, a.out, chat_template=a.chat_template, device=a.device,
+                   batch_size=a.batch_size, progress=not a.no_progress)
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_rejection_sample(sub: Subparsers) -> None:
+    p = sub.add_parser("rejection-sample", help="K samples per prompt, keep the best by a reward: SFT data",
+                       description="One round of rejection-sampling fine-tuning's data step (LLaMA 2-Chat): the "
+                                   "best of K replies per prompt as chat JSONL for `finetune`. See "
+                                   "docs/finetuning.md#rejection-sampling.")
+    p.add_argument("--policy", required=True, metavar="PATH", help="the model that answers ('default': bundled)")
+    p.add_argument("--reward", required=True, metavar="RM|module:fn|URL",
+                   help="reward model folder, a Python function module:fn(messages, reply) -> float, or an "
+                        "OpenAI-compatible endpoint (http://host:port/v1) used as a 1-10 judge")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="JSONL of {prompt} or {messages}")
+    p.add_argument("-k", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="best replies as chat JSONL")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per reply (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-model", default=None, help="URL scorer: the model id to ask")
+    p.add_argument("--api-key", default=None, help="URL scorer: bearer token")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(a: argparse.Namespace) -> int:
+        from .train.rejection import run_rejection_sampling
+
+        run_rejection_sampling(policy=a.policy, reward=a.reward, prompts=a.prompts, k=a.k, out=a.out,
+                               temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_tokens,
+                               seed=a.seed, judge_model=a.judge_model, api_key=a.api_key, device=a.device,
+                               progress=not a.no_progress)
+        return 0
 
     p.set_defaults(run=run)
 
@@ -515,6 +575,8 @@ VERBS: list[Callable[[Subparsers], None]] = [
     _add_perplexity,
     _add_bench,
     _add_quantize,
+    _add_score,
+    _add_rejection_sample,
 ]
 
 

@@ -163,8 +163,11 @@ def read_hf(directory: str | os.PathLike[str], dtype: torch.dtype | None = None)
     generation_config = _read_json(gen_path) if gen_path.is_file() else {}
     if not isinstance(generation_config, dict):
         raise FormatError(f"{gen_path}: expected a JSON object")
+    # Tensors outside the LLaMA body (e.g. a sequence classifier's `score.weight`) for loaders that want them.
+    extra = {k: t for k, t in raw.items() if hf_to_ours_name(k) is None and not k.endswith("rotary_emb.inv_freq")}
     return Checkpoint(config=config, state_dict=state, tokenizer=tokenizer, chat_template=_chat_template(directory),
-                      generation_config=generation_config, metadata={"config.json": hf_config},
+                      generation_config=generation_config,
+                      metadata={"config.json": hf_config, "extra_tensors": extra},
                       path=directory, format="hf")
 
 
@@ -202,11 +205,15 @@ def _shards(tensors: dict[str, Tensor], max_bytes: int | None) -> list[dict[str,
 def write_hf(directory: Path, state_dict: dict[str, Any], config: ModelConfig, tokenizer: Any = None, *,
              chat_template: str | None = None, dtype: torch.dtype | None = None,
              max_shard_size: int | str | None = None, generation_config: dict[str, Any] | None = None,
-             progress: bool = False) -> Path:
+             progress: bool = False, extra_tensors: dict[str, Tensor] | None = None,
+             config_extra: dict[str, Any] | None = None) -> Path:
+    """extra_tensors: HF-named tensors beside the LLaMA body (a head such as `score.weight`), written as given;
+    config_extra: config.json keys set last (e.g. `architectures`, `num_labels` of a sequence classifier)."""
     state = cast_floats(writable_tensors(state_dict, config), dtype)
     directory.mkdir(parents=True, exist_ok=True)
 
     hf_state = ours_to_hf(state, config)
+    hf_state.update(cast_floats(dict(extra_tensors or {}), dtype))
     torch_dtype = next(iter(hf_state.values())).dtype
     hf_config = config_to_hf(config, torch_dtype=str(torch_dtype).removeprefix("torch."))
     if tokenizer is not None:
@@ -214,6 +221,7 @@ def write_hf(directory: Path, state_dict: dict[str, Any], config: ModelConfig, t
             value = getattr(tokenizer, attr, None)
             if value is not None:
                 hf_config[key] = int(value)
+    hf_config.update(config_extra or {})
 
     max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     shards = _shards(hf_state, max_bytes)

@@ -645,22 +645,26 @@ def generate(scheduler: Scheduler, prompt_ids: Sequence[int], params: SamplingPa
 
 
 def generate_batch(scheduler: Scheduler, prompts: Sequence[Sequence[int]],
-                   params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
-    """Completions of several prompts, decoded together in the scheduler's rows."""
+                   params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                   n: int = 1) -> list[GenerationResult]:
+    """Completions of several prompts, decoded together in the scheduler's rows. n > 1: n choices per prompt
+    sharing its prompt (read once), result i * n + j being choice j of prompt i."""
     if params is None or isinstance(params, SamplingParams):
         params = [params or SamplingParams()] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if n < 1:
+        raise ValueError(f"n={n}: expected at least one choice per prompt")
     finished: dict[int, FinishEvent] = {}
     requests = []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         def emit(event: Event, i: int = i) -> None:
             if isinstance(event, FinishEvent):
-                finished[i] = event
-        requests.append(scheduler.submit(prompt, p, emit))
+                finished[i * n + event.index] = event
+        requests.append(scheduler.submit(prompt, p, emit, n=n))
     while not all(r.done for r in requests):
         scheduler.step()
-    return [_result(finished[i]) for i in range(len(prompts))]
+    return [_result(finished[i]) for i in range(len(prompts) * n)]
 
 
 __all__ = ["EngineStats", "Event", "FinishEvent", "PromptTooLongError", "QueueFullError", "Request", "Scheduler",

@@ -1,4 +1,4 @@
-"""`llamaworks finetune full|lora|qlora`: supervised fine-tuning (or DPO) of a pretrained model.
+"""`llamaworks finetune full|lora|qlora|reward`: supervised fine-tuning (or DPO) of a pretrained model.
 
     model (GGUF / HF / Meta)  --checkpoints.load_model-->  Transformer (float)
       full:  every parameter trains
@@ -13,6 +13,9 @@ What OUT holds at the end (so `llamaworks chat --model OUT` opens it, `llamawork
   OUT/adapter/                                         LoRA/QLoRA only: the PEFT adapter
   OUT/checkpoints/step-N/                              resumable checkpoints (LoRA: adapter only)
   OUT/metrics.csv, loss.png, finetune.json             the run's record
+
+`finetune reward` trains a reward model instead (train/reward.py): the body plus a scalar head on preference
+pairs; OUT is then transformers' LlamaForSequenceClassification layout (`llamaworks score --model OUT`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from .lora import (
     trainable_parameter_count,
 )
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "reward")
+REWARD_METHODS = ("full", "lora")
 # Learning rates that work for these recipes on small data (LoRA needs ~10x the full fine-tuning rate).
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 
@@ -60,6 +64,9 @@ class FinetuneConfig:
     # DPO
     dpo: bool = False
     dpo_beta: float = 0.1
+    # reward model (method "reward"): what trains under the new scalar head, and LLaMA 2's margin term
+    reward_method: str = "lora"
+    margin: bool = False
     # data
     seq_len: int = 1024
     pack: bool = True
@@ -99,6 +106,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"finetune method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.reward_method not in REWARD_METHODS:
+            raise ConfigError(f"--reward-method must be one of {', '.join(REWARD_METHODS)}, got "
+                              f"{self.reward_method!r}")
+        if self.method == "reward" and self.dpo:
+            raise ConfigError("finetune reward trains a reward model on preference pairs; --dpo is for a policy")
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
         if isinstance(self.val_data, (str, Path)):
@@ -109,10 +121,20 @@ class FinetuneConfig:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction and self.val_data:
             raise ConfigError("--val-fraction and --val-data both choose validation data; give one")
-        if self.val_fraction and self.dpo:
-            raise ConfigError("--val-fraction is for SFT data; with --dpo give --val-data FILE")
+        if self.val_fraction and self.pairs:
+            raise ConfigError("--val-fraction is for SFT data; with preference pairs give --val-data FILE")
         if self.seq_len < 8:
             raise ConfigError(f"--seq-len must be >= 8, got {self.seq_len}")
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the data is preference pairs (DPO, reward model) rather than SFT conversations."""
+        return self.dpo or self.method == "reward"
+
+    @property
+    def trains(self) -> str:
+        """What trains: full, lora or qlora (a reward model's body trains as --reward-method says)."""
+        return self.reward_method if self.method == "reward" else self.method
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
@@ -154,12 +176,19 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    """Make `model` trainable for the recipe: all weights (full), LoRA adapters, or NF4 base + LoRA."""
-    if cfg.method == "full":
+    """Make `model` trainable for the recipe: all weights (full), LoRA adapters, or NF4 base + LoRA; a reward
+    model's body as `cfg.reward_method` says, its score head always."""
+    from .reward import RewardModel
+
+    if isinstance(model, RewardModel):
+        prepare_model(model.body, cfg)
+        model.score.weight.requires_grad_(True)
+        return model
+    if cfg.trains == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if cfg.method == "qlora":
+    if cfg.trains == "qlora":
         from ..quant.nf4 import quantize_model_nf4
 
         quantize_model_nf4(model, block_size=cfg.quant_block_size, double_quant=cfg.double_quant)
@@ -210,7 +239,8 @@ def _dpo_source(paths: list[str], tokenizer: Any, template: Any, cfg: FinetuneCo
 
     pairs = [p for path in paths for p in load_preferences(path, tokenizer, template, system=cfg.system)]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    src = PreferenceBatchSource(pairs, cfg.seq_len, cfg.micro_batch_size, pad_id=pad, shuffle=train, seed=cfg.seed)
+    src = PreferenceBatchSource(pairs, cfg.seq_len, cfg.micro_batch_size, pad_id=pad, shuffle=train, seed=cfg.seed,
+                                whole=cfg.method == "reward")
     src.n_examples = len(pairs)
     return src, len(pairs)
 
@@ -225,6 +255,11 @@ def make_save_fn(cfg: FinetuneConfig, config: Any, tokenizer: Any, chat_template
 
     def save(model: nn.Module, directory: Path) -> None:
         directory = Path(directory)
+        if cfg.method == "reward":  # always the whole reward model (adapters folded in): score.weight needs a body
+            from .reward import write_reward_model
+
+            write_reward_model(directory, model, tokenizer, chat_template=chat_template, dtype=save_dtype)
+            return
         has_lora = bool(lora_modules(model))
         if has_lora:
             save_adapter(model, directory / "adapter" if merged else directory, base_model=base_name)
@@ -261,7 +296,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     chat_template_source = getattr(template, "source", None) or ckpt.chat_template
 
     data_report: dict[str, Any] = {}
-    if cfg.val_fraction and not cfg.dpo:
+    if cfg.val_fraction and not cfg.pairs:
         train_ds, val_ds = load_sft_data(cfg.data, tokenizer, template, cfg).split(cfg.val_fraction, cfg.seed)
         print(f"validation: {val_ds.conversations} of {train_ds.conversations + val_ds.conversations} "
               f"conversation(s) held out ({len(val_ds.examples)} example(s), --val-fraction {cfg.val_fraction})",
@@ -270,7 +305,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         rows = train_src.rows_per_epoch
         val_src = _example_source(val_ds, tokenizer, cfg, train=False)
         data_report = _report_dict(train_ds.report, val_examples=len(val_ds.examples))
-    elif cfg.dpo:
+    elif cfg.pairs:
         train_src, rows = _dpo_source(cfg.data, tokenizer, template, cfg, train=True)
         val_src = _dpo_source(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
     else:
@@ -280,29 +315,39 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         rows = train_src.rows_per_epoch
         val_src = _sft_source(cfg.val_data, tokenizer, template, cfg, train=False)[0] if cfg.val_data else None
 
+    if cfg.method == "reward":
+        from .reward import RewardModel, default_pad_id
+
+        torch.manual_seed(cfg.seed)  # the new head's initialisation
+        model = RewardModel(model, default_pad_id(tokenizer))
     prepare_model(model, cfg)
     trainable, total = trainable_parameter_count(model)
     steps_per_epoch = max(1, math.ceil(rows / (cfg.micro_batch_size * cfg.grad_accum_steps)))
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, max_steps // 10)
-    print(f"finetune {cfg.method}{' + DPO' if cfg.dpo else ''}: {ckpt.config.name} on {device}, "
+    recipe = f"reward ({cfg.trains})" if cfg.method == "reward" else cfg.method + (" + DPO" if cfg.dpo else "")
+    print(f"finetune {recipe}: {ckpt.config.name} on {device}, "
           f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
           f"{train_src.n_examples} examples, {max_steps} steps", flush=True)
 
     loss_fn = None
-    if cfg.dpo:
+    if cfg.method == "reward":
+        from .reward import RewardLoss
+
+        loss_fn = RewardLoss(use_margin=cfg.margin)
+    elif cfg.dpo:
         from .dpo import DPOLoss, frozen_reference
 
         loss_fn = DPOLoss(beta=cfg.dpo_beta, reference=frozen_reference(model) if cfg.method == "full" else None)
 
-    lora = cfg.method != "full"
-    tcfg = TrainConfig(lr=cfg.lr or DEFAULT_LR[cfg.method], warmup_steps=warmup, max_steps=max_steps,
+    lora = cfg.trains != "full"
+    tcfg = TrainConfig(lr=cfg.lr or DEFAULT_LR[cfg.trains], warmup_steps=warmup, max_steps=max_steps,
                        micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
                        weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        keep_last=cfg.keep_last, log_every=cfg.log_every, precision=cfg.precision,
                        activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
                        progress=cfg.progress, tensorboard=cfg.tensorboard, plot=cfg.plot, save_final=False,
-                       eval_batches=0 if val_src is not None and not cfg.dpo else 10)  # SFT validation: all of it
+                       eval_batches=0 if val_src is not None and not cfg.dpo else 10)  # SFT/reward: all of it
     generation_config = dict(ckpt.generation_config or {})
     # Intermediate checkpoints of LoRA runs hold only the adapter (MBs, not the whole model again).
     ckpt_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=not lora)
@@ -323,18 +368,28 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
                    "val_loss": result.val_loss, "val_ppl": result.val_ppl, "trainable_params": trainable,
                    "total_params": total, "seconds": seconds, "data": data_report}
+        if cfg.method == "reward" and val_src is not None:
+            from .reward import pairwise_accuracy
+
+            accuracy, n_pairs = pairwise_accuracy(model, val_src)
+            summary.update(val_accuracy=accuracy, val_pairs=n_pairs)
+            print(f"held-out pairwise accuracy {accuracy:.4f} ({n_pairs} pairs)", flush=True)
         # OUT is rebuilt beside itself and swapped in whole: a kill leaves the old model or the new one, never
         # new weights beside an old config.json. Checkpoints, metrics and logs are carried over (hard links).
         with replace_dir(out, drop=_final_output) as stage:
             final_save(model, stage)
             atomic_write_text(stage / "finetune.json", json.dumps(summary, indent=2, default=str) + "\n")
-        if result.val_loss is not None:
+        if result.val_loss is not None and cfg.method != "reward":
             print(f"validation loss {result.val_loss:.4f} (perplexity {result.val_ppl:.2f}) after {result.step} "
                   "steps", flush=True)
-        where = f"{out}" + (f" (adapter: {out / 'adapter'})" if lora else "")
-        print(f"saved the fine-tuned model to {where}; chat with: llamaworks chat --model {out}", flush=True)
+        if cfg.method == "reward":
+            print(f"saved the reward model to {out}; score with: llamaworks score --model {out} FILE", flush=True)
+        else:
+            where = f"{out}" + (f" (adapter: {out / 'adapter'})" if lora else "")
+            print(f"saved the fine-tuned model to {where}; chat with: llamaworks chat --model {out}", flush=True)
     done_steps = max(0, result.step)
-    return FinetuneResult(out_dir=out, adapter_dir=out / "adapter" if lora else None, steps=done_steps,
+    has_adapter = lora and cfg.method != "reward"
+    return FinetuneResult(out_dir=out, adapter_dir=out / "adapter" if has_adapter else None, steps=done_steps,
                           train_loss=result.train_loss, val_loss=result.val_loss, trainable_params=trainable,
                           total_params=total, seconds=seconds, steps_per_s=done_steps / seconds if seconds else 0.0,
                           peak_memory_bytes=peak, history=result.history)
