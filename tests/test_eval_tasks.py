@@ -66,6 +66,7 @@ def harness_prompts(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # the harness's import and datasets: ~15 s once for the module
 @pytest.mark.parametrize(("k", "seed"), [(0, 1234), (2, 1234), (2, 7), (3, 5)])
 def test_prompts_and_gold_match_the_harness(harness_prompts, k, seed):
     # k=3 leaves TruthfulQA out: its few-shot pool is its own 3 items, and the harness draws k + 1 of them.
@@ -82,6 +83,7 @@ def test_prompts_and_gold_match_the_harness(harness_prompts, k, seed):
         assert task.metrics == tuple(m for m in ("acc", "acc_norm") if m in samples[0]), task.name
 
 
+@pytest.mark.slow
 def test_chat_layout_matches_the_harness(harness_prompts):
     """--chat-template against the harness's --apply_chat_template --fewshot_as_multiturn: the same messages
     (here rendered as JSON by both sides), continuations without the leading space."""
