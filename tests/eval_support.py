@@ -6,8 +6,10 @@ bos_id/eos_id/bos_token) so the eval code is exercised exactly as it will be wit
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -70,3 +72,95 @@ def tiny_model(vocab_size: int = 49152, seed: int = 0, **overrides) -> Transform
     return model.eval()
 
 
+
+
+# -- lm-evaluation-harness on the fixture items --------------------------------------------------------
+# The harness's stock task files, by the task names both sides use. Only where the data comes from is changed
+# (see harness_tasks); prompts, few-shot rules and metrics stay the harness's own.
+STOCK_TASKS = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "mmlu_astronomy": "mmlu/default/mmlu_astronomy.yaml",
+    "mmlu_college_physics": "mmlu/default/mmlu_college_physics.yaml",
+    "truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml",
+    "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml",
+}
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def _arc_rows(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        q = r["question"]
+        choices = {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]}
+        rows.append({"id": r["id"], "question": q["stem"], "answerKey": r["answerKey"], "choices": choices})
+    return rows
+
+
+def _mmlu_rows(path: Path, subject: str) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{"question": r[0], "subject": subject, "choices": r[1:5], "answer": "ABCD".index(r[5].strip())}
+                for r in csv.reader(f)]
+
+
+def write_hf_exports(dest: Path, source: Path = FIXTURES) -> dict[str, dict[str, str]]:
+    """The items of `source` (a folder laid out as FIXTURES) in the Hugging Face datasets' own layouts
+    (allenai/ai2_arc, Rowan/hellaswag, cais/mmlu, truthful_qa multiple_choice) as Parquet files under `dest`, in
+    the folder layout `llamaworks eval` finds; returns {task: {split: file}} for the harness."""
+    files: dict[str, dict[str, str]] = {}
+    for task, set_name in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")):
+        files[task] = {split: _write_parquet(dest / set_name / f"{split}-00000-of-00001.parquet",
+                                             _arc_rows(source / "arc" / f"{set_name}-{split.capitalize()}.jsonl"))
+                       for split in ("train", "test")}
+    hs = {}
+    for split, name in (("train", "train"), ("validation", "val")):
+        lines = (source / "hellaswag" / f"hellaswag_{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines]
+        hs[split] = _write_parquet(dest / "hellaswag" / f"{split}-00000-of-00001.parquet",
+                                   [{**r, "label": str(r["label"])} for r in rows])  # a string on the Hub
+    files["hellaswag"] = hs
+    for subject in ("astronomy", "college_physics"):
+        files[f"mmlu_{subject}"] = {
+            split: _write_parquet(dest / subject / f"{split}-00000-of-00001.parquet",
+                                  _mmlu_rows(source / "mmlu" / "data" / split / f"{subject}_{split}.csv", subject))
+            for split in ("dev", "test")}
+    tqa = json.loads((source / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
+    rows = [{"question": r["question"],
+             **{f"{v}_targets": {"choices": list(r[f"{v}_targets"]), "labels": list(r[f"{v}_targets"].values())}
+                for v in ("mc1", "mc2")}} for r in tqa]
+    path = _write_parquet(dest / "multiple_choice" / "validation-00000-of-00001.parquet", rows)
+    files["truthfulqa_mc1"] = files["truthfulqa_mc2"] = {"validation": path}
+    return files
+
+
+def harness_tasks(files: dict[str, dict[str, str]], work: Path, num_fewshot: int):
+    """A TaskManager over the harness's stock task files, each `include`d from a one-file override that only
+    points it at local Parquet files (and a datasets cache under `work`).
+
+    TruthfulQA's stock files pin num_fewshot: 0 and the harness ignores a requested shot count for such a task,
+    so there the override also sets `num_fewshot` (its few-shot examples then come from its own split, minus the
+    eval doc, by the harness's rule).
+    """
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    stock = Path(lm_eval.tasks.__file__).parent
+    folder = work / f"tasks-{num_fewshot}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data_files in files.items():
+        override = {"include": str(stock / STOCK_TASKS[name]), "task": name, "dataset_path": "parquet",
+                    "dataset_kwargs": {"data_files": data_files, "cache_dir": str(work / "datasets-cache")}}
+        if name.startswith("truthfulqa"):
+            override["num_fewshot"] = num_fewshot
+        (folder / f"{name}.yaml").write_text(json.dumps(override))  # JSON is YAML
+    return TaskManager(include_path=str(folder), include_defaults=False)

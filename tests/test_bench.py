@@ -5,24 +5,89 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llamaworks import bench
+from llamaworks.memory_stats import current_rss_bytes
 from llamaworks.quant import kernels
 from llamaworks.quant.memory import huge_pages_available
 
 
+class TimedBackend:
+    """The real backend with a clock and a token count of its own around every forward call: an outside measure
+    of the work the bench reports (its figures come from its own timers around the same calls)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[int, float]] = []  # (tokens, seconds) per forward call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def forward(self, rows, tokens, positions, logits_for=None):
+        start = time.perf_counter()
+        out = self.inner.forward(rows, tokens, positions, logits_for)
+        self.calls.append((len(tokens), time.perf_counter() - start))
+        return out
+
+
+@pytest.fixture
+def measured(monkeypatch) -> dict[str, Any]:
+    """Wraps api.load_backend (which run_bench calls): the load time, the RSS right after loading, and the backend
+    wrapped in TimedBackend."""
+    from llamaworks import api
+
+    real = api.load_backend
+    record: dict[str, Any] = {}
+
+    def load(*args, **kwargs):
+        start = time.perf_counter()
+        backend = real(*args, **kwargs)
+        record["load_s"] = time.perf_counter() - start
+        record["rss_after_load_mib"] = current_rss_bytes() / 2**20
+        record["backend"] = TimedBackend(backend)
+        return record["backend"]
+
+    monkeypatch.setattr(api, "load_backend", load)
+    record["rss_before_mib"] = current_rss_bytes() / 2**20
+    return record
+
+
+def check_figures_against_the_work_done(r: dict[str, Any], measured: dict[str, Any]) -> None:
+    """The bench's figures against what the backend was really asked to do and how long that took.
+
+    Each bench timer encloses the measured forward calls (plus an argmax), so a figure may be slower than the
+    measured calls imply, never faster; the slack is the rounding of the reported figure.
+    """
+    prompt, gen, runs = r["prompt_tokens"], r["gen_tokens"], r["runs"]
+    calls = measured["backend"].calls
+    # the first token of the short prompt and one decode step, then per run: the prompt, gen - 1 decode steps
+    assert [n for n, _ in calls[1:]] == [1] + ([prompt] + [1] * (gen - 1)) * runs
+    assert r["ttft_s"] >= calls[0][1] + calls[1][1] - 5e-4
+    for i in range(runs):
+        run = calls[2 + i * gen: 2 + (i + 1) * gen]
+        assert r["prefill_tok_s_all"][i] <= prompt / run[0][1] + 0.05, i
+        assert r["decode_tok_s_all"][i] <= (gen - 1) / sum(s for _, s in run[1:]) + 0.05, i
+    assert r["load_s"] >= measured["load_s"] - 5e-4
+    # RSS: read just before run_bench (a few allocations apart), and a peak no lower than the RSS once loaded.
+    assert abs(r["rss_before_load_mib"] - measured["rss_before_mib"]) < 16
+    assert r["peak_rss_mib"] >= measured["rss_after_load_mib"] - 0.1
+
+
 @pytest.mark.parametrize("mmap", [None, True])
-def test_bench_of_the_torch_backend(mmap: bool | None) -> None:
+def test_bench_of_the_torch_backend(mmap: bool | None, measured: dict[str, Any]) -> None:
+    import torch
+
     r = bench.run_bench(None, prompt_tokens=24, gen_tokens=4, ctx=64, runs=2, mmap=mmap, backend="torch")
-    assert r["backend"] == "torch" and r["threads"] >= 1
+    assert r["backend"] == "torch" and r["threads"] == torch.get_num_threads()
     # The reported figure is the median of the runs, each the token count over its time (3 decode steps).
     assert len(r["decode_tok_s_all"]) == 2
     assert r["decode_tok_s"] == pytest.approx(sum(r["decode_tok_s_all"]) / 2, abs=0.1)
-    assert 0 < r["ttft_s"] < 60 and r["load_s"] > 0
-    assert r["peak_rss_mib"] >= r["rss_before_load_mib"] > 0  # peak: of the whole test process
+    check_figures_against_the_work_done(r, measured)
     assert r["int8_activations"] and r["bf16_prefill"] == kernels.bf16_native()  # the EngineOptions defaults
     assert r["kv_dtype"] == "float32" and r["kernel_isa"] == kernels.isa()  # the model's activation dtype
     assert r["weights_in"] == ("mmap" if mmap or not huge_pages_available() else "memory")
@@ -32,13 +97,15 @@ def test_bench_of_the_torch_backend(mmap: bool | None) -> None:
 
 
 @pytest.mark.parametrize("mmap", [None, True])
-def test_bench_of_the_native_backend(mmap: bool | None) -> None:
+def test_bench_of_the_native_backend(mmap: bool | None, measured: dict[str, Any]) -> None:
     from llamaworks.quant import lean_kernels
 
-    r = bench.run_bench(None, prompt_tokens=40, gen_tokens=4, ctx=64, runs=2, mmap=mmap)  # auto: native here
+    r = bench.run_bench(None, prompt_tokens=40, gen_tokens=4, ctx=64, runs=2, mmap=mmap, threads=1)  # auto: native
     assert r["backend"] == "native" and r["kv_dtype"] == "float16" and not r["bf16_prefill"]
+    assert r["threads"] == measured["backend"].inner.threads == 1  # the threads it ran with, as asked
     assert len(r["prefill_tok_s_all"]) == 2
     assert r["prefill_tok_s"] == pytest.approx(sum(r["prefill_tok_s_all"]) / 2, abs=0.1)
+    check_figures_against_the_work_done(r, measured)
     assert r["int8_activations"]  # the default numerics (EngineOptions.int8_activations)
     assert r["weights_in"] == ("mmap" if mmap else "memory")
     owned = not mmap

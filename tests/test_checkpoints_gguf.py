@@ -3,7 +3,6 @@ every quantized block type the reader accepts, rope-scaling tensors, and one-lin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -26,7 +25,6 @@ from llamaworks.config import ModelConfig, RopeScaling, get_preset
 from llamaworks.errors import FormatError
 from llamaworks.model import Transformer
 
-HAS_TOKENIZER = importlib.util.find_spec("llamaworks.tokenizer") is not None
 # Token ids only, so these tests need no tokenizer: "<|im_start|>user\nWhat is ...", plain text, digits.
 # Equal lengths so that one batched forward covers them (transformers' GGUF model is slow per call on CPU).
 PROMPTS = [[1, 9690, 198, 2683, 314, 253, 1789, 282, 4649, 47, 2],
@@ -107,7 +105,6 @@ def test_smollm2_quantized_tensors_stay_quantized(smollm2_gguf, smollm2):
     assert torch.equal(emb.dequantize(torch.bfloat16), loaded["tok_embeddings.weight"].bfloat16())
 
 
-@pytest.mark.skipif(not HAS_TOKENIZER, reason="llamaworks.tokenizer not written yet")
 def test_smollm2_embedded_tokenizer(smollm2):
     tokenizer = smollm2[1]
     assert tokenizer is not None and tokenizer.vocab_size == 49152
@@ -226,8 +223,7 @@ def test_convert_quantizes_and_keeps_tokenizer_metadata(tmp_path):
     tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
     loaded, tokenizer, _ = load_model(dst)
     assert rel_error(logits(loaded, tokens), logits(model, tokens)) < 3e-2
-    if HAS_TOKENIZER:
-        assert tokenizer.encode("abc") == [254, tokenizer.encode("c")[0]] and 255 in tokenizer.stop_ids
+    assert tokenizer.encode("abc") == [254, tokenizer.encode("c")[0]] and 255 in tokenizer.stop_ids
 
 
 # -- every block type the reader accepts ----------------------------------------------------------------------
@@ -442,7 +438,6 @@ def test_missing_path_and_wrong_arguments(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TOKENIZER, reason="llamaworks.tokenizer not written yet")
 def test_tokenizer_and_template_round_trip(tmp_path, smollm2):
     _, tokenizer, ckpt = smollm2
     model = random_model("tiny-tied")

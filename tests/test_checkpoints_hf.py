@@ -3,7 +3,6 @@ and pytorch_model.bin read back exactly, tokenizer/template/generation config tr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -21,7 +20,6 @@ from llamaworks.config import get_preset
 from llamaworks.errors import FormatError
 from llamaworks.model import Transformer
 
-HAS_TOKENIZER = importlib.util.find_spec("llamaworks.tokenizer") is not None
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-tied", "tiny-mistral"]
 
 
@@ -157,7 +155,6 @@ def test_generation_config_and_chat_template(tmp_path):
     assert load_checkpoint(tmp_path).chat_template == "J"
 
 
-@pytest.mark.skipif(not HAS_TOKENIZER, reason="llamaworks.tokenizer not written yet")
 def test_tokenizer_travels_and_transformers_reads_it(tmp_path, sentencepiece_model):
     transformers = pytest.importorskip("transformers")
     from llamaworks.tokenizer import load_tokenizer

@@ -3,7 +3,6 @@ the model transformers computes from the HF twin; single-shard round trips; bad 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -16,7 +15,6 @@ from llamaworks.config import PRESETS, RopeScaling, get_preset
 from llamaworks.errors import FormatError
 from llamaworks.model import Transformer
 
-HAS_TOKENIZER = importlib.util.find_spec("llamaworks.tokenizer") is not None
 COLUMN = ("wq", "wk", "wv", "w1", "w3", "output")  # ColumnParallelLinear: rows split
 ROW = ("wo", "w2")  # RowParallelLinear: columns split
 
@@ -160,7 +158,6 @@ def test_bad_params_and_missing_files(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.skipif(not HAS_TOKENIZER, reason="llamaworks.tokenizer not written yet")
 def test_tokenizer_model_is_read(tmp_path, sentencepiece_model):
     torch.manual_seed(0)
     config = get_preset("tiny-llama2").replace(vocab_size=32000)

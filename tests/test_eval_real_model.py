@@ -1,16 +1,22 @@
-"""Slow: the default SmolLM2-135M-Instruct on fixture items, against transformers running the same GGUF."""
+"""Slow: the default SmolLM2-135M-Instruct on the fixture items, against lm-evaluation-harness running the same
+GGUF through its hf (transformers) model and its stock task files."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from eval_support import FIXTURES, backend_of
-from llamaworks.eval import EvalSettings, FewshotSampler, build_prompt, load_tasks, run_eval
-from llamaworks.eval.scorer import LoglikelihoodScorer
+from eval_support import FIXTURES, backend_of, harness_tasks, write_hf_exports
+from llamaworks.eval import EvalSettings, run_eval
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+TASKS = ["arc_challenge", "mmlu_astronomy", "truthfulqa_mc1"]
+SHOTS = 1
+# Ours reads the Q4_1 blocks as they are (native) or dequantized (torch); transformers dequantizes the same blocks
+# to float32. What is left is float32 summation order over 30 layers.
+LOGLIK_TOL = 2e-3
 
 
 @pytest.fixture(scope="module", params=["torch", "native"])
@@ -29,52 +35,34 @@ def ours(smollm2_gguf, request):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    kwargs = {"gguf_file": smollm2_gguf.name, "dtype": torch.float32}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), **kwargs).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    return model, tok
+def harness(smollm2_gguf, smollm2_transformers, tmp_path_factory):
+    """The harness's per-sample log: simple_evaluate with its hf model wrapping transformers' model of the GGUF."""
+    import transformers
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    work = tmp_path_factory.mktemp("harness")
+    manager = harness_tasks(write_hf_exports(work / "data"), work, SHOTS)
+    lm = HFLM(pretrained=smollm2_transformers, tokenizer=tokenizer, batch_size=4, device="cpu")
+    out = simple_evaluate(model=lm, tasks=TASKS, num_fewshot=SHOTS, log_samples=True, task_manager=manager,
+                          bootstrap_iters=0)
+    return {task: sorted(samples, key=lambda s: s["doc_id"]) for task, samples in out["samples"].items()}
 
 
-def reference_loglikelihood(model, tok, context: str, continuation: str) -> float:
-    """The harness's hf backend rule, done with transformers' own tokenizer and model."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation)
-    ctx = tok.encode(context)
-    cont = whole[len(ctx):]
-    with torch.no_grad():
-        logits = model(torch.tensor([(ctx + cont)[:-1]])).logits[0, len(ctx) - 1:]
-    return float(F.log_softmax(logits.double(), -1).gather(-1, torch.tensor(cont)[:, None]).sum())
-
-
-def test_loglikelihoods_match_transformers_on_fixture_items(ours, reference):
+def test_loglikelihoods_predictions_and_accuracy_match_the_harness(ours, harness):
     backend, tokenizer = ours
-    scorer = LoglikelihoodScorer(backend, tokenizer)
-    tasks = [*load_tasks(["arc_challenge"], FIXTURES / "arc"), *load_tasks(["mmlu_astronomy"], FIXTURES / "mmlu"),
-             *load_tasks(["truthfulqa_mc1"], FIXTURES / "truthfulqa")]
-    for task in tasks:
-        sampler = FewshotSampler(task)
-        for doc in task.docs[: 2 if task.name == "arc_challenge" else 1]:
-            prompt = build_prompt(task, doc, sampler.sample(1 if task.fewshot_docs else 0, doc))
-            got = [s.logprob for s in scorer.score(prompt.context, prompt.continuations)]
-            want = [reference_loglikelihood(*reference, prompt.context, c) for c in prompt.continuations]
-            assert got == pytest.approx(want, abs=2e-3), task.name
-            assert max(range(len(got)), key=got.__getitem__) == max(range(len(want)), key=want.__getitem__)
-
-
-def test_run_eval_with_the_default_model(ours, reference, tmp_path):
-    """The reported accuracy is transformers' argmax over the same prompts against the gold answers."""
-    backend, tokenizer = ours
-    settings = EvalSettings(tasks=["arc_challenge", "mmlu_astronomy"], data_dir=FIXTURES, limit=2, log_samples=True)
+    settings = EvalSettings(tasks=TASKS, data_dir=FIXTURES, num_fewshot=SHOTS, log_samples=True)
     doc = run_eval(backend, tokenizer, settings, progress=False)
-    assert doc["results"]["arc_challenge"]["n"] == 2
-    assert doc["timing"]["items"] == 4
-    for task in ("arc_challenge", "mmlu_astronomy"):
-        hits = []
-        for sample in doc["samples"][task]:
-            want = [reference_loglikelihood(*reference, sample["context"], c) for c in sample["continuations"]]
-            hits.append(float(max(range(len(want)), key=want.__getitem__) == sample["gold"]))
-        assert doc["results"][task]["acc"] == pytest.approx(sum(hits) / len(hits)), task
+    for task in TASKS:
+        mine, theirs = doc["samples"][task], harness[task]
+        assert len(mine) == len(theirs) > 0, task
+        for m, s in zip(mine, theirs):
+            assert [tuple(a) for a in s["arguments"]] == [(m["context"], c) for c in m["continuations"]], task
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            assert np.max(np.abs(np.subtract(m["loglikelihoods"], lls))) <= LOGLIK_TOL, task
+            assert m["pred"] == int(np.argmax(lls)), task
+            metrics = ["acc", "acc_norm"] if task == "arc_challenge" else ["acc"]
+            assert s["metrics"] == metrics, task
+            assert [m[k] for k in metrics] == [s[k] for k in metrics], task
+        assert doc["results"][task]["acc"] == pytest.approx(np.mean([s["acc"] for s in theirs]))

@@ -266,6 +266,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
 
     ref_rows, got_rows = read_metrics(tmp_path / "ref"), read_metrics(killed_dir)
     assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == [str(s) for s in range(1, 25)]
+    assert [r["step"] for r in ref_rows if r["val_loss"]] == ["6", "12", "18", "24"]  # eval_every=6
     for ref, got in zip(ref_rows, got_rows):
         assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-6, abs=1e-7), ref["step"]
         assert (got["val_loss"] == "") == (ref["val_loss"] == "")
