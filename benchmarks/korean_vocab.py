@@ -142,9 +142,10 @@ def korean_corpus(work: Path) -> Path:
 
 
 def bits_per_byte(model: str, files: list[Path], work: Path, name: str, threads: int) -> float:
-    """Bits per byte over all `files` together (total NLL / total bytes)."""
+    """Bits per byte over all `files` together (total NLL / total bytes); windows of 1,024 tokens side by side
+    (every token scored once: the cheapest fair comparison on a busy CPU)."""
     out = work / f"ppl-{name}.json"
-    llamaworks("perplexity", *map(str, files), "--model", model, "--max-length", "1024", "--stride", "512",
+    llamaworks("perplexity", *map(str, files), "--model", model, "--max-length", "1024", "--stride", "1024",
                "--no-progress", "--out", str(out), threads=threads)
     results = json.loads(out.read_text())["perplexity"].values()
     return sum(r["bits_per_byte"] * r["bytes"] for r in results) / sum(r["bytes"] for r in results)
@@ -162,6 +163,8 @@ def main() -> int:
     ap.add_argument("--batch-size", default="4")
     ap.add_argument("--mix-ratio", default="0.25")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--evaluate", default="base,stage1,stage2",
+                    help="models whose bits per byte are measured: base,extended,stage1,stage2")
     ap.add_argument("--llama-server", default=None, metavar="BIN")
     ap.add_argument("--write-llama-cpp-fixture", action="store_true")
     ap.add_argument("--json", default=None)
@@ -200,6 +203,16 @@ def main() -> int:
     en_texts = read_corpus([en_held, en_train])
     english_same = all(base_tok.encode(x) == ext_tok.encode(x) for x in en_texts)
 
+    bpb: dict[str, dict[str, float]] = {}
+
+    def evaluate(label: str, model: str) -> None:
+        if label in a.evaluate.split(","):
+            bpb[label] = {lang: bits_per_byte(model, sorted(folder.iterdir()), work, f"{label}-{lang}", t)
+                          for lang, folder in (("korean", ko_held), ("english", en_held))}
+            print(label, bpb[label], flush=True)
+
+    evaluate("base", "default")
+    evaluate("extended", str(ext))
     common = ["--seq-len", a.seq_len, "--batch-size", a.batch_size, "--eval-every", "0", "--save-every", "0",
               "--log-every", "5", "--no-progress", "--mix-ratio", a.mix_ratio]
     for folder, data in ((ko_train, work / "data-ko"), (en_train, work / "data-en")):
@@ -210,18 +223,14 @@ def main() -> int:
                str(work / "data-en"), "--out", str(s1), "--max-steps", str(a.stage1_steps), "--lr", a.stage1_lr,
                "--warmup-steps", "4", *common, threads=t)
     stage1_s = time.perf_counter() - t0
+    evaluate("stage1", str(s1 / "final"))
     t0 = time.perf_counter()
     llamaworks("pretrain", "--init", str(s1 / "final"), "--train", "all", "--data", str(work / "data-ko"),
                "--mix-data", str(work / "data-en"), "--out", str(s2), "--max-steps", str(a.stage2_steps), "--lr",
                a.stage2_lr, "--warmup-steps", "4", "--weight-decay", "0", *common, threads=t)
     stage2_s = time.perf_counter() - t0
+    evaluate("stage2", str(s2 / "final"))
 
-    bpb = {}
-    for label, model in (("base", "default"), ("extended", str(ext)), ("stage1", str(s1 / "final")),
-                         ("stage2", str(s2 / "final"))):
-        bpb[label] = {lang: bits_per_byte(model, sorted(folder.iterdir()), work, f"{label}-{lang}", t)
-                      for lang, folder in (("korean", ko_held), ("english", en_held))}
-        print(label, bpb[label], flush=True)
 
     reply = llamaworks("chat", "--model", str(s2 / "final"), "--temperature", "0", "--max-tokens", "40",
                        stdin="대한민국의 수도는 어디인가요?\n", threads=t)
