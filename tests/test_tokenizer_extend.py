@@ -316,3 +316,44 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "o")]) == 2
     assert "either --model-config" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # extend + two short runs of a tiny model with SmolLM2's 49K vocabulary: 50-110 s here
+def test_extend_then_two_stage_pretrain_end_to_end(base: Tokenizer, tmp_path: Path) -> None:
+    """`tokenizer extend` on a (tiny, random) model, then `pretrain --init --train new-rows` with English mixed in,
+    then `--train all`: stage 1 moves only the new rows; the outputs load with the extended tokenizer."""
+    from safetensors.torch import load_file
+
+    from conftest import write_tiny_smol_model
+    from llamaworks.data.prepare import prepare_corpus
+    from llamaworks.tokenizer_extend import extend_model
+    from llamaworks.train.pretrain import pretrain
+
+    tiny = write_tiny_smol_model(tmp_path / "tiny", base, max_seq_len=128)
+    r = extend_model(tiny, [KOREAN / "constitution_head.txt"], 50, tmp_path / "ext", gguf_type=None, progress=False)
+    assert (r.base_vocab, r.vocab) == (base.vocab_size, base.vocab_size + 50)
+    assert json.loads((tmp_path / "ext" / "vocab_extension.json").read_text())["base_vocab"] == base.vocab_size
+    (tmp_path / "en.txt").write_text("\n\n".join(ENGLISH * 20), encoding="utf-8")
+    prepare_corpus([KOREAN / "constitution_head.txt"], tmp_path / "ext", tmp_path / "ko", val_fraction=0,
+                   progress=False)
+    prepare_corpus([tmp_path / "en.txt"], tmp_path / "ext", tmp_path / "en", val_fraction=0, progress=False)
+    kw = dict(seq_len=32, micro_batch_size=4, warmup_steps=0, eval_every=0, save_every=0, log_every=1,
+              progress=False, tensorboard=False, plot=False, mix_data=tmp_path / "en", mix_ratio=0.25)
+    pretrain(None, tmp_path / "ko", tmp_path / "s1", init=tmp_path / "ext", train="new-rows", max_steps=3, lr=1e-2,
+             **kw)
+    before = load_file(tmp_path / "ext" / "model.safetensors")
+    after = load_file(tmp_path / "s1" / "final" / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(after[emb][:base.vocab_size], before[emb][:base.vocab_size])
+    assert not torch.equal(after[emb][base.vocab_size:], before[emb][base.vocab_size:])
+    assert all(torch.equal(after[k], before[k]) for k in before if k != emb)
+    pretrain(None, tmp_path / "ko", tmp_path / "s2", init=tmp_path / "s1" / "final", train="all", max_steps=2,
+             lr=1e-3, **kw)
+    final = load_file(tmp_path / "s2" / "final" / "model.safetensors")
+    assert not torch.equal(final["model.norm.weight"], after["model.norm.weight"])  # everything trains now
+    assert load_tokenizer(tmp_path / "s2" / "final").token_list() == load_tokenizer(tmp_path / "ext").token_list()
+    run = json.loads((tmp_path / "s2" / "run.json").read_text())
+    assert run["init"] == str(tmp_path / "s1" / "final") and run["mix_ratio"] == 0.25
+    with pytest.raises(ValueError, match=r"vocab_extension\.json"):
+        pretrain(None, tmp_path / "ko", tmp_path / "s3", init=tmp_path / "s1" / "final", train="new-rows",
+                 max_steps=1, **kw)

@@ -122,7 +122,7 @@ def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, ou
         raise ConfigError(f"--mix-ratio {mix_ratio}: give --mix-data DIR with a ratio in (0, 1)")
     if (model_config is None) == (init is None):
         raise ConfigError("give either --model-config PRESET (from scratch) or --init MODEL (continue a model)")
-    if train == "new-rows" and train_options.get("weight_decay"):
+    if train == "new-rows":
         train_options["weight_decay"] = 0.0  # decay would move the frozen old rows (they get zero gradients)
     rank, world = init_distributed()
     prepared = load_prepared(data)
