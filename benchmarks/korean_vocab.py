@@ -78,12 +78,14 @@ class LlamaServer:
 
 
 def write_fixture(server_bin: str) -> None:
-    """llama-server's ids for the test texts on a tiny GGUF with the tests' extended vocabulary."""
+    """llama-server's ids for the test texts on tiny GGUFs with the tests' extended vocabularies (SmolLM2's
+    byte-level BPE and LLaMA's SentencePiece)."""
     import tempfile
 
     import torch
 
     import test_tokenizer_extend as t
+    from conftest import package_file
     from llamaworks.assets import default_model_path
     from llamaworks.checkpoints import save_gguf
     from llamaworks.config import get_preset
@@ -91,28 +93,34 @@ def write_fixture(server_bin: str) -> None:
     from llamaworks.tokenizer import load_tokenizer
     from llamaworks.tokenizer_extend import extend_tokenizer, learn_extension, read_corpus
 
-    base = load_tokenizer(default_model_path())
-    ext = learn_extension(base, read_corpus([t.KOREAN / "constitution_head.txt"]), t.ADD)
-    tok = extend_tokenizer(base, ext)
-    config = get_preset("tiny-tied").replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        path = save_gguf(Path(d) / "tiny.gguf", Transformer(config), config, tok, tensor_type="f32")
-        server = LlamaServer(server_bin, path)
-        try:
-            texts = t.ENGLISH + t.MIXED + [t.held_out_korean()]
-            vectors = [[text, server.tokenize(text)] for text in texts]
-        finally:
-            server.close()
-    fixture = {"source": f"llama.cpp llama-server ({server_bin}), POST /tokenize {{content, add_special: false, "
-                         "parse_special: true}} on a tiny GGUF carrying SmolLM2-135M-Instruct's vocabulary extended "
-                         f"by {t.ADD} tokens learned from tests/fixtures/korean/constitution_head.txt "
-                         "(benchmarks/korean_vocab.py --write-llama-cpp-fixture)",
-               "added": t.ADD, "new_tokens": ext.tokens, "vectors": vectors}
-    out = ROOT / "tests" / "fixtures" / "tokenizer" / "smollm2_ko_extended_llama_cpp.json"
-    out.write_text(json.dumps(fixture, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
-    agree = sum(tok.encode(text) == ids for text, ids in vectors)
-    print(f"wrote {out}: llama.cpp agrees with ours on {agree}/{len(vectors)} texts")
+    corpus = read_corpus([t.KOREAN / "constitution_head.txt"])
+    spm = package_file("llama-cpp-python==0.3.16", "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf")
+    cases = [("smollm2_ko_extended_llama_cpp.json", default_model_path(), t.ADD, t.ENGLISH + t.MIXED,
+              "SmolLM2-135M-Instruct's vocabulary"),
+             ("llama_spm_ko_extended_llama_cpp.json", spm, t.SPM_ADD, t.ENGLISH[:5] + t.MIXED,
+              "llama.cpp's ggml-vocab-llama-spm.gguf (LLaMA's SentencePiece vocabulary)")]
+    for name, vocab, add, texts, what in cases:
+        base = load_tokenizer(vocab)
+        ext = learn_extension(base, corpus, add)
+        tok = extend_tokenizer(base, ext)
+        config = get_preset("tiny-tied").replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            path = save_gguf(Path(d) / "tiny.gguf", Transformer(config), config, tok, tensor_type="f32")
+            server = LlamaServer(server_bin, path)
+            try:
+                vectors = [[text, server.tokenize(text)] for text in [*texts, t.held_out_korean()]]
+            finally:
+                server.close()
+        fixture = {"source": f"llama.cpp llama-server ({server_bin}), POST /tokenize {{content, add_special: false, "
+                             f"parse_special: true}} on a tiny GGUF carrying {what} extended by {add} tokens learned "
+                             "from tests/fixtures/korean/constitution_head.txt (benchmarks/korean_vocab.py "
+                             "--write-llama-cpp-fixture)",
+                   "added": add, "new_tokens": ext.tokens, "vectors": vectors}
+        out = ROOT / "tests" / "fixtures" / "tokenizer" / name
+        out.write_text(json.dumps(fixture, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        agree = sum(tok.encode(text, add_bos=False) == ids for text, ids in vectors)
+        print(f"wrote {out}: llama.cpp agrees with ours on {agree}/{len(vectors)} texts")
 
 
 def llamaworks(*args: str, stdin: str | None = None, threads: int = 2) -> str:

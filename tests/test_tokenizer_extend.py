@@ -27,7 +27,9 @@ from llamaworks.tokenizer_extend import (
 
 KOREAN = Path(__file__).parent / "fixtures" / "korean"
 LLAMA_CPP_IDS = Path(__file__).parent / "fixtures" / "tokenizer" / "smollm2_ko_extended_llama_cpp.json"
-ADD = 300  # what the llama.cpp fixture was written with (it records it too)
+ADD = 300  # what the llama.cpp fixtures were written with (they record it too)
+SPM_ADD = 400
+LLAMA_CPP_SPM_IDS = Path(__file__).parent / "fixtures" / "tokenizer" / "llama_spm_ko_extended_llama_cpp.json"
 
 ENGLISH = [
     "Hello world",
@@ -156,7 +158,7 @@ def test_sentencepiece_vocabulary_gains_characters_then_merges(llama_spm: Tokeni
     from transformers import AutoTokenizer
 
     texts = read_corpus([KOREAN / "constitution_head.txt"])
-    ext = learn_extension(llama_spm, texts, 400)
+    ext = learn_extension(llama_spm, texts, SPM_ADD)
     tok = extend_tokenizer(llama_spm, ext)
     assert tok.token_list()[:llama_spm.vocab_size] == llama_spm.token_list()
     chars = [t for t in ext.tokens if len(t) == 1]
@@ -173,6 +175,12 @@ def test_sentencepiece_vocabulary_gains_characters_then_merges(llama_spm: Tokeni
     ref = AutoTokenizer.from_pretrained(str(tmp_path))
     for t in [*MIXED[:5], text]:
         assert ref.encode(t, add_special_tokens=False) == tok.encode(t, add_bos=False), t
+    # llama.cpp (llama-server /tokenize on a GGUF with this vocabulary; benchmarks/korean_vocab.py wrote them).
+    fixture = json.loads(LLAMA_CPP_SPM_IDS.read_text(encoding="utf-8"))
+    assert fixture["added"] == SPM_ADD and fixture["new_tokens"] == ext.tokens
+    assert [t for t, _ in fixture["vectors"]] == [*ENGLISH[:5], *MIXED, text]
+    for t, ids in fixture["vectors"]:
+        assert tok.encode(t, add_bos=False) == ids, t
 
 
 @pytest.fixture(scope="module")
