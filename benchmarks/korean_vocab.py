@@ -157,8 +157,12 @@ def bits_per_byte(model: str, files: list[Path], work: Path, name: str, threads:
     """Bits per byte over all `files` together (total NLL / total bytes); windows of 1,024 tokens side by side
     (every token scored once: the cheapest fair comparison on a busy CPU)."""
     out = work / f"ppl-{name}.json"
-    llamaworks("perplexity", *map(str, files), "--model", model, "--max-length", "1024", "--stride", "1024",
-               "--no-progress", "--out", str(out), threads=threads)
+    if name.startswith("base-") and out.is_file() and {Path(k).name for k in json.loads(out.read_text())[
+            "perplexity"]} == {f.name for f in files}:
+        print(f"reusing {out} (the base model and the files are the same as in the run that wrote it)")
+    else:
+        llamaworks("perplexity", *map(str, files), "--model", model, "--max-length", "1024", "--stride", "1024",
+                   "--no-progress", "--out", str(out), threads=threads)
     results = json.loads(out.read_text())["perplexity"].values()
     return sum(r["bits_per_byte"] * r["bytes"] for r in results) / sum(r["bytes"] for r in results)
 
@@ -167,10 +171,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("korean-work"))
     ap.add_argument("--add", type=int, default=1000)
-    ap.add_argument("--stage1-steps", type=int, default=15)
-    ap.add_argument("--stage2-steps", type=int, default=20)
-    ap.add_argument("--stage1-lr", default="5e-3")
-    ap.add_argument("--stage2-lr", default="1e-4")
+    ap.add_argument("--stage1-steps", type=int, default=20)
+    ap.add_argument("--stage2-steps", type=int, default=25)
+    ap.add_argument("--stage1-lr", default="2e-3")
+    ap.add_argument("--stage2-lr", default="5e-5")
     ap.add_argument("--seq-len", default="64")
     ap.add_argument("--batch-size", default="4")
     ap.add_argument("--mix-ratio", default="0.25")

@@ -60,26 +60,48 @@ def build_model(config: ModelConfig, seed: int, device: torch.device, init_std: 
 TRAIN_PARTS = ("all", "new-rows")
 
 
+def update_only_seen_rows(model: nn.Module, first_row: int = 0) -> None:
+    """Embedding (and untied output) rows >= `first_row` of tokens absent from a micro-batch's input get no gradient;
+    rows below `first_row` never do.
+
+    Why: the softmax gives every row a tiny push-down gradient, and Adam normalises it per coordinate, so with small
+    continued-pretraining batches every one of 50K rows moves by about the learning rate at every step whether its
+    token occurred or not; through tied embeddings that also corrupts the rarely seen inputs (the loss rises). Rows
+    of tokens in the batch train as usual. With no weight decay, rows never seen stay bit for bit."""
+    seen: dict[str, Tensor] = {}
+
+    def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.is_grad_enabled():
+            seen["ids"] = args[0].detach().flatten().unique()
+
+    def mask(grad: Tensor) -> Tensor:
+        keep = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        if "ids" in seen:
+            keep[seen["ids"]] = 1
+        keep[:first_row] = 0
+        return grad * keep
+
+    model.tok_embeddings.register_forward_pre_hook(record)
+    for w in [model.tok_embeddings.weight] + ([model.output.weight] if model.output is not None else []):
+        if w.requires_grad:
+            w.register_hook(mask)
+
+
 def freeze_to_new_rows(model: nn.Module, first_new: int) -> int:
     """Stage 1 of vocabulary extension: only the embedding (and untied output) rows >= `first_new` train.
 
-    Every other parameter stops requiring gradients; the embedding's old rows get a zero gradient (a hook), so
-    with no weight decay AdamW leaves them bit for bit as they were. Returns the number of trainable values."""
+    Every other parameter stops requiring gradients; the old rows (and new rows whose token is not in the batch:
+    `update_only_seen_rows`) get zero gradients, so with no weight decay AdamW leaves them bit for bit as they were.
+    Returns the number of trainable values."""
     rows = model.tok_embeddings.weight.shape[0]
     if not 0 < first_new < rows:
         raise ConfigError(f"new rows start at id {first_new}, but the embedding has {rows} rows: nothing new to train")
     for p in model.parameters():
         p.requires_grad_(False)
     heads = [model.tok_embeddings.weight] + ([model.output.weight] if model.output is not None else [])
-
-    def keep_old(grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        grad[:first_new] = 0
-        return grad
-
     for w in heads:
         w.requires_grad_(True)
-        w.register_hook(keep_old)
+    update_only_seen_rows(model, first_new)
     return sum((w.shape[0] - first_new) * w.shape[1] for w in heads)
 
 
@@ -166,6 +188,8 @@ def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, ou
             if rank == 0:
                 print(f"training only the {config.vocab_size - first_new} new embedding rows (ids {first_new}+; "
                       f"{n_new:,} values)", flush=True)
+        else:
+            update_only_seen_rows(model)
     train_src: Any = TokenWindowSource(prepared.arrays("train"), seq_len, cfg.micro_batch_size, seed=cfg.seed)
     if mixed is not None:
         from ..data.loader import MixedWindowSource
