@@ -263,9 +263,17 @@ def add_chat_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pretrain(sub: Subparsers) -> None:
-    p = sub.add_parser("pretrain", help="train a LLaMA from random init on prepared data (torchrun-aware)")
-    p.add_argument("--model-config", required=True, metavar="PRESET|FILE",
+    p = sub.add_parser("pretrain", help="train a LLaMA from random init (or continue one) on prepared data")
+    p.add_argument("--model-config", default=None, metavar="PRESET|FILE",
                    help="a preset name (see `llamaworks models`) or a JSON/YAML ModelConfig file")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="continue pretraining this checkpoint instead (e.g. the output of `tokenizer extend`)")
+    p.add_argument("--train", default="all", choices=["all", "new-rows"],
+                   help="what trains with --init: all weights, or only the new embedding rows of an extended "
+                        "vocabulary (stage 1)")
+    p.add_argument("--mix-data", default=None, metavar="DIR",
+                   help="another `data prepare` output (same tokenizer) mixed in, e.g. English text")
+    p.add_argument("--mix-ratio", type=float, default=0.0, help="share of rows from --mix-data (e.g. 0.25)")
     p.add_argument("--data", required=True, metavar="DIR", help="output of `llamaworks data prepare`")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="run directory (checkpoints, metrics, final)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(max_seq_len, 1024))")
@@ -297,7 +305,8 @@ def _add_pretrain(sub: Subparsers) -> None:
                  "weight_decay", "grad_clip", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
                  "precision", "activation_checkpointing", "strategy", "seed")
         return run_pretrain_cli(a.model_config, a.data, a.out, seq_len=a.seq_len, device=a.device,
-                                resume=a.resume, progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+                                resume=a.resume, progress=not a.no_progress, init=a.init, train=a.train,
+                                mix_data=a.mix_data, mix_ratio=a.mix_ratio, **{n: getattr(a, n) for n in names})
 
     p.set_defaults(run=run)
 
@@ -559,6 +568,45 @@ def _add_quantize(sub: Subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _add_tokenizer(sub: Subparsers) -> None:
+    p = sub.add_parser("tokenizer", help="extend a model's vocabulary from a corpus; token statistics per script")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="<command>", required=True)
+    e = tok_sub.add_parser("extend", help="learn N new tokens from a corpus, append them, resize the embeddings",
+                           description="Continues the base BPE on the corpus (byte-level BPE or SentencePiece), "
+                                       "appends only tokens the base lacks (old ids unchanged) and initialises "
+                                       "each new embedding/output row as the mean of its base pieces' rows. "
+                                       "Writes an HF directory and OUT/model.gguf. See docs/tokenizers.md.")
+    e.add_argument("--model", "-m", metavar="PATH", default=None, help="base model (default: bundled SmolLM2-135M)")
+    e.add_argument("--corpus", required=True, nargs="+", metavar="FILE", help="text/JSONL/Parquet files or dirs")
+    e.add_argument("--add", required=True, type=int, metavar="N", help="how many tokens to add (at most)")
+    e.add_argument("--out", "-o", required=True, metavar="DIR", help="output model directory")
+    e.add_argument("--min-frequency", type=int, default=2, help="a new token must occur this often (default 2)")
+    e.add_argument("--gguf-type", default="f16", help="OUT/model.gguf tensor type (f32, f16, bf16, q8_0; none)")
+    e.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
+    e.add_argument("--no-progress", action="store_true")
+
+    def run_extend(a: argparse.Namespace) -> int:
+        from .tokenizer_extend import run_extend_cli
+
+        return run_extend_cli(a.model, a.corpus, a.add, a.out, min_frequency=a.min_frequency,
+                              gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress)
+
+    e.set_defaults(run=run_extend)
+    s = tok_sub.add_parser("stats", help="tokens per character/word and bytes per token, per script")
+    s.add_argument("files", nargs="+", metavar="FILE", help="text/JSONL/Parquet files or directories")
+    s.add_argument("--model", "-m", action="append", metavar="PATH", default=None,
+                   help="tokenizer or model (repeat to compare; default: the bundled model)")
+    s.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    def run_stats(a: argparse.Namespace) -> int:
+        from .tokenizer_extend import run_stats_cli
+
+        return run_stats_cli(a.model or [None], a.files, a.json, a.text_field)
+
+    s.set_defaults(run=run_stats, needs_torch=False)
+
+
 # One entry per verb, in the order `llamaworks --help` lists them.
 VERBS: list[Callable[[Subparsers], None]] = [
     _add_chat,
@@ -577,6 +625,7 @@ VERBS: list[Callable[[Subparsers], None]] = [
     _add_quantize,
     _add_score,
     _add_rejection_sample,
+    _add_tokenizer,
 ]
 
 

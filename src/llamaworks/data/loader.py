@@ -104,6 +104,56 @@ class TokenWindowSource:
                 return
 
 
+class MixedWindowSource:
+    """Windows from two token streams in a fixed ratio: a `ratio` share of all rows comes from `secondary`
+    (e.g. English text mixed into continued pretraining on Korean, to limit forgetting).
+
+    Global row g is a secondary row when floor((g + 1) * ratio) > floor(g * ratio), so every batch holds the
+    ratio to within one row and the choice depends on g alone; each stream is its own endless, seeded
+    `TokenWindowSource` of single rows (rank r of W still gets its own rows of every global batch)."""
+
+    def __init__(self, primary: Sequence[np.ndarray], secondary: Sequence[np.ndarray], ratio: float, seq_len: int,
+                 micro_batch_size: int, *, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        if not 0 < ratio < 1:
+            raise ValueError(f"mix ratio must be in (0, 1), got {ratio}")
+        self.ratio, self.micro_batch_size = ratio, micro_batch_size
+        self._rank, self._world = rank, world_size
+        self.streams = [TokenWindowSource(a, seq_len, 1, seed=seed + i, rank=0, world_size=1)
+                        for i, a in enumerate((primary, secondary))]
+        self._orders: list[tuple[int, np.ndarray]] = [(-1, np.empty(0, dtype=np.int64))] * 2
+        self.batches = 0
+
+    def _is_secondary(self, g: int) -> bool:
+        return int((g + 1) * self.ratio) > int(g * self.ratio)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches = int(state["batches"])
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        rank, world = rank_and_world_for(self._rank, self._world)
+        B = self.micro_batch_size
+        while True:
+            rows = []
+            for j in range(B):
+                g = (self.batches * world + rank) * B + j  # this rank's global row
+                which = int(self._is_secondary(g))
+                # The stream's own row index: how many earlier global rows came from it (a closed form, so
+                # resuming needs only the batch count).
+                k = int((g + 1) * self.ratio) - 1 if which else g - int(g * self.ratio)
+                stream = self.streams[which]
+                epoch, pos = divmod(k, stream.n_windows)
+                if self._orders[which][0] != epoch:
+                    self._orders[which] = (epoch, stream._order(epoch))
+                rows.append(stream._window(int(self._orders[which][1][pos])))
+            self.batches += 1
+            data = torch.from_numpy(np.stack(rows))
+            yield {"input_ids": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous()}
+
+
 class Example:
     """One tokenized training example: ids and a same-length bool mask of tokens the loss should predict."""
 

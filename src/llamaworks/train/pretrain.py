@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import ModelConfig, get_preset
 from ..data.loader import TokenWindowSource
@@ -57,20 +57,109 @@ def build_model(config: ModelConfig, seed: int, device: torch.device, init_std: 
     return model.to(device)
 
 
-def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str | Path, *,
+TRAIN_PARTS = ("all", "new-rows")
+
+
+def update_only_seen_rows(model: nn.Module, first_row: int = 0) -> None:
+    """Embedding (and untied output) rows >= `first_row` of tokens absent from a micro-batch's input get no gradient;
+    rows below `first_row` never do.
+
+    Why: the softmax gives every row a tiny push-down gradient, and Adam normalises it per coordinate, so with small
+    continued-pretraining batches every one of 50K rows moves by about the learning rate at every step whether its
+    token occurred or not; through tied embeddings that also corrupts the rarely seen inputs (the loss rises). Rows
+    of tokens in the batch train as usual. With no weight decay, rows never seen stay bit for bit."""
+    seen: dict[str, Tensor] = {}
+
+    def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.is_grad_enabled():
+            seen["ids"] = args[0].detach().flatten().unique()
+
+    def mask(grad: Tensor) -> Tensor:
+        keep = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        if "ids" in seen:
+            keep[seen["ids"]] = 1
+        keep[:first_row] = 0
+        return grad * keep
+
+    model.tok_embeddings.register_forward_pre_hook(record)
+    for w in [model.tok_embeddings.weight] + ([model.output.weight] if model.output is not None else []):
+        if w.requires_grad:
+            w.register_hook(mask)
+
+
+def freeze_to_new_rows(model: nn.Module, first_new: int) -> int:
+    """Stage 1 of vocabulary extension: only the embedding (and untied output) rows >= `first_new` train.
+
+    Every other parameter stops requiring gradients; the old rows (and new rows whose token is not in the batch:
+    `update_only_seen_rows`) get zero gradients, so with no weight decay AdamW leaves them bit for bit as they were.
+    Returns the number of trainable values."""
+    rows = model.tok_embeddings.weight.shape[0]
+    if not 0 < first_new < rows:
+        raise ConfigError(f"new rows start at id {first_new}, but the embedding has {rows} rows: nothing new to train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    heads = [model.tok_embeddings.weight] + ([model.output.weight] if model.output is not None else [])
+    for w in heads:
+        w.requires_grad_(True)
+    update_only_seen_rows(model, first_new)
+    return sum((w.shape[0] - first_new) * w.shape[1] for w in heads)
+
+
+def _init_model(init: str | Path, vocab: int, dev: torch.device) -> tuple[nn.Module, ModelConfig, Any, dict]:
+    """(model, config, tokenizer, vocab_extension.json or {}) of a checkpoint to continue pretraining."""
+    from ..checkpoints import load_model
+    from ..files import read_json
+    from ..tokenizer_extend import EXTENSION_FILE
+
+    model, tokenizer, ckpt = load_model(init, device=dev)
+    if ckpt.config.vocab_size != vocab:
+        raise ConfigError(f"--init {init}: the model has {ckpt.config.vocab_size} embedding rows but the data was "
+                          f"tokenized with a {vocab}-token vocabulary; run `llamaworks data prepare --tokenizer "
+                          f"{init}` first")
+    marker = Path(init) / EXTENSION_FILE
+    extension = read_json(marker) if marker.is_file() else {}
+    return model, ckpt.config, tokenizer, extension if isinstance(extension, dict) else {}
+
+
+def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, out: str | Path, *,
              seq_len: int | None = None, device: str | torch.device | None = "auto", resume: bool = False,
-             init_std: float = 0.02, save_dtype: torch.dtype | None = None, **train_options: Any) -> TrainResult:
-    """Pretrain from scratch. `train_options` are TrainConfig fields (lr, max_steps, micro_batch_size, ...);
-    seq_len defaults to min(model max_seq_len, 1024)."""
+             init_std: float = 0.02, save_dtype: torch.dtype | None = None, init: str | Path | None = None,
+             train: str = "all", mix_data: str | Path | None = None, mix_ratio: float = 0.0,
+             **train_options: Any) -> TrainResult:
+    """Pretrain from scratch, or continue pretraining `init` (a checkpoint). `train_options` are TrainConfig
+    fields (lr, max_steps, micro_batch_size, ...); seq_len defaults to min(model max_seq_len, 1024).
+
+    `train="new-rows"` (with `init` from `llamaworks tokenizer extend`) trains only the new embedding/output
+    rows; `mix_data` (another `data prepare` output, same tokenizer) supplies a `mix_ratio` share of the rows,
+    e.g. English text while continuing on Korean, to limit forgetting."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(train_options) - known
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    if train not in TRAIN_PARTS:
+        raise ConfigError(f"--train must be one of {', '.join(TRAIN_PARTS)}, got {train!r}")
+    if train != "all" and init is None:
+        raise ConfigError(f"--train {train} continues a model: give --init MODEL")
+    if not 0 <= mix_ratio < 1 or (mix_ratio > 0) != (mix_data is not None):
+        raise ConfigError(f"--mix-ratio {mix_ratio}: give --mix-data DIR with a ratio in (0, 1)")
+    if (model_config is None) == (init is None):
+        raise ConfigError("give either --model-config PRESET (from scratch) or --init MODEL (continue a model)")
+    if train == "new-rows":
+        train_options["weight_decay"] = 0.0  # decay would move the frozen old rows (they get zero gradients)
     rank, world = init_distributed()
     prepared = load_prepared(data)
-    config = resolve_model_config(model_config)
     vocab = int(prepared.manifest["vocab_size"])
-    if config.vocab_size != vocab:
+    mixed = load_prepared(mix_data) if mix_data is not None else None
+    if mixed is not None and int(mixed.manifest["vocab_size"]) != vocab:
+        raise ConfigError(f"--mix-data {mix_data}: tokenized with {mixed.manifest['vocab_size']} tokens, --data "
+                          f"with {vocab}: prepare both with the same --tokenizer")
+    dev = resolve_device(device)
+    extension: dict = {}
+    if init is not None:
+        model, config, init_tokenizer, extension = _init_model(init, vocab, dev)
+    else:
+        config = resolve_model_config(model_config)  # type: ignore[arg-type]
+    if init is None and config.vocab_size != vocab:
         if rank == 0:
             print(f"model vocab_size {config.vocab_size} -> {vocab} (the data's tokenizer)", flush=True)
         config = config.replace(vocab_size=vocab)
@@ -78,7 +167,6 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
     if seq_len > config.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     cfg = TrainConfig(out_dir=str(out), **train_options)
-    dev = resolve_device(device)
 
     tokenizer = None
     if prepared.tokenizer_path is not None:
@@ -86,8 +174,28 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
 
         tokenizer = load_tokenizer(prepared.tokenizer_path)
 
-    model = build_model(config, cfg.seed, dev, init_std)
-    train_src = TokenWindowSource(prepared.arrays("train"), seq_len, cfg.micro_batch_size, seed=cfg.seed)
+    if init is None:
+        model = build_model(config, cfg.seed, dev, init_std)
+    else:
+        tokenizer = init_tokenizer or tokenizer  # the model's own (chat template, stops) goes with it
+        model.train()
+        if train == "new-rows":
+            first_new = extension.get("base_vocab")
+            if not isinstance(first_new, int):
+                raise ConfigError(f"--init {init}: no vocab_extension.json with base_vocab (written by `llamaworks "
+                                  "tokenizer extend`): cannot tell the new rows apart")
+            n_new = freeze_to_new_rows(model, first_new)
+            if rank == 0:
+                print(f"training only the {config.vocab_size - first_new} new embedding rows (ids {first_new}+; "
+                      f"{n_new:,} values)", flush=True)
+        else:
+            update_only_seen_rows(model)
+    train_src: Any = TokenWindowSource(prepared.arrays("train"), seq_len, cfg.micro_batch_size, seed=cfg.seed)
+    if mixed is not None:
+        from ..data.loader import MixedWindowSource
+
+        train_src = MixedWindowSource(prepared.arrays("train"), mixed.arrays("train"), mix_ratio, seq_len,
+                                      cfg.micro_batch_size, seed=cfg.seed)
     val_src = None
     if prepared.tokens("val") > seq_len:
         val_src = TokenWindowSource(prepared.arrays("val"), seq_len, cfg.micro_batch_size, shuffle=False)
@@ -96,12 +204,15 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
 
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
-        print(f"pretraining {config.name} ({n / 1e6:.2f}M parameters) on {prepared.tokens('train'):,} tokens; "
+        verb = "continuing" if init is not None else "pretraining"
+        print(f"{verb} {config.name} ({n / 1e6:.2f}M parameters) on {prepared.tokens('train'):,} tokens; "
               f"{world} process(es) x micro-batch {cfg.micro_batch_size} x accum {cfg.grad_accum_steps} x "
               f"{seq_len} tokens = {world * cfg.micro_batch_size * cfg.grad_accum_steps * seq_len:,} tokens/step",
               flush=True)
         Path(out).mkdir(parents=True, exist_ok=True)
         run = {"model_config": config.to_dict(), "data": str(data), "seq_len": seq_len, "world_size": world,
+               "init": str(init) if init is not None else None, "train_part": train,
+               "mix_data": str(mix_data) if mix_data is not None else None, "mix_ratio": mix_ratio,
                "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
         atomic_write_text(Path(out) / "run.json", json.dumps(run, indent=2) + "\n")
 
@@ -113,7 +224,7 @@ def pretrain(model_config: str | Path | ModelConfig, data: str | Path, out: str 
     return run_training(model, train_data=train_src, val_data=val_src, cfg=cfg, save_fn=save_fn, resume=resume)
 
 
-def run_pretrain_cli(model_config: str, data: str, out: str, **kwargs: Any) -> int:
+def run_pretrain_cli(model_config: str | None, data: str, out: str, **kwargs: Any) -> int:
     """CLI entry: prints where the result is and how to chat with it."""
     import torch.distributed as dist
 
