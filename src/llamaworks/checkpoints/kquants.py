@@ -5,6 +5,9 @@ gguf-py only dequantizes K-quants, so these are written here, vectorised over ev
 (numpy, float32 like ggml). The block layouts are ggml's (ggml-common.h); the search for each sub-block's scale
 follows the published llama.cpp reference (ggml-quants.c, without an importance matrix):
 
+Sums run in ggml's order (the fits compare near-equal errors), so without the refinement below the blocks are
+byte for byte ggml's (tests/test_kquants.py).
+
 - Q4_K / Q5_K: 256 values as 8 sub-blocks of 32, each `d * sc * q - dmin * m` with 6-bit `sc`, `m` and 4/5-bit
   `q`; a sub-block's (scale, minimum) is the best weighted least-squares fit over a grid of trial scales
   (weights `rms(x) + |x|`), then the eight pairs are quantized to 6 bits against the block's float16 d/dmin.
@@ -33,6 +36,12 @@ def _rint(x: np.ndarray) -> np.ndarray:
     return np.rint(x)
 
 
+def _sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in order, in float32, as ggml's loops add: the trial fits compare near-equal errors,
+    so a different summation order picks a different fit now and then."""
+    return np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
+
+
 def _f16(x: np.ndarray) -> np.ndarray:
     """float32 -> float16 (round to nearest even, as GGML_FP32_TO_FP16) and back, plus the raw float16."""
     h = x.astype(np.float16)
@@ -41,22 +50,22 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 # -- Q4_K / Q5_K ---------------------------------------------------------------------------------------------
 def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                nstep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of x (n, 32): (scale, -minimum) of the best weighted fit x ~ scale * l - minimum, l in 0..nmax,
-    over trial inverse scales (nmax + rmin + rdelta * i) / (max - min), i = 0..nstep."""
+                nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of x (n, 32): (scale, -minimum, levels) of the best weighted fit x ~ scale * l - minimum, l in
+    0..nmax, over trial inverse scales (nmax + rmin + rdelta * i) / (max - min), i = 0..nstep."""
     xmin = np.minimum(x.min(-1), 0).astype(np.float32)
     xmax = x.max(-1)
     span = xmax - xmin
     flat = span == 0
     span = np.where(flat, np.float32(1), span)
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
+    sum_w = _sum(w)
+    sum_x = _sum(w * x)
     shifted = x - xmin[:, None]
 
     iscale = np.float32(nmax) / span
     scale = np.float32(1) / iscale
     levels = np.clip(_rint(iscale[:, None] * shifted), 0, nmax)
-    best = (w * np.square(scale[:, None] * levels + xmin[:, None] - x)).sum(-1)
+    best = _sum(w * np.square(scale[:, None] * levels + xmin[:, None] - x))
     mins = xmin.copy()
     for i in range(nstep + 1):
         # As in the reference, each trial grid starts from the best minimum found so far, not the data's.
@@ -64,7 +73,7 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: fl
         trial = np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
         lv = np.clip(_rint((trial / np.where(flat, np.float32(1), xmax - mins))[:, None] * shifted), 0, nmax)
         wl = w * lv
-        sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * lv).sum(-1), (wl * x).sum(-1)
+        sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * lv), _sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         det = np.where(ok, det, np.float32(1))
@@ -73,23 +82,26 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: fl
         positive = this_min > 0  # a minimum above zero is not representable: refit the scale alone
         this_min = np.where(positive, np.float32(0), this_min)
         this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, np.float32(1)), this_scale)
-        err = (w * np.square(this_scale[:, None] * lv + this_min[:, None] - x)).sum(-1)
+        err = _sum(w * np.square(this_scale[:, None] * lv + this_min[:, None] - x))
         better = ok & (err < best)
         best = np.where(better, err, best)
         scale = np.where(better, this_scale, scale)
         mins = np.where(better, this_min, mins)
+        levels = np.where(better[:, None], lv, levels)
     scale = np.where(flat, np.float32(0), scale)
     mins = np.where(flat, xmin, mins)
-    return scale.astype(np.float32), (-mins).astype(np.float32)
+    levels = np.where(flat[:, None], np.float32(0), levels)
+    return scale.astype(np.float32), (-mins).astype(np.float32), levels
 
 
-def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, refine: bool):
     """x (nb, 256) -> (d, dmin) float16 (nb,), 6-bit sc and m (nb, 8) uint8, levels (nb, 256) uint8."""
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    av = np.sqrt(np.square(sub).sum(-1) / np.float32(32))
+    av = np.sqrt(_sum(np.square(sub)) / np.float32(32))
     w = av[:, None] + np.abs(sub)
-    scales, mins = _fit_affine(sub, w, nmax, rmin, rdelta, nstep)
+    scales, mins, fitted = _fit_affine(sub, w, nmax, rmin, rdelta, nstep)
+    fitted = fitted.reshape(nb, 8, 32)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = np.maximum(scales.max(-1), 0)
     max_min = np.maximum(mins.max(-1), 0)
@@ -108,12 +120,12 @@ def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
         off = dmin[:, None] * m
         nz = step != 0
         lv = np.clip(_rint((xs + off[..., None]) / np.where(nz, step, 1)[..., None]), 0, nmax)
-        lv = np.where(nz[..., None], lv, 0)
+        lv = np.where(nz[..., None], lv, fitted)  # a zero scale decodes to -off whatever the levels: ggml's
         err = (ws * np.square(step[..., None] * lv - off[..., None] - xs)).sum(-1)
         return lv, err
 
     levels, best = levels_and_error(ls, lm)
-    for dsc in (-1, 0, 1):
+    for dsc in (-1, 0, 1) if refine else ():
         for dm in (-1, 0, 1):
             if dsc == 0 and dm == 0:
                 continue
@@ -142,14 +154,14 @@ def _low_nibbles(levels: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
 
 
-def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    d16, dmin16, sc, m, levels = _affine_superblocks(x, 15, -1.0, 0.1, 20)
+def _quantize_q4_k(x: np.ndarray, refine: bool) -> np.ndarray:
+    d16, dmin16, sc, m, levels = _affine_superblocks(x, 15, -1.0, 0.1, 20, refine)
     return np.concatenate([d16.view(np.uint8).reshape(-1, 2), dmin16.view(np.uint8).reshape(-1, 2),
                            _pack_scales(sc, m), _low_nibbles(levels)], axis=1)
 
 
-def _quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    d16, dmin16, sc, m, levels = _affine_superblocks(x, 31, -0.5, 0.1, 15)
+def _quantize_q5_k(x: np.ndarray, refine: bool) -> np.ndarray:
+    d16, dmin16, sc, m, levels = _affine_superblocks(x, 31, -0.5, 0.1, 15, refine)
     high = (levels.reshape(-1, 4, 2, 32) >> 4) & 1  # chunk c: bit 2c for value j, bit 2c+1 for value j+32
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[None, None, :, None]
     qh = (high << shifts).sum(axis=(1, 2)).astype(np.uint8)  # (nb, 32)
@@ -169,8 +181,8 @@ def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lv = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1)
-        wl = w * lv
-        return lv, (wl * x).sum(-1), (wl * lv).sum(-1)
+        wx = w * x
+        return lv, _sum(wx * lv), _sum(w * lv * lv)
 
     levels, sumlx, suml2 = trial(np.float32(-nmax) / peak)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, 1), np.float32(0)).astype(np.float32)
@@ -189,7 +201,8 @@ def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), levels + nmax
 
 
-def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+def _quantize_q6_k(x: np.ndarray, refine: bool) -> np.ndarray:
+    del refine  # the reference's search alone: its blocks are ggml's
     nb = x.shape[0]
     scales, levels = _fit_symmetric(x.reshape(nb * 16, 16), 32)
     scales, levels = scales.reshape(nb, 16), levels.reshape(nb, 16, 16)
@@ -220,11 +233,12 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
 _K_QUANTIZERS = {GGMLType.Q4_K: _quantize_q4_k, GGMLType.Q5_K: _quantize_q5_k, GGMLType.Q6_K: _quantize_q6_k}
 
 
-def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: int, *, refine: bool = True) -> np.ndarray:
     """THE quantizer of a float tensor (rows, cols) to GGUF blocks of `qtype` (rows, bytes per row), uint8.
 
     Q4_K/Q5_K/Q6_K are this module's; the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are gguf-py's reference
-    quantizers, which write the same bytes as ggml's.
+    quantizers, which write the same bytes as ggml's. refine=False skips the Q4_K/Q5_K scale-code refinement and
+    writes the bytes of ggml's reference quantizer (as llama-quantize does without an importance matrix).
     """
     qtype = GGMLType(int(qtype))
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -244,7 +258,7 @@ def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
     out = np.empty((flat.shape[0], size), dtype=np.uint8)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for start in range(0, flat.shape[0], _CHUNK):
-            out[start:start + _CHUNK] = quantizer(flat[start:start + _CHUNK])
+            out[start:start + _CHUNK] = quantizer(flat[start:start + _CHUNK], refine)
     return out.reshape(rows, -1)
 
 
