@@ -2,7 +2,7 @@
 measured against the float model on held-out text.
 
     python benchmarks/export_quality.py --llama-quantize BUILD/bin/llama-quantize [--model PATH] [--text FILE]
-        [--tokens 8192] [--ctx 512] [--types F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0] [--json out.json] [--keep DIR]
+        [--tokens 4096] [--ctx 512] [--types F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0] [--json out.json] [--keep DIR]
 
 1. The model (default: the embedded SmolLM2-135M-Instruct; any checkpoint, e.g. a fine-tuned HF folder) is
    written as an F32 GGUF: the float model, and the one input of both quantizers.
@@ -70,7 +70,8 @@ def log_probs(path: Path, chunks: list[list[int]], ctx: int):
     first = ctx // 2
     with torch.inference_mode():
         for chunk in chunks:
-            logits = model(torch.tensor([chunk]))[0, first - 1:ctx - 1].double()
+            hidden = model(torch.tensor([chunk]), return_hidden=True)[:, first - 1:ctx - 1]
+            logits = model.lm_head(hidden)[0].double()  # only the scored positions reach the vocabulary
             yield torch.log_softmax(logits, -1)
     del model
 
@@ -103,7 +104,7 @@ def main() -> int:
     ap.add_argument("--llama-quantize", required=True, help="llama.cpp's llama-quantize binary")
     ap.add_argument("--model", default=None, help="checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--text", default=None, help="held-out UTF-8 text (default: CPython's pydoc_data.topics)")
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--threads", type=int, default=2)

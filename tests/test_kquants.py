@@ -179,6 +179,69 @@ def test_q4_k_m_file_runs_in_transformers(tmp_path) -> None:
     assert rel_error(ours, want) < rel_error(logits(baseline, tokens), want)
 
 
+# -- llama.cpp running the files ------------------------------------------------------------------------------
+def llama_server_binary() -> str | None:
+    """llama.cpp's llama-server: $LLAMA_SERVER, or the source build beside llama-cpp-python 0.3.36 on the project's
+    machine (docs/performance.md: how it is built)."""
+    for candidate in (os.environ.get("LLAMA_SERVER"),
+                      "/root/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build-native/bin/llama-server"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def ascii_vocab() -> dict:
+    """256 tokens that each decode to whole ASCII characters (llama-server holds back a token that ends inside a
+    UTF-8 character, and with it its probabilities): 94 printable characters, 161 letter pairs, an end token."""
+    singles = [chr(c) for c in range(33, 127)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs = [a + b for a in letters for b in letters][:161]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": singles + pairs
+            + ["<|end|>"], "tokenizer.ggml.token_type": [1] * 255 + [3],
+            "tokenizer.ggml.merges": [f"{p[0]} {p[1]}" for p in pairs], "tokenizer.ggml.bos_token_id": 255,
+            "tokenizer.ggml.eos_token_id": 255, "tokenizer.ggml.add_bos_token": False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])  # both hold Q6_K tensors too
+def test_llama_cpp_runs_our_k_quant_files(tmp_path, mix: str) -> None:
+    """llama.cpp's llama-server loads each mix we write and, teacher-forced on a token sequence, gives next-token
+    log-probabilities within LOW_PRECISION_LOGPROB_ATOL of the float reference of the same file (gguf-py's
+    dequantizers + model.py), the bound set from llama.cpp's own CPU paths against that reference: llama.cpp reads
+    every block as gguf-py does (and test_blocks_are_ggmls_... shows the blocks hold what we meant). Measured on
+    this model: ours 0.077 / 0.069 / 0.064 (Q4_K_M / Q5_K_M / Q6_K), llama-quantize's own files of it 0.078 /
+    - / 0.064."""
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama.cpp's llama-server is not built here (set LLAMA_SERVER=/path/to/llama-server)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from int8_vs_llama_cpp import LlamaServer
+
+    from inference_bounds import LOW_PRECISION_LOGPROB_ATOL
+
+    model = tiny_k_model(std=0.05)
+    path = save_gguf(tmp_path / f"{mix}.gguf", model, model.config, None, tensor_type=mix,
+                     tokenizer_metadata=ascii_vocab())
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types >= {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}}[mix]
+    reference = load_model(path)[0]
+    ids = torch.randint(0, 254, (33,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([ids]))[0].double(), -1).numpy()
+    os.environ.setdefault("LD_LIBRARY_PATH", str(Path(binary).parent))
+    server = LlamaServer(binary, str(path), 1)
+    try:
+        drift = 0.0
+        for n in range(4, 34, 6):
+            got = server.top_logprobs(ids[:n], 40)
+            top = np.argsort(-want[n - 1])[:20]
+            assert set(top[:5].tolist()) <= set(got), f"position {n}: llama.cpp's top-40 misses the reference's top-5"
+            drift = max(drift, max(abs(got[int(t)] - want[n - 1, t]) for t in top if int(t) in got))
+    finally:
+        server.close()
+    assert drift <= LOW_PRECISION_LOGPROB_ATOL, drift
+
+
 # -- convert's default precision ------------------------------------------------------------------------------
 def test_convert_writes_the_sources_precision(tmp_path, capsys) -> None:
     """No --dtype/--quant: a float32 HF folder becomes an F16 GGUF (half the bytes, said so); a quantized GGUF keeps

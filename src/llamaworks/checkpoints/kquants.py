@@ -22,12 +22,15 @@ Tested per type against gguf-py's dequantizers (tests/test_kquants.py) and by ll
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .ggml_types import QUANT_SIZES, GGMLType
 
 QK_K = 256
-_CHUNK = 1 << 16  # super-blocks per pass: bounds the temporaries (~16M values x a few float32 arrays)
+_CHUNK = 1024  # super-blocks per pass: temporaries of 256K values stay in cache (1.4x faster than 16M at once)
 _EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS: a group below it is all zeros
 
 
@@ -233,12 +236,13 @@ def _quantize_q6_k(x: np.ndarray, refine: bool) -> np.ndarray:
 _K_QUANTIZERS = {GGMLType.Q4_K: _quantize_q4_k, GGMLType.Q5_K: _quantize_q5_k, GGMLType.Q6_K: _quantize_q6_k}
 
 
-def quantize(values: np.ndarray, qtype: int, *, refine: bool = True) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: int, *, refine: bool = True, threads: int | None = None) -> np.ndarray:
     """THE quantizer of a float tensor (rows, cols) to GGUF blocks of `qtype` (rows, bytes per row), uint8.
 
     Q4_K/Q5_K/Q6_K are this module's; the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are gguf-py's reference
     quantizers, which write the same bytes as ggml's. refine=False skips the Q4_K/Q5_K scale-code refinement and
     writes the bytes of ggml's reference quantizer (as llama-quantize does without an importance matrix).
+    threads: K-quant chunks quantized at once (numpy releases the GIL in its loops); default: the usable CPUs.
     """
     qtype = GGMLType(int(qtype))
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -256,9 +260,21 @@ def quantize(values: np.ndarray, qtype: int, *, refine: bool = True) -> np.ndarr
                                                          gguf.GGMLQuantizationType(int(qtype)))).reshape(rows, -1)
     flat = values.reshape(-1, QK_K)
     out = np.empty((flat.shape[0], size), dtype=np.uint8)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for start in range(0, flat.shape[0], _CHUNK):
+
+    def run(start: int) -> None:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out[start:start + _CHUNK] = quantizer(flat[start:start + _CHUNK], refine)
+
+    starts = range(0, flat.shape[0], _CHUNK)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(threads, len(starts))
+    if threads <= 1:
+        for start in starts:
+            run(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
     return out.reshape(rows, -1)
 
 
