@@ -266,6 +266,21 @@ def test_convert_writes_the_sources_precision(tmp_path, capsys) -> None:
     assert abs(again.stat().st_size - q.stat().st_size) < 4096
 
 
+def test_quantize_verb_writes_the_mix(tmp_path, capsys) -> None:
+    """`llamaworks quantize HF_DIR OUT --to q5_k_m`: the fine-tuned-model path, llama.cpp's Q5_K_M types."""
+    from llamaworks import cli
+
+    model = tiny_k_model(n_layers=8, tied=True)
+    src = save_hf(tmp_path / "hf", model, model.config, None)
+    assert cli.main(["quantize", str(src), str(tmp_path / "m.gguf"), "--to", "q5_k_m"]) == 0
+    assert "m.gguf (q5_k_m" in capsys.readouterr().out
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types  # tied: embeddings as output
+    assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["blk.1.ffn_down.weight"] == "Q5_K"
+    assert reader.fields["general.file_type"].contents() == 17  # MOSTLY_Q5_K_M
+
+
 def test_bad_shapes_and_names_are_refused() -> None:
     with pytest.raises(ValueError, match="do not fill Q4_K blocks of 256"):
         quantize(np.zeros((2, 96), np.float32), GGMLType.Q4_K)

@@ -3,10 +3,9 @@ any written GGUF block type.
 
 gguf-py only dequantizes K-quants, so these are written here, vectorised over every sub-block of a tensor at once
 (numpy, float32 like ggml). The block layouts are ggml's (ggml-common.h); the search for each sub-block's scale
-follows the published llama.cpp reference (ggml-quants.c, without an importance matrix):
-
-Sums run in ggml's order (the fits compare near-equal errors), so without the refinement below the blocks are
-byte for byte ggml's (tests/test_kquants.py).
+follows the published llama.cpp reference (ggml-quants.c, without an importance matrix). Sums run in ggml's order
+(the fits compare near-equal errors), so without the refinement below the blocks are byte for byte ggml's
+(tests/test_kquants.py compiles ggml-quants.c and compares).
 
 - Q4_K / Q5_K: 256 values as 8 sub-blocks of 32, each `d * sc * q - dmin * m` with 6-bit `sc`, `m` and 4/5-bit
   `q`; a sub-block's (scale, minimum) is the best weighted least-squares fit over a grid of trial scales
@@ -17,7 +16,7 @@ byte for byte ggml's (tests/test_kquants.py).
 - Q6_K: 256 values as 16 sub-blocks of 16, `d * sc * (q - 32)` with int8 `sc` and 6-bit `q`; each sub-block's
   scale is the best of 19 trial scales under x^2 weights.
 
-Tested per type against gguf-py's dequantizers (tests/test_kquants.py) and by llama.cpp loading the files.
+Tested per type against ggml's and gguf-py's dequantizers, and by llama-server and transformers running the files.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def _sum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
 
 
-def _f16(x: np.ndarray) -> np.ndarray:
+def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 -> float16 (round to nearest even, as GGML_FP32_TO_FP16) and back, plus the raw float16."""
     h = x.astype(np.float16)
     return h.astype(np.float32), h
