@@ -397,7 +397,8 @@ def _add_merge_lora(sub: Subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (or a finetune OUT)")
     p.add_argument("--out", "-o", required=True, metavar="DIR|FILE.gguf", help="HF directory, or a .gguf file")
     p.add_argument("--dtype", default=None, help="HF output dtype (default: float32)")
-    p.add_argument("--gguf-type", default="f16", help="GGUF tensor type (f32, f16, bf16, q8_0, q4_0)")
+    p.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or a llama.cpp mix "
+                   "(q4_k_m, q5_k_m, q6_k, q8_0, q4_0)")
     p.add_argument("--device", default=None)
 
     def run(a: argparse.Namespace) -> int:
