@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the figures here too")
     ap.add_argument("--keep", default=None, help="keep the GGUF files in this folder (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: measure files already there, not rewrite")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
@@ -122,10 +123,15 @@ def main() -> int:
 
         ckpt = load_checkpoint(default_model_path(), dequantize=True, dtype=torch.float32)
     float_path = folder / "float-F32.gguf"
-    write_ours(ckpt, float_path, "F32")
+    reuse = args.reuse and args.keep
+    if not (reuse and float_path.exists()):
+        write_ours(ckpt, float_path, "F32")
     files: list[tuple[str, str, Path, float]] = []
     for qtype in types:
         ours, theirs = folder / f"llamaworks-{qtype}.gguf", folder / f"llama-quantize-{qtype}.gguf"
+        if reuse and ours.exists() and theirs.exists():
+            files += [(qtype, "llamaworks", ours, float("nan")), (qtype, "llama-quantize", theirs, float("nan"))]
+            continue
         t0 = time.perf_counter()
         write_ours(ckpt, ours, qtype)
         t1 = time.perf_counter()
