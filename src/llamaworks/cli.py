@@ -166,8 +166,10 @@ def _add_convert(sub: Subparsers) -> None:
     p.add_argument("src", help="source checkpoint (GGUF file, HF or Meta directory)")
     p.add_argument("dst", help="destination file (gguf) or directory (hf, meta)")
     p.add_argument("--to", required=True, choices=["hf", "gguf", "meta"], help="output format")
-    p.add_argument("--dtype", default=None, help="output tensor dtype (e.g. f32, f16, bf16)")
-    p.add_argument("--quant", default=None, help="GGUF quantization type (e.g. q8_0, q4_0)")
+    p.add_argument("--dtype", default=None, help="output float dtype f32, f16 or bf16 (default: the source's "
+                   "precision; GGUF output keeps a GGUF's own types and writes float weights as F16/BF16)")
+    p.add_argument("--quant", default=None, help="GGUF quantization mix as llama.cpp's llama-quantize makes it: "
+                   "q4_k_m, q5_k_m, q6_k, q8_0 (also q4_0, q4_1, q5_0, q5_1)")
 
     def run(a: argparse.Namespace) -> int:
         from .checkpoints.convert import convert
@@ -464,7 +466,8 @@ def _add_merge_lora(sub: Subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (or a finetune OUT)")
     p.add_argument("--out", "-o", required=True, metavar="DIR|FILE.gguf", help="HF directory, or a .gguf file")
     p.add_argument("--dtype", default=None, help="HF output dtype (default: float32)")
-    p.add_argument("--gguf-type", default="f16", help="GGUF tensor type (f32, f16, bf16, q8_0, q4_0)")
+    p.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or a llama.cpp mix "
+                   "(q4_k_m, q5_k_m, q6_k, q8_0, q4_0)")
     p.add_argument("--device", default=None)
 
     def run(a: argparse.Namespace) -> int:
@@ -557,8 +560,9 @@ def _add_quantize(sub: Subparsers) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint (e.g. your fine-tuned HF model) into one GGUF file")
     p.add_argument("src", help="Hugging Face or Meta directory, or a GGUF file")
     p.add_argument("dst", help="output .gguf file")
-    p.add_argument("--to", default="q8_0", choices=["q8_0", "q4_0", "int8", "int4"],
-                   help="q8_0 (=int8, near-lossless), q4_0, int4 (=Q4_1, 4-bit with per-block minimum)")
+    p.add_argument("--to", default="q8_0", choices=["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "int8", "int4"],
+                   help="llama.cpp's mixes q4_k_m, q5_k_m, q6_k, q8_0 (=int8, near-lossless), q4_0; "
+                        "int4 (=Q4_1, 4-bit with per-block minimum)")
 
     def run(a: argparse.Namespace) -> int:
         from .quantize import main as quantize_main

@@ -1,13 +1,18 @@
-"""`llamaworks quantize SRC DST --to q8_0|q4_0|int8|int4`: shrink a checkpoint into one GGUF file.
+"""`llamaworks quantize SRC DST --to q4_k_m|q5_k_m|q6_k|q8_0|q4_0|int8|int4`: shrink a checkpoint into one GGUF.
 
 SRC is a Hugging Face directory (a fine-tuned model, typically), a Meta directory or a GGUF file; DST is a GGUF
 file holding the config, tokenizer and chat template with the linear and embedding weights block-quantized
-(norms stay float32). The fast runtime uses those blocks as they are, and llama.cpp/ollama can read the file.
+(norms stay float32), each tensor typed as llama.cpp's `llama-quantize` types it for that name
+(checkpoints/quant_mix.py: the output/tied embeddings and some attn_v/ffn_down layers wider). llama.cpp/ollama
+read the file; our runtime converts K-quant blocks to its kernels' types at load.
 
-Formats (32 weights per block, float16 scales):
-- q8_0 / int8: signed 8-bit, one scale per block (~8.5 bits/weight; near-lossless).
-- q4_0:        signed 4-bit, one scale per block (~4.5 bits/weight).
-- int4:        Q4_1, unsigned 4-bit with a scale and a minimum per block (~5 bits/weight; more accurate than q4_0).
+Mixes (bits/weight for a 7B-shaped model, from the block sizes):
+- q8_0 / int8: signed 8-bit, one scale per 32 (~8.5; near-lossless).
+- q6_k:        6-bit, 16 scales per 256 (~6.6).
+- q5_k_m:      mostly Q5_K (5-bit with 6-bit scales and minimums per 32; ~5.7 with its Q6_K layers).
+- q4_k_m:      mostly Q4_K (4-bit with 6-bit scales and minimums per 32; ~4.9 with its Q6_K layers).
+- q4_0:        signed 4-bit, one scale per 32 (~4.5).
+- int4:        Q4_1, unsigned 4-bit with a scale and a minimum per 32 (~5).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "int8": "q8_0", "int4": "q4_1"}
+FORMATS = {"q4_k_m": "q4_k_m", "q5_k_m": "q5_k_m", "q6_k": "q6_k", "q8_0": "q8_0", "q4_0": "q4_0",
+           "int8": "q8_0", "int4": "q4_1"}
 
 
 def quantize_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "q8_0") -> dict[str, Any]:

@@ -100,15 +100,18 @@ def check_tokenizer_fits(tokenizer: Any, config: ModelConfig, source: Path | str
                           f"the token embedding")
 
 
-def writable_tensors(state_dict: dict[str, Any], config: ModelConfig) -> dict[str, Tensor]:
-    """The model's weights in canonical order, for the writers: quantized entries dequantized, an `output`
-    of a tied model dropped, anything else (buffers, adapter leftovers) ignored, shapes validated."""
+def writable_tensors(state_dict: dict[str, Any], config: ModelConfig, *,
+                     keep_quantized: bool = False) -> dict[str, Any]:
+    """The model's weights in canonical order, for the writers: quantized entries dequantized (or kept as they
+    are with keep_quantized), an `output` of a tied model dropped, anything else (buffers, adapter leftovers)
+    ignored, shapes validated."""
     from .gguf import GGUFQuantTensor
 
     expected = expected_shapes(config)
     state = {k: v for k, v in state_dict.items() if k in expected}
     validate_state_dict(state, config, "state_dict")
-    return {k: (state[k].dequantize() if isinstance(state[k], GGUFQuantTensor) else state[k]) for k in expected}
+    return {k: (state[k].dequantize() if isinstance(state[k], GGUFQuantTensor) and not keep_quantized
+                else state[k]) for k in expected}
 
 
 def cast_floats(state_dict: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
@@ -255,13 +258,16 @@ def save_hf(directory: str | os.PathLike[str], model_or_state_dict: torch.nn.Mod
 def save_gguf(path: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
               tokenizer: Tokenizer | None = None, chat_template: str | None = None, tensor_type: str = "f16", *,
               name: str | None = None, tokenizer_metadata: dict[str, Any] | None = None,
-              progress: bool = False) -> Path:
-    """Write one self-describing llama GGUF file (hyper-parameters, tokenizer, chat template, tensors)."""
+              file_type: int | None = None, progress: bool = False) -> Path:
+    """Write one self-describing llama GGUF file (hyper-parameters, tokenizer, chat template, tensors).
+
+    tensor_type: "f32" | "f16" | "bf16", a llama.cpp quantization mix ("q4_k_m", "q5_k_m", "q6_k", "q8_0",
+    "q4_0", ...) or "keep" (quantized GGUF tensors copied as they are)."""
     from .gguf import write_gguf
 
     sd = _state_of(state_dict)
     return write_gguf(Path(path), sd, config, tokenizer, chat_template=chat_template, tensor_type=tensor_type,
-                      name=name, tokenizer_metadata=tokenizer_metadata, progress=progress)
+                      name=name, tokenizer_metadata=tokenizer_metadata, file_type=file_type, progress=progress)
 
 
 def save_meta(directory: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module,

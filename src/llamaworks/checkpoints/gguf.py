@@ -38,6 +38,8 @@ from . import (
 )
 from .ggml_types import QUANT_SIZES, GGUFValueType
 from .ggml_types import GGMLType as QType
+from .quant_mix import MIXES
+from .quant_mix import tensor_type as mix_tensor_type
 
 if TYPE_CHECKING:  # torch loads only where tensors are made: parsing a header needs numpy alone
     import torch
@@ -60,13 +62,15 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 _IGNORED = {"rope_freqs.weight"}  # handled as rope scaling, not a parameter
 
-# Types the reader accepts (all dequantized by gguf.quants) and the ones the writer produces.
+# Types the reader accepts (all dequantized by gguf.quants) and the ones the writer produces: a float type for
+# every 2-D tensor, a quantization mix (quant_mix.MIXES: llama.cpp's per-tensor types for that name), or "keep"
+# (each tensor as it is: GGUF blocks copied, floats in their own type).
 READ_TYPES = {QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
               QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K}
-WRITE_TYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0,
-               "q4_1": QType.Q4_1, "q5_0": QType.Q5_0, "q5_1": QType.Q5_1}
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+FLOAT_TYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16}
+WRITE_TYPES = (*FLOAT_TYPES, *MIXES, "keep")
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, **{name: code for name, (_, code) in MIXES.items()}}
+_TORCH_FLOATS = {"torch.float32": QType.F32, "torch.float16": QType.F16, "torch.bfloat16": QType.BF16}
 
 
 @dataclass(frozen=True, eq=False)
@@ -624,8 +628,10 @@ def _add_kv(writer: Any, key: str, value: Any) -> None:
                          sub_type=None if sub is None else gguf.GGUFValueType(sub))
 
 
-def _encode(t: Tensor, qtype: QType) -> np.ndarray:
+def _encode(t: Tensor | GGUFQuantTensor, qtype: QType) -> np.ndarray:
     """Tensor (rows, cols) -> the array GGUFWriter stores: f32/f16 values or uint8 blocks."""
+    if isinstance(t, GGUFQuantTensor):  # kept as it is: its blocks are copied
+        return np.asarray(t.raw)
     t = t.detach().to("cpu")
     if qtype == QType.F32:
         return t.float().contiguous().numpy()
@@ -635,18 +641,19 @@ def _encode(t: Tensor, qtype: QType) -> np.ndarray:
         import torch
 
         return t.bfloat16().contiguous().view(torch.int16).numpy().view(np.uint8)
-    import gguf
+    from .kquants import quantize
 
-    return gguf.quants.quantize(t.float().contiguous().numpy(), gguf.GGMLQuantizationType(int(qtype)))
+    return quantize(t.float().contiguous().numpy(), qtype)
 
 
-def _tensor_type_for(name: str, t: Tensor, wanted: QType) -> QType:
-    if t.ndim == 1:
+def _tensor_type_for(name: str, t: Tensor | GGUFQuantTensor, tensor_type: str, config: ModelConfig) -> QType:
+    if len(t.shape) == 1:
         return QType.F32  # norms stay exact; llama.cpp expects F32 there
-    if wanted in (QType.F32, QType.F16, QType.BF16):
-        return wanted
-    block = QUANT_SIZES[wanted][0]
-    return wanted if t.shape[-1] % block == 0 else QType.F16  # rows that don't fill whole blocks: keep F16
+    if tensor_type in FLOAT_TYPES:
+        return FLOAT_TYPES[tensor_type]
+    if tensor_type == "keep":
+        return t.ggml_type if isinstance(t, GGUFQuantTensor) else _TORCH_FLOATS.get(str(t.dtype), QType.F32)
+    return mix_tensor_type(name, tuple(t.shape), config, tensor_type)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
@@ -656,16 +663,20 @@ def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
 
 def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, tokenizer: Any = None, *,
                chat_template: str | None = None, tensor_type: str = "f16", name: str | None = None,
-               tokenizer_metadata: dict[str, Any] | None = None, progress: bool = False) -> Path:
-    """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory)."""
+               tokenizer_metadata: dict[str, Any] | None = None, file_type: int | None = None,
+               progress: bool = False) -> Path:
+    """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory).
+
+    tensor_type: "f32" | "f16" | "bf16" (every 2-D tensor), a mix of quant_mix.MIXES ("q4_k_m", "q5_k_m", "q6_k",
+    "q8_0", "q4_0", ...: llama.cpp's per-tensor types for that name) or "keep" (GGUF blocks copied as they are,
+    float tensors in their own type; file_type then says what general.file_type to record)."""
     import gguf
     import torch
 
     tensor_type = tensor_type.lower()
     if tensor_type not in WRITE_TYPES:
         raise ValueError(f"unsupported GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITE_TYPES)}")
-    wanted = WRITE_TYPES[tensor_type]
-    state = writable_tensors(state_dict, config)
+    state = writable_tensors(state_dict, config, keep_quantized=tensor_type == "keep")
 
     writer = gguf.GGUFWriter(None, ARCH)
     writer.add_type("model")
@@ -683,9 +694,10 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[tensor_type]]))
-    if wanted not in (QType.F32, QType.F16, QType.BF16):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if file_type is None and tensor_type != "keep":
+        file_type = _FILE_TYPES[tensor_type]
+    if file_type is not None:  # optional in GGUF (llama.cpp only shows it); "keep" records the source's
+        writer.add_file_type(int(file_type))
     if config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
     scaling = config.rope_scaling
@@ -704,11 +716,13 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
             _add_kv(writer, key, value)
 
     # Plan every tensor first (the header lists them all), then convert and stream them one by one.
-    plan: list[tuple[str, Tensor, QType]] = []
+    plan: list[tuple[str, Tensor | GGUFQuantTensor, QType]] = []
     if scaling is not None and scaling.kind == "llama3":
         plan.append(("rope_freqs.weight", torch.from_numpy(_rope_divisors(config)), QType.F32))
     for ours, t in state.items():
-        plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, wanted)))
+        plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, tensor_type, config)))
+    if any(qtype not in (QType.F32, QType.F16, QType.BF16) for _, _, qtype in plan):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for gname, t, qtype in plan:
         shape = tuple(t.shape)
         if qtype in (QType.F32, QType.F16):
