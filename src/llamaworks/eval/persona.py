@@ -156,7 +156,7 @@ def persona_metrics(replies: Sequence[str], markers: Sequence[Marker], train_rep
     n = len(replies)
     if n == 0:
         raise ConfigError("no replies to measure")
-    share = lambda pred: sum(1 for r in replies if pred(r)) / n  # noqa: E731
+    share = lambda pred: sum(1 for r in replies if pred(r)) / n
     known = {normalize(t) for r in train_replies for t in (r, *r.split("\n")) if normalize(t)}
     train_grams = {g for t in train_texts for g in ngrams(words(t), copy_ngram)}
     endings = [m for m in markers if m.ending]
@@ -235,7 +235,7 @@ def run_record(model: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
 def _finetune_config(model: str | Path | None, data: Sequence[str], recorded: dict[str, Any], record: Path | None,
                      overrides: dict[str, Any]) -> Any:
     """A FinetuneConfig reading `data` as the run did (its split settings; never a path the record names)."""
-    from .. train.finetune import FinetuneConfig
+    from ..train.finetune import FinetuneConfig
 
     kwargs = {k: recorded[k] for k in _RUN_FIELDS if k in recorded}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -268,7 +268,7 @@ def format_table(columns: dict[str, PersonaMetrics], markers: Sequence[Marker]) 
     """A markdown table: one row per metric, one column per model (and the persona's held-out replies)."""
     names = list(columns)
     rows: list[tuple[str, list[str]]] = []
-    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    pct = lambda v: f"{100 * v:.0f}%"
     for m in markers:
         rows.append((f"marker {m.label}", [pct(columns[c].marker_rates.get(m.label, 0.0)) for c in names]))
     if any(m.ending for m in markers):
@@ -344,7 +344,7 @@ def evaluate_persona(model: str | Path, data: Sequence[str], *, base: str | Path
                                      threads=threads)
     replies["persona (held out)"] = [p.reference for p in prompts]
     metrics = {name: measure(r) for name, r in replies.items()}
-    return {"model": str(model), "base": str(base) if base is not None else recorded.get("model", None),
+    return {"model": str(model), "base": str(base) if base is not None else recorded.get("model"),
             "data": [str(d) for d in data], "settings": asdict(settings) | {"val_fraction": cfg.val_fraction,
                                                                             "split_seed": cfg.seed},
             "prompts": len(prompts), "held_out_conversations": len(val_convs),

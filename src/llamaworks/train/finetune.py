@@ -320,6 +320,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     ckpt_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=not lora)
     final_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=True)
 
+    val_before = None
+    if val_src is not None and not cfg.dpo and not cfg.resume:
+        # The same held-out rows before any step (a fresh LoRA adapter changes nothing): the report's "before".
+        from .loop import evaluate
+
+        val_before = evaluate(model, val_src, 0)[0]
+        print(f"validation loss before training {val_before:.4f} (perplexity {math.exp(min(val_before, 50)):.2f})",
+              flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -331,7 +339,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if rank_and_world()[0] == 0:
         model.eval()
         summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
-                   "val_loss": result.val_loss, "val_ppl": result.val_ppl, "trainable_params": trainable,
+                   "val_loss": result.val_loss, "val_ppl": result.val_ppl, "val_loss_before": val_before,
+                   "trainable_params": trainable,
                    "total_params": total, "seconds": seconds, "data": data_report, "schedule": asdict(schedule)}
         # OUT is rebuilt beside itself and swapped in whole: a kill leaves the old model or the new one, never
         # new weights beside an old config.json. Checkpoints, metrics and logs are carried over (hard links).
@@ -366,7 +375,7 @@ def choose_schedule(cfg: FinetuneConfig, rows: int, examples: int, world: int = 
     MIN_STEPS steps, and LoRA/QLoRA train at SMALL_DATA_LORA_LR."""
     micro = cfg.micro_batch_size
     lr = cfg.lr or DEFAULT_LR[cfg.method]
-    per_step = lambda mb: mb * cfg.grad_accum_steps * world  # noqa: E731
+    per_step = lambda mb: mb * cfg.grad_accum_steps * world
     steps_per_epoch = max(1, math.ceil(rows / per_step(micro)))
     if cfg.max_steps:
         return Schedule(cfg.max_steps, lr, micro)
