@@ -105,6 +105,25 @@ def test_held_out_prompts_are_the_turns_before_each_persona_reply():
     assert len(held_out_prompts([conv], limit=1)) == 1
 
 
+def test_bad_input_is_one_line(tmp_path, capsys):
+    from llamaworks.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune.json").write_text(json.dumps({"config": {"seed": "1337; rm -rf /", "val_fraction": 0.2}}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    assert main(["eval", "persona", "--model", str(run), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "finetune.json: config.seed is" in err and "expected int" in err
+    assert len(err.splitlines()) == 1
+    (run / "finetune.json").write_text("[1, 2")
+    assert main(["eval", "persona", "--model", str(run), "--data", str(data)]) == 2
+    assert "finetune.json" in capsys.readouterr().err
+    assert main(["eval", "persona", "--model", str(run), "--data", str(data), "--marker", "$"]) == 2
+    assert "--marker '$': expected text" in capsys.readouterr().err
+
+
 # -- item 9: the schedule chosen from the data size ------------------------------------------------
 
 

@@ -202,9 +202,13 @@ def held_out_prompts(conversations: Iterable[Any], *, limit: int | None = None,
 
 
 # -- the command ------------------------------------------------------------------------------------
-# Settings of the fine-tuning run that decide how --data is read and split (finetune.json "config").
-_RUN_FIELDS = ("val_fraction", "seed", "kakao_assistant", "kakao_gap_minutes", "scrub", "scrub_names", "seq_len",
-               "system", "train_on_prompt", "skip_bad")
+# Settings of the fine-tuning run that decide how --data is read and split (finetune.json "config"), with the
+# types a hostile file must not get past.
+_NUMBER = (int, float)
+_RUN_FIELDS: dict[str, tuple[type, ...]] = {
+    "val_fraction": _NUMBER, "seed": (int,), "kakao_assistant": (str, list, type(None)), "kakao_gap_minutes": _NUMBER,
+    "scrub": (str, type(None)), "scrub_names": (list,), "seq_len": (int,), "system": (str, type(None)),
+    "train_on_prompt": (bool,), "skip_bad": (bool,)}
 
 
 @dataclass
@@ -238,6 +242,12 @@ def _finetune_config(model: str | Path | None, data: Sequence[str], recorded: di
     from ..train.finetune import FinetuneConfig
 
     kwargs = {k: recorded[k] for k in _RUN_FIELDS if k in recorded}
+    for k, v in kwargs.items():
+        listed = v if isinstance(v, list) else []
+        if not isinstance(v, _RUN_FIELDS[k]) or (isinstance(v, bool) and bool not in _RUN_FIELDS[k]) \
+                or not all(isinstance(x, str) for x in listed):
+            wanted = " or ".join(t.__name__ for t in _RUN_FIELDS[k])
+            raise FormatError(f"{record}: config.{k} is {repr(v)[:40]}; expected {wanted}")
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return FinetuneConfig(model=str(model) if model is not None else None, data=list(data), preview=True,
@@ -296,6 +306,7 @@ def evaluate_persona(model: str | Path, data: Sequence[str], *, base: str | Path
     from ..train.finetune import load_sft_data
 
     settings = settings or PersonaSettings()
+    given = [Marker.parse(m) for m in settings.markers]
     record, run_doc = run_record(model)
     recorded: dict[str, Any] = run_doc.get("config", {})
     notes: list[str] = []
@@ -325,7 +336,7 @@ def evaluate_persona(model: str | Path, data: Sequence[str], *, base: str | Path
                           "user message; raise --val-fraction")
     persona_msgs = [m["content"] for c in train_convs for m in c.messages if m["role"] == "assistant"]
     other_msgs = [m["content"] for c in train_convs for m in c.messages if m["role"] == "user" and m["content"]]
-    markers = [Marker.parse(s) for s in settings.markers] or learn_markers(persona_msgs, other_msgs)
+    markers = given or learn_markers(persona_msgs, other_msgs)
     if not markers:
         notes.append("no distinctive persona marker found in the training chat; give some with --marker")
     train_texts = persona_msgs + other_msgs
