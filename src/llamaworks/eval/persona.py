@@ -274,10 +274,12 @@ def generate_replies(model: str | Path | None, prompts: Sequence[Prompt], settin
     return replies
 
 
-def format_table(columns: dict[str, PersonaMetrics], markers: Sequence[Marker]) -> str:
-    """A markdown table: one row per metric, one column per model (and the persona's held-out replies)."""
+def format_table(columns: dict[str, PersonaMetrics], markers: Sequence[Marker],
+                 extra: Sequence[tuple[str, dict[str, str]]] = ()) -> str:
+    """A markdown table: one row per metric, one column per model (and the persona's held-out replies); `extra`
+    rows (label, {column: cell}) go first."""
     names = list(columns)
-    rows: list[tuple[str, list[str]]] = []
+    rows: list[tuple[str, list[str]]] = [(label, [cells.get(c, "") for c in names]) for label, cells in extra]
     pct = lambda v: f"{100 * v:.0f}%"
     for m in markers:
         rows.append((f"marker {m.label}", [pct(columns[c].marker_rates.get(m.label, 0.0)) for c in names]))
@@ -355,13 +357,20 @@ def evaluate_persona(model: str | Path, data: Sequence[str], *, base: str | Path
                                      threads=threads)
     replies["persona (held out)"] = [p.reference for p in prompts]
     metrics = {name: measure(r) for name, r in replies.items()}
+    extra = []
+    before, after = run_doc.get("val_loss_before"), run_doc.get("val_loss")
+    if isinstance(after, (int, float)):  # the run's own figures on the same held-out conversations
+        cells = {"fine-tuned": f"{after:.3f}"}
+        if isinstance(before, (int, float)) and "base" in replies:
+            cells["base"] = f"{before:.3f}"
+        extra.append(("validation loss (finetune)", cells))
     return {"model": str(model), "base": str(base) if base is not None else recorded.get("model"),
             "data": [str(d) for d in data], "settings": asdict(settings) | {"val_fraction": cfg.val_fraction,
                                                                             "split_seed": cfg.seed},
             "prompts": len(prompts), "held_out_conversations": len(val_convs),
             "training_conversations": len(train_convs), "markers": [m.label for m in markers],
             "metrics": {k: asdict(v) for k, v in metrics.items()},
-            "table": format_table(metrics, markers), "notes": notes,
+            "table": format_table(metrics, markers, extra), "notes": notes,
             "samples": [{"source": p.source, "prompt": p.messages[-1]["content"], "reference": p.reference,
                          **{k: v[i] for k, v in replies.items() if k != "persona (held out)"}}
                         for i, p in enumerate(prompts)]}
