@@ -1,6 +1,6 @@
 """docs/finetuning.md's KakaoTalk walkthrough, end to end, printing the numbers the page quotes.
 
-    python benchmarks/persona_walkthrough.py --work /tmp/walk            # ~10-20 min on 2 CPU cores
+    python benchmarks/persona_walkthrough.py --work /tmp/walk            # minutes on 2 idle CPU cores
 
 1. writes an invented Korean KakaoTalk PC export (tests/kakao_persona_support.py: the persona 지우 ends sentences
    with 용/당/엉 and says "헐 대박"; BOM, CRLF, placeholders, a phone number);
@@ -51,9 +51,9 @@ def llamaworks(*args: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the export and the run")
-    ap.add_argument("--days", type=int, default=20, help="days of chat in the export (default 20)")
+    ap.add_argument("--days", type=int, default=10, help="days of chat in the export (default 10)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--finetune-args", default="--seq-len 256 --batch-size 1 --max-steps 48 --lr 1e-3",
+    ap.add_argument("--finetune-args", default="--seq-len 256 --batch-size 1 --max-steps 16 --lr 2e-3 --log-every 2",
                     help="extra finetune flags (default: %(default)s)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
