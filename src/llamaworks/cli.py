@@ -370,7 +370,8 @@ def _add_finetune(sub: Subparsers) -> None:
     p.add_argument("--chat-template", default=None, metavar="NAME|FILE", help="default: the model's own")
     add_chat_data_options(p)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: full 2e-5, lora 2e-4)")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the data when --max-steps is not set")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data when --max-steps is not set (default 3; small data: at least 16 steps)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4, dest="micro_batch_size", help="micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, dest="grad_accum_steps")
@@ -508,6 +509,39 @@ def _add_eval(sub: Subparsers) -> None:
         return 0
 
     p.set_defaults(run=run)
+
+    # `eval persona`: style of a fine-tuned chat persona (docs/finetuning.md); `eval --tasks ...` stays as it was.
+    q = p.add_subparsers(dest="eval_command", metavar="[persona]").add_parser(
+        "persona", help="does a fine-tuned model talk like its persona: markers, distinct-n, copy rate, length",
+        description="Held-out prompts of --data (the run's --val-fraction split), replies of the model and --base, "
+                    "and a before/after table written into the run folder. See docs/finetuning.md.")
+    q.add_argument("--model", "-m", metavar="PATH", required=True, help="the fine-tuned model (a finetune OUT)")
+    q.add_argument("--data", required=True, action="append", metavar="FILE", help="the chat data it was trained on")
+    q.add_argument("--base", metavar="PATH", default=None,
+                   help="the model before fine-tuning (default: the bundled model when the run used it)")
+    q.add_argument("--kakao-assistant", action="append", default=None, metavar="NAME",
+                   help="the persona in chat exports (default: the run's)")
+    q.add_argument("--val-fraction", type=float, default=None, help="held-out share (default: the run's, else 0.1)")
+    q.add_argument("--limit", type=int, default=40, help="at most N prompts (default 40)")
+    q.add_argument("--marker", action="append", default=[], metavar="TEXT",
+                   help="a persona marker instead of learned ones: 'ㅋㅋ' anywhere, '용$' ending a sentence")
+    q.add_argument("--copy-ngram", type=int, default=4, help="words in a row that count as copied (default 4)")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    q.add_argument("--max-tokens", type=int, default=48, dest="max_new_tokens", help="per reply (default 48)")
+    q.add_argument("--out", "-o", metavar="FILE", default=None, help="results JSON (default: MODEL/persona_eval.json)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run_persona(a: argparse.Namespace) -> int:
+        from .eval.persona import persona_main
+
+        print(persona_main(model=a.model, data=a.data, base=a.base, out=a.out, kakao_assistant=a.kakao_assistant,
+                           progress=not a.no_progress, threads=a.threads, val_fraction=a.val_fraction,
+                           limit=a.limit, markers=a.marker, copy_ngram=a.copy_ngram, temperature=a.temperature,
+                           seed=a.seed, max_new_tokens=a.max_new_tokens))
+        return 0
+
+    q.set_defaults(run=run_persona)
 
 
 def _add_perplexity(sub: Subparsers) -> None:

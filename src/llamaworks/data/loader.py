@@ -232,8 +232,9 @@ class ExampleBatchSource:
         return rows
 
     def _collate(self, rows: list[list[int]]) -> dict[str, Tensor]:
-        T = self.seq_len if self.pack else max(
-            min(len(self.examples[r[0]]) - 1, self.seq_len) for r in rows)
+        # Rows are padded to the longest in the batch, not to seq_len: padding carries no loss and attends to
+        # nothing, so a small data set packed into part of one row does not pay for a whole row.
+        T = max(sum(min(len(self.examples[i]) - 1, self.seq_len) for i in r) for r in rows)
         B = len(rows)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         labels = torch.full((B, T), -100, dtype=torch.long)

@@ -45,6 +45,13 @@ METHODS = ("full", "lora", "qlora", "reward")
 REWARD_METHODS = ("full", "lora")
 # Learning rates that work for these recipes on small data (LoRA needs ~10x the full fine-tuning rate).
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_EPOCHS = 3.0
+# Small data (issue 17): 12 examples pack into one row, so 3 epochs were 3 optimizer steps at 2e-4 and the persona's
+# name was never learned, while 8 steps at 2e-3 learn it. When the epochs give fewer steps than MIN_STEPS (and no
+# --max-steps/--epochs/--lr is given), the run takes MIN_STEPS steps and LoRA the higher rate below: about the
+# same summed learning rate as those 8 steps at 2e-3 under warmup + cosine decay.
+MIN_STEPS = 16
+SMALL_DATA_LORA_LR = 1e-3
 
 
 @dataclass
@@ -82,7 +89,7 @@ class FinetuneConfig:
     preview: bool = False  # read and report the data, then stop before loading the model
     # optimisation (None = recipe default)
     lr: float | None = None
-    epochs: float = 3.0  # used when max_steps is None
+    epochs: float | None = None  # used when max_steps is None; None: 3, raised on small data (see MIN_STEPS)
     max_steps: int | None = None
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
@@ -322,13 +329,18 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         model = RewardModel(model, default_pad_id(tokenizer))
     prepare_model(model, cfg)
     trainable, total = trainable_parameter_count(model)
-    steps_per_epoch = max(1, math.ceil(rows / (cfg.micro_batch_size * cfg.grad_accum_steps)))
-    max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    from .loop import rank_and_world
+
+    schedule = choose_schedule(cfg, rows, train_src.n_examples, world=rank_and_world()[1])
+    max_steps, micro_batch = schedule.steps, schedule.micro_batch_size
+    train_src.micro_batch_size = micro_batch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, max_steps // 10)
+    if schedule.note:
+        print(schedule.note, flush=True)
     recipe = f"reward ({cfg.trains})" if cfg.method == "reward" else cfg.method + (" + DPO" if cfg.dpo else "")
     print(f"finetune {recipe}: {ckpt.config.name} on {device}, "
           f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
-          f"{train_src.n_examples} examples, {max_steps} steps", flush=True)
+          f"{train_src.n_examples} examples, {max_steps} steps at lr {schedule.lr:g}", flush=True)
 
     loss_fn = None
     if cfg.method == "reward":
@@ -341,8 +353,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         loss_fn = DPOLoss(beta=cfg.dpo_beta, reference=frozen_reference(model) if cfg.method == "full" else None)
 
     lora = cfg.trains != "full"
-    tcfg = TrainConfig(lr=cfg.lr or DEFAULT_LR[cfg.trains], warmup_steps=warmup, max_steps=max_steps,
-                       micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
+    tcfg = TrainConfig(lr=schedule.lr, warmup_steps=warmup, max_steps=max_steps,
+                       micro_batch_size=micro_batch, grad_accum_steps=cfg.grad_accum_steps,
                        weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        keep_last=cfg.keep_last, log_every=cfg.log_every, precision=cfg.precision,
                        activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
@@ -353,6 +365,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     ckpt_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=not lora)
     final_save = make_save_fn(cfg, ckpt.config, tokenizer, chat_template_source, generation_config, merged=True)
 
+    val_before = None
+    if val_src is not None and not cfg.dpo and not cfg.resume:
+        # The same held-out rows before any step (a fresh LoRA adapter changes nothing): the report's "before".
+        from .loop import evaluate
+
+        val_before = evaluate(model, val_src, 0, loss_fn=loss_fn)[0]
+        print(f"validation loss before training {val_before:.4f} (perplexity {math.exp(min(val_before, 50)):.2f})",
+              flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -361,13 +381,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
 
-    from .loop import rank_and_world
-
     if rank_and_world()[0] == 0:
         model.eval()
         summary = {"config": asdict(cfg), "steps": result.step, "train_loss": result.train_loss,
-                   "val_loss": result.val_loss, "val_ppl": result.val_ppl, "trainable_params": trainable,
-                   "total_params": total, "seconds": seconds, "data": data_report}
+                   "val_loss": result.val_loss, "val_ppl": result.val_ppl, "val_loss_before": val_before,
+                   "trainable_params": trainable, "total_params": total, "seconds": seconds, "data": data_report,
+                   "schedule": asdict(schedule)}
         if cfg.method == "reward" and val_src is not None:
             from .reward import pairwise_accuracy
 
@@ -393,6 +412,44 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                           train_loss=result.train_loss, val_loss=result.val_loss, trainable_params=trainable,
                           total_params=total, seconds=seconds, steps_per_s=done_steps / seconds if seconds else 0.0,
                           peak_memory_bytes=peak, history=result.history)
+
+
+@dataclass
+class Schedule:
+    steps: int
+    lr: float
+    micro_batch_size: int
+    note: str = ""  # why the defaults were changed (printed and kept in finetune.json)
+
+
+def choose_schedule(cfg: FinetuneConfig, rows: int, examples: int, world: int = 1) -> Schedule:
+    """Optimizer steps, learning rate and micro-batch for `rows` training rows per epoch.
+
+    What the user set is kept. Otherwise, on small data (DEFAULT_EPOCHS giving fewer than MIN_STEPS steps): the
+    micro-batch is cut to the rows there are (a batch of copies of one row only costs time), the run takes
+    MIN_STEPS steps, and LoRA/QLoRA train at SMALL_DATA_LORA_LR."""
+    micro = cfg.micro_batch_size
+    lr = cfg.lr or DEFAULT_LR[cfg.trains]
+    per_step = lambda mb: mb * cfg.grad_accum_steps * world
+    steps_per_epoch = max(1, math.ceil(rows / per_step(micro)))
+    if cfg.max_steps:
+        return Schedule(cfg.max_steps, lr, micro)
+    if cfg.epochs is not None:
+        return Schedule(max(1, round(cfg.epochs * steps_per_epoch)), lr, micro)
+    steps = max(1, round(DEFAULT_EPOCHS * steps_per_epoch))
+    if steps >= MIN_STEPS:
+        return Schedule(steps, lr, micro)
+    before = (steps, lr)
+    micro = max(1, min(micro, math.ceil(rows / (cfg.grad_accum_steps * world))))
+    steps_per_epoch = max(1, math.ceil(rows / per_step(micro)))
+    steps = max(MIN_STEPS, round(DEFAULT_EPOCHS * steps_per_epoch))
+    if cfg.lr is None and cfg.trains != "full":
+        lr = SMALL_DATA_LORA_LR
+    note = (f"small data: {examples} example(s) fill {rows} row(s) of {cfg.seq_len} tokens, so {DEFAULT_EPOCHS:g} "
+            f"epochs would be {before[0]} optimizer step(s) at lr {before[1]:g}, too few to learn anything; "
+            f"training {steps} steps ({steps / steps_per_epoch:.0f} epochs) at lr {lr:g}, micro-batch {micro} "
+            "(--max-steps, --epochs, --lr choose otherwise)")
+    return Schedule(steps, lr, micro, note)
 
 
 def _report_dict(report: Any, **extra: Any) -> dict[str, Any]:
@@ -437,5 +494,5 @@ def run_finetune(**kwargs: Any) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_LR", "METHODS", "FinetuneConfig", "FinetuneResult", "finetune", "make_save_fn",
-           "prepare_model", "run_finetune"]
+__all__ = ["DEFAULT_LR", "METHODS", "MIN_STEPS", "SMALL_DATA_LORA_LR", "FinetuneConfig", "FinetuneResult", "Schedule",
+           "choose_schedule", "finetune", "make_save_fn", "prepare_model", "run_finetune"]
