@@ -234,8 +234,6 @@ def test_default_flags_learn_a_12_example_persona(tmp_path, smollm2_gguf):
     assert run["schedule"]["steps"] >= 16 and "small data" in run["schedule"]["note"]
     after = llamaworks.load(out)
     replies = [after.chat(q, temperature=0, max_new_tokens=24) for q in questions]
-    print(replies)
-    # Measured (AMD EPYC, 16 steps at 1e-3, loss 2.81 -> 0.48): ['내 힘�es 나는 라마봇', '나는 누기�ем이당. 라'] -
-    # the name for the trained question; the persona's "이당" (a reply cut at "라" by 24 tokens) for the new one.
+    # The trained question now names the persona (measured on AMD EPYC, 16 steps at 1e-3, loss 2.81 -> 0.48:
+    # '내 힘�es 나는 라마봇'); the unseen one did not (it took the persona's "이당" ending), so it is not asserted.
     assert NAME in replies[0], replies
-    assert NAME in replies[1] or any(m in replies[1] for m in ("당", "용")), replies
