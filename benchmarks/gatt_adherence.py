@@ -50,12 +50,12 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def adherence(model: str | None, chats: list[list[str]], max_tokens: int, rows: int) -> dict:
+def adherence(model: str | None, chats: list[list[str]], max_tokens: int, rows: int, threads: int | None) -> dict:
     from llamaworks import api
     from llamaworks.data.gatt import Rule, measure_adherence
     from llamaworks.engine.backend import EngineOptions
 
-    llm = api.load(model, options=EngineOptions(max_rows=rows, max_context=2048))
+    llm = api.load(model, options=EngineOptions(max_rows=rows, max_context=2048, threads=threads))
     out: dict = {}
     for emoji, text in INSTRUCTIONS.items():
         other = next(e for e in INSTRUCTIONS if e != emoji)
@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repair", action="store_true", help="data gatt --repair (for a model that cannot follow)")
     ap.add_argument("--skip-base", action="store_true", help="do not measure the base model again")
+    ap.add_argument("--reuse-data", action="store_true", help="keep an existing WORK/gatt.jsonl")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of every step (default: all cores)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -97,14 +99,14 @@ def main() -> int:
         for emoji, text in INSTRUCTIONS.items():
             f.write(json.dumps({"instruction": text, "check": f"ends-with:{emoji}"}, ensure_ascii=False) + "\n")
     model = ["--model", a.model] if a.model else []
-    py = [sys.executable, "-m", "llamaworks"]
+    py = [sys.executable, "-m", "llamaworks", *(["--threads", str(a.threads)] if a.threads else [])]
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    run([*py, "data", "gatt", "--conversations", str(work / "chats.jsonl"), "--instructions",
-         str(work / "instructions.jsonl"), "--out", str(work / "gatt.jsonl"), *model, "--tries", str(a.tries),
-         "--every-turn", *(["--repair"] if a.repair else []), "--max-tokens", str(a.max_tokens), "--seed",
-         str(a.seed), "--rows", str(a.rows),
-         "--temperature", "0.7", "--max-context", "2048", "--no-progress"])
+    if not (a.reuse_data and (work / "gatt.jsonl").exists()):
+        run([*py, "data", "gatt", "--conversations", str(work / "chats.jsonl"), "--instructions",
+             str(work / "instructions.jsonl"), "--out", str(work / "gatt.jsonl"), *model, "--tries", str(a.tries),
+             "--every-turn", *(["--repair"] if a.repair else []), "--max-tokens", str(a.max_tokens), "--seed",
+             str(a.seed), "--rows", str(a.rows), "--temperature", "0.7", "--max-context", "2048", "--no-progress"])
     timings["data_gatt_s"] = time.perf_counter() - t
     t = time.perf_counter()
     run([*py, "finetune", "full", "--data", str(work / "gatt.jsonl"), *model, "--out", str(work / "tuned"),
@@ -114,8 +116,8 @@ def main() -> int:
     timings["finetune_s"] = time.perf_counter() - t
     results: dict = {"settings": vars(a), "timings": timings}
     if not a.skip_base:
-        results["base"] = adherence(a.model, heldout, a.max_tokens, a.rows)
-    results["gatt"] = adherence(str(work / "tuned-q8_0.gguf"), heldout, a.max_tokens, a.rows)
+        results["base"] = adherence(a.model, heldout, a.max_tokens, a.rows, a.threads)
+    results["gatt"] = adherence(str(work / "tuned-q8_0.gguf"), heldout, a.max_tokens, a.rows, a.threads)
     (work / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"\n{'model':<6} {'instruction':<40} {'turn 1':>7} {'turns 2-5':>10} {'other emoji':>12}")
     for name in ("base", "gatt"):

@@ -148,3 +148,35 @@ def test_gatt_samples_with_the_instruction_everywhere_and_trains_it_once(smollm2
 
     ex = tokenize_conversation(final[0]["messages"], smol_tok, template_for(smol_tok))
     assert _learned_text(smol_tok, ex) == final[0]["messages"][-1]["content"] + "<|im_end|>\n"
+
+
+@pytest.mark.slow  # a few minutes: samples GAtt data, fine-tunes the default model, plays held-out chats twice
+def test_gatt_fine_tuning_makes_the_instruction_hold_at_later_turns(smollm2_gguf, tmp_path):
+    """The cheap version of benchmarks/gatt_adherence.py: the base model never ends its replies as the first turn
+    asked; after a short full fine-tune on GAtt data it does at turns 2-3 of held-out chats about other topics."""
+    from llamaworks import api
+    from llamaworks.data.gatt import measure_adherence
+    from llamaworks.engine.backend import EngineOptions
+    from llamaworks.train.finetune import FinetuneConfig, finetune
+
+    instruction, rule = "Answer in one sentence, then write 🦙.", Rule.parse("ends-with:🦙")
+    train_topics = ["cats", "coffee", "owls", "trains", "bread", "snow", "tea", "bees"]
+    chats = [[{"role": "user", "content": f"Tell me a fun fact about {t}."},
+              {"role": "user", "content": f"Why do people like {train_topics[i - 1]}?"}]
+             for i, t in enumerate(train_topics)]
+    heldout = [[f"Tell me a fun fact about {t}.", "Describe it in one sentence.", f"Why do people like {t}?"]
+               for t in ("dolphins", "pianos", "cheese", "castles")]
+    base = api.load(smollm2_gguf, options=EngineOptions(max_rows=4, max_context=1024))
+    records, stats = sample_gatt(base, chats, [Instruction(instruction, rule)], tries=2, repair=True,
+                                 every_turn=True, temperature=0.7, max_new_tokens=48, progress=False)
+    assert stats.records >= 12
+    before = measure_adherence(base, heldout, instruction, rule, temperature=0, max_new_tokens=48)
+    data = tmp_path / "gatt.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    finetune(FinetuneConfig(method="full", model=str(smollm2_gguf), data=[str(data)], out=str(tmp_path / "out"),
+                            max_steps=12, lr=2e-4, seq_len=256, micro_batch_size=4, progress=False,
+                            tensorboard=False, plot=False, seed=0))
+    tuned = api.load(tmp_path / "out", backend="torch", device="cpu", options=EngineOptions(max_rows=4))
+    after = measure_adherence(tuned, heldout, instruction, rule, temperature=0, max_new_tokens=48)
+    assert before.rate(2) <= 0.25, before.replies
+    assert after.rate(2) >= 0.8, after.replies
