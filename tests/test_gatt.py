@@ -100,7 +100,7 @@ def test_instruction_files(tmp_path):
     js = tmp_path / "i.jsonl"
     js.write_text(json.dumps({"instruction": "Start with Ahoy.", "check": "starts-with:Ahoy"}) + "\n"
                   + json.dumps({"instruction": "x", "check": "nope"}) + "\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"i.jsonl:2: .*expected KIND:VALUE"):
+    with pytest.raises(DatasetError, match=r"i.jsonl:2: check 'nope': expected KIND:VALUE"):
         read_instructions(js)
 
 

@@ -477,7 +477,7 @@ def _add_eval(sub: Subparsers) -> None:
 
     sub_eval = p.add_subparsers(dest="eval_command", metavar="<command>", required=False)
     j = sub_eval.add_parser("judge", help="pairwise LLM-as-judge (MT-Bench style): grades 1-10 and A-vs-B in both "
-                                          "orders, win/tie/loss with 95% intervals",
+                                          "orders, win/tie/loss with 95%% intervals",
                             description="Models A and B answer every prompt; the judge (a local model or an "
                                         "OpenAI-compatible endpoint) grades each answer and compares them in both "
                                         "orders: a win only if preferred in both. See docs/eval.md.")

@@ -106,9 +106,9 @@ def read_instructions(path: str | Path, default_rule: Rule | None = None) -> lis
                 bad.append(BadRecord(str(path), line, "'check' must be a string KIND:VALUE"))
                 continue
             try:
-                rule = Rule.parse(check, f"{path}:{line}: check") if check else default_rule
+                rule = Rule.parse(check, "check") if check else default_rule
             except ConfigError as e:
-                bad.append(BadRecord(str(path), line, str(e).split(": ", 2)[-1]))
+                bad.append(BadRecord(str(path), line, str(e)))
                 continue
             out.append(Instruction(text.strip(), rule))
         if bad:
