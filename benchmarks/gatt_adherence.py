@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--repair", action="store_true", help="data gatt --repair (for a model that cannot follow)")
     ap.add_argument("--skip-base", action="store_true", help="do not measure the base model again")
     ap.add_argument("--reuse-data", action="store_true", help="keep an existing WORK/gatt.jsonl")
+    ap.add_argument("--reuse-tuned", action="store_true", help="keep an existing WORK/tuned-q8_0.gguf")
+    ap.add_argument("--base-only", action="store_true", help="only measure the base model")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of every step (default: all cores)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -107,17 +109,26 @@ def main() -> int:
              str(work / "instructions.jsonl"), "--out", str(work / "gatt.jsonl"), *model, "--tries", str(a.tries),
              "--every-turn", *(["--repair"] if a.repair else []), "--max-tokens", str(a.max_tokens), "--seed",
              str(a.seed), "--rows", str(a.rows), "--temperature", "0.7", "--max-context", "2048", "--no-progress"])
-    timings["data_gatt_s"] = time.perf_counter() - t
+        timings["data_gatt_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    run([*py, "finetune", "full", "--data", str(work / "gatt.jsonl"), *model, "--out", str(work / "tuned"),
-         "--max-steps", str(a.steps), "--lr", str(a.lr), "--seq-len", "512", "--batch-size", "2",
-         "--log-every", "5", "--seed", str(a.seed), "--no-progress"])
-    run([*py, "quantize", str(work / "tuned"), str(work / "tuned-q8_0.gguf"), "--to", "q8_0"])
-    timings["finetune_s"] = time.perf_counter() - t
-    results: dict = {"settings": vars(a), "timings": timings}
+    if not a.base_only and not (a.reuse_tuned and (work / "tuned-q8_0.gguf").exists()):
+        run([*py, "finetune", "full", "--data", str(work / "gatt.jsonl"), *model, "--out", str(work / "tuned"),
+             "--max-steps", str(a.steps), "--lr", str(a.lr), "--seq-len", "512", "--batch-size", "2",
+             "--log-every", "5", "--seed", str(a.seed), "--no-progress"])
+        run([*py, "quantize", str(work / "tuned"), str(work / "tuned-q8_0.gguf"), "--to", "q8_0"])
+        timings["finetune_s"] = time.perf_counter() - t
+    # Runs may be split (--base-only now, the tuned model later): results accumulate in one file.
+    previous = json.loads((work / "results.json").read_text(encoding="utf-8")) \
+        if (work / "results.json").exists() else {}
+    results: dict = {**previous, "settings": vars(a), "timings": {**previous.get("timings", {}), **timings}}
     if not a.skip_base:
+        t = time.perf_counter()
         results["base"] = adherence(a.model, heldout, a.max_tokens, a.rows, a.threads)
-    results["gatt"] = adherence(str(work / "tuned-q8_0.gguf"), heldout, a.max_tokens, a.rows, a.threads)
+        results["timings"]["base_adherence_s"] = time.perf_counter() - t
+    if not a.base_only:
+        t = time.perf_counter()
+        results["gatt"] = adherence(str(work / "tuned-q8_0.gguf"), heldout, a.max_tokens, a.rows, a.threads)
+        results["timings"]["gatt_adherence_s"] = time.perf_counter() - t
     (work / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"\n{'model':<6} {'instruction':<40} {'turn 1':>7} {'turns 2-5':>10} {'other emoji':>12}")
     for name in ("base", "gatt"):
