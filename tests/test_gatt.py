@@ -174,7 +174,7 @@ def test_gatt_fine_tuning_makes_the_instruction_hold_at_later_turns(smollm2_gguf
     data = tmp_path / "gatt.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     finetune(FinetuneConfig(method="full", model=str(smollm2_gguf), data=[str(data)], out=str(tmp_path / "out"),
-                            max_steps=12, lr=2e-4, seq_len=256, micro_batch_size=4, progress=False,
+                            max_steps=12, lr=2e-4, seq_len=256, micro_batch_size=2, progress=False,
                             tensorboard=False, plot=False, seed=0))
     tuned = api.load(tmp_path / "out", backend="torch", device="cpu", options=EngineOptions(max_rows=4))
     after = measure_adherence(tuned, heldout, instruction, rule, temperature=0, max_new_tokens=48)
