@@ -150,7 +150,7 @@ def test_gatt_samples_with_the_instruction_everywhere_and_trains_it_once(smollm2
     assert _learned_text(smol_tok, ex) == final[0]["messages"][-1]["content"] + "<|im_end|>\n"
 
 
-@pytest.mark.slow  # a few minutes: samples GAtt data, fine-tunes the default model, plays held-out chats twice
+@pytest.mark.slow  # 9.3 min at load average ~8 on 2 vCPUs: samples GAtt data, fine-tunes, plays held-out chats twice
 def test_gatt_fine_tuning_makes_the_instruction_hold_at_later_turns(smollm2_gguf, tmp_path):
     """The cheap version of benchmarks/gatt_adherence.py: the base model never ends its replies as the first turn
     asked; after a short full fine-tune on GAtt data it does at turns 2-3 of held-out chats about other topics."""
