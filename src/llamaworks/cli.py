@@ -249,6 +249,44 @@ def _add_data(sub: Subparsers) -> None:
 
     i.set_defaults(run=run_inspect, needs_torch=False)
 
+    g = data_sub.add_parser("gatt", help="Ghost Attention data: replies sampled with an instruction on every user "
+                                         "turn, trained with it on the first only (LLaMA 2 sec. 3.3)",
+                            description="Samples the assistant's replies with --model, the instruction attached to "
+                                        "every user turn, and writes finetune records with the instruction in the "
+                                        "first user turn only and the loss on the last reply only. See "
+                                        "docs/finetuning.md.")
+    g.add_argument("--conversations", required=True, action="append", metavar="FILE",
+                   help="multi-turn conversations (any format finetune reads; their user turns are used)")
+    g.add_argument("--instructions", required=True, metavar="FILE",
+                   help="one instruction per line, or JSONL {\"instruction\": ..., \"check\": \"KIND:VALUE\"}")
+    g.add_argument("--out", "-o", required=True, metavar="FILE", help="output JSONL (OpenAI messages layout)")
+    g.add_argument("--check", default=None, metavar="KIND:VALUE",
+                   help="rule a reply must pass (ends-with:, starts-with:, contains:, regex:), else it is resampled")
+    g.add_argument("--tries", type=int, default=1, help="samples per reply until --check passes (default 1)")
+    g.add_argument("--repair", action="store_true",
+                   help="on the last try, add an ends-with/starts-with rule's missing text to a whole reply (for a "
+                        "model that cannot follow the instruction on its own)")
+    g.add_argument("--every-turn", action="store_true",
+                   help="one record per reply (each prefix), not only per conversation")
+    g.add_argument("--max-turns", type=int, default=None, help="use at most N user turns of each conversation")
+    g.add_argument("--rows", type=int, default=8, help="conversations decoded together (default 8)")
+    g.add_argument("--skip-bad", action="store_true", help="report malformed records and continue")
+    g.add_argument("--no-progress", action="store_true")
+    add_model_options(g)
+    add_sampling_options(g, max_tokens=128)
+
+    def run_gatt(a: argparse.Namespace) -> int:
+        from .data.gatt import gatt_main
+
+        sampling = sampling_kwargs(a)
+        gatt_main(conversations=a.conversations, instructions=a.instructions, out=a.out, check=a.check,
+                  tries=a.tries, repair=a.repair, every_turn=a.every_turn, max_turns=a.max_turns,
+                  seed=sampling.pop("seed", 0), rows=a.rows, skip_bad=a.skip_bad, progress=not a.no_progress,
+                  model_kwargs=model_kwargs(a), sampling=sampling)
+        return 0
+
+    g.set_defaults(run=run_gatt)
+
 
 def add_chat_data_options(p: argparse.ArgumentParser) -> None:
     """Options of chat exports and privacy, shared by `finetune` and `data inspect`."""
@@ -511,7 +549,8 @@ def _add_eval(sub: Subparsers) -> None:
     p.set_defaults(run=run)
 
     # `eval persona`: style of a fine-tuned chat persona (docs/finetuning.md); `eval --tasks ...` stays as it was.
-    q = p.add_subparsers(dest="eval_command", metavar="[persona]").add_parser(
+    sub_eval = p.add_subparsers(dest="eval_command", metavar="[persona|judge]", required=False)
+    q = sub_eval.add_parser(
         "persona", help="does a fine-tuned model talk like its persona: markers, distinct-n, copy rate, length",
         description="Held-out prompts of --data (the run's --val-fraction split), replies of the model and --base, "
                     "and a before/after table written into the run folder. See docs/finetuning.md.")
@@ -542,6 +581,52 @@ def _add_eval(sub: Subparsers) -> None:
         return 0
 
     q.set_defaults(run=run_persona)
+
+    j = sub_eval.add_parser("judge", help="pairwise LLM-as-judge (MT-Bench style): grades 1-10 and A-vs-B in both "
+                                          "orders, win/tie/loss with 95%% intervals",
+                            description="Models A and B answer every prompt; the judge (a local model or an "
+                                        "OpenAI-compatible endpoint) grades each answer and compares them in both "
+                                        "orders: a win only if preferred in both. See docs/eval.md.")
+    j.add_argument("--prompts", required=True, metavar="FILE",
+                   help="JSONL: {\"prompt\": ...}, MT-Bench {\"turns\": [...]} or {\"messages\": [...]}")
+    for side in ("a", "b"):
+        j.add_argument(f"--model-{side}", default=None, metavar="PATH|NAME",
+                       help=f"model {side.upper()}: a local path (default: bundled SmolLM2), or with --url-{side} "
+                            "the endpoint's model name")
+        j.add_argument(f"--url-{side}", default=None, metavar="URL",
+                       help=f"OpenAI-compatible endpoint answering as model {side.upper()} (e.g. "
+                            "http://127.0.0.1:8000/v1)")
+    j.add_argument("--judge", default=None, metavar="PATH|NAME",
+                   help="judge: a local path (default: bundled SmolLM2), or with --judge-url the endpoint's model name")
+    j.add_argument("--judge-url", default=None, metavar="URL", help="OpenAI-compatible endpoint of the judge")
+    j.add_argument("--api-key", default=None, help="bearer key sent to the endpoints")
+    j.add_argument("--mode", choices=["both", "pairwise", "single"], default="both",
+                   help="pairwise comparison, single-answer grading, or both (default)")
+    j.add_argument("--max-tokens", type=int, default=256, help="tokens per answer (default 256)")
+    j.add_argument("--judge-max-tokens", type=int, default=512, help="tokens per judgment (default 512)")
+    j.add_argument("--temperature", type=float, default=0.0, help="answers' temperature (default 0, greedy)")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--rows", type=int, default=4, help="local models: sequences decoded together (default 4)")
+    j.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    j.add_argument("--out", "-o", metavar="FILE", default=None, help="write the results JSON here")
+    j.add_argument("--no-progress", action="store_true")
+    add_model_options(j)
+    j.set_defaults(needs_torch=lambda a: any(
+        _needs_torch(argparse.Namespace(**{**vars(a), "model": m}))
+        for m, url in ((a.model_a, a.url_a), (a.model_b, a.url_b), (a.judge, a.judge_url)) if not url))
+
+    def run_judge(a: argparse.Namespace) -> int:
+        from .eval.judge import judge_main, summary
+
+        results = judge_main(prompts=a.prompts, model_a=a.model_a, model_b=a.model_b, judge=a.judge, url_a=a.url_a,
+                             url_b=a.url_b, judge_url=a.judge_url, api_key=a.api_key, mode=a.mode, out=a.out,
+                             max_tokens=a.max_tokens, judge_max_tokens=a.judge_max_tokens,
+                             temperature=a.temperature, seed=a.seed, rows=a.rows, limit=a.limit,
+                             progress=not a.no_progress, model_kwargs=model_kwargs(a))
+        print(summary(results))
+        return 0
+
+    j.set_defaults(run=run_judge)
 
 
 def _add_perplexity(sub: Subparsers) -> None:

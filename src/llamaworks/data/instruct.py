@@ -6,6 +6,8 @@ Formats (detected per record in JSONL/JSON files; KakaoTalk by file content):
 - ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
   ("user"/"assistant" are accepted for `from`, as are "role"/"content" keys)
 - OpenAI:   {"messages": [{"role": "system"|"user"|"assistant", "content": str | [{"type":"text","text":..}]}]}
+  An assistant message (OpenAI or ShareGPT) may carry `"weight": 0` (OpenAI's fine-tuning field): it stays in the
+  context but is not learned (Ghost Attention data, `data/gatt.py`, keeps only the last reply's loss this way).
 - KakaoTalk chat exports (`kakaotalk.py`): the persona (one speaker, under any of its aliases) becomes the
   assistant, everyone else the user. Several exports are merged; a conversation found in two overlapping
   exports is kept once. Personal data is scrubbed from chat exports by default (`privacy.py`).
@@ -43,7 +45,7 @@ from .privacy import DEFAULT_CHAT_KINDS, Scrubber, parse_kinds
 from .records import BadRecord, Conversation, DatasetError
 from .textfile import read_text
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content and, on a reply not learned, "weight": 0
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -141,9 +143,37 @@ def _text(value: Any, where: str) -> str:
     raise _Bad(f"{where} must be a string, got {type(value).__name__}")
 
 
-def _check_turns(messages: list[Message]) -> list[Message]:
+def _weight(m: dict[str, Any], where: str) -> int | None:
+    """The message's loss weight (OpenAI's fine-tuning field): 0 keeps a reply as context only, 1 learns it."""
+    if "weight" not in m:
+        return None
+    w = m["weight"]
+    if isinstance(w, bool) or w not in (0, 1):
+        raise _Bad(f"{where}.weight must be 0 or 1, got {w!r}")
+    if m.get("role", m.get("from")) not in ("assistant", "gpt", "chatgpt", "bing", "bard"):
+        raise _Bad(f"{where}.weight is only meaningful on an assistant message")
+    return int(w)
+
+
+def _message(role: str, content: str, weight: int | None) -> Message:
+    return {"role": role, "content": content} if weight is None or weight == 1 else \
+        {"role": role, "content": content, "weight": weight}
+
+
+def learned(m: dict[str, Any]) -> bool:
+    """Whether the tokens of this assistant message are learned (not `"weight": 0`)."""
+    return m.get("weight", 1) != 0
+
+
+def _check_turns(messages: list[Message], need_reply: bool = True) -> list[Message]:
+    if not need_reply:  # prompts only (GAtt samples the replies): any user turn will do
+        if not any(m["role"] == "user" for m in messages):
+            raise _Bad("no user message")
+        return messages
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad("no assistant message to learn from")
+    if not any(m["role"] == "assistant" and learned(m) for m in messages):
+        raise _Bad("every assistant message has weight 0: nothing to learn from")
     seen_non_system = False
     for i, m in enumerate(messages):
         if m["role"] == "system" and seen_non_system:
@@ -154,8 +184,9 @@ def _check_turns(messages: list[Message]) -> list[Message]:
     return messages
 
 
-def record_to_messages(record: Any) -> list[Message]:
-    """Messages of one Alpaca / ShareGPT / OpenAI record; raises _Bad with the reason otherwise."""
+def record_to_messages(record: Any, need_reply: bool = True) -> list[Message]:
+    """Messages of one Alpaca / ShareGPT / OpenAI record; raises _Bad with the reason otherwise. need_reply=False
+    accepts conversations without an assistant reply (GAtt's user turns)."""
     if not isinstance(record, dict):
         raise _Bad(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -169,8 +200,9 @@ def record_to_messages(record: Any) -> list[Message]:
             role = m.get("role")
             if role not in ROLES:
                 raise _Bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-            out.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
-        return _check_turns(out)
+            out.append(_message(role, _text(m.get("content"), f"messages[{i}].content"),
+                                _weight(m, f"messages[{i}]")))
+        return _check_turns(out, need_reply)
     if "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list) or not turns:
@@ -183,9 +215,9 @@ def record_to_messages(record: Any) -> list[Message]:
             role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
             if role is None:
                 raise _Bad(f"conversations[{i}].from must be human/gpt/system, got {who!r}")
-            out.append({"role": role, "content": _text(t.get("value", t.get("content")),
-                                                       f"conversations[{i}].value")})
-        return _check_turns(out)
+            out.append(_message(role, _text(t.get("value", t.get("content")), f"conversations[{i}].value"),
+                                _weight({**t, "role": role}, f"conversations[{i}]")))
+        return _check_turns(out, need_reply)
     if "instruction" in record or "output" in record:
         instruction, output = record.get("instruction"), record.get("output")
         if not isinstance(instruction, str) or not instruction.strip():
@@ -262,14 +294,15 @@ def _input_files(paths: Sequence[str | Path]) -> list[Path]:
 def load_conversations(paths: str | Path | Sequence[str | Path], *,
                        kakao_assistant: str | Sequence[str] | None = None, system: str | None = None,
                        kakao_gap_minutes: float = 360.0, scrub: str | Sequence[str] | None = None,
-                       scrub_names: Sequence[str] = (), report: DataReport | None = None
-                       ) -> tuple[list[Conversation], list[BadRecord]]:
+                       scrub_names: Sequence[str] = (), report: DataReport | None = None,
+                       need_reply: bool = True) -> tuple[list[Conversation], list[BadRecord]]:
     """All conversations of the given files (and directories, recursively) plus every malformed record.
 
     kakao_assistant: the persona in chat exports, a name or aliases ("나,홍길동" or a list); in each export
     the speakers matching any alias become the assistant. scrub: kinds of personal data to replace (see
     `privacy.parse_kinds`; None: phone/email/id/account in chat exports, nothing elsewhere); scrub_names: more
-    names to replace. `report`, when given, is filled with what was read, dropped and scrubbed."""
+    names to replace. `report`, when given, is filled with what was read, dropped and scrubbed. need_reply=False
+    also accepts conversations of user turns only (GAtt samples the replies)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     report = report if report is not None else DataReport()
@@ -330,7 +363,7 @@ def load_conversations(paths: str | Path | Sequence[str | Path], *,
             n_records += 1
             line, record = item
             try:
-                msgs = record_to_messages(record)
+                msgs = record_to_messages(record, need_reply)
             except _Bad as e:
                 bad.append(BadRecord(str(f), line, str(e)))
                 continue
@@ -349,12 +382,14 @@ def load_conversations(paths: str | Path | Sequence[str | Path], *,
 # -- rendering + masking -------------------------------------------------------------------------
 
 def tokenize_conversation(messages: list[Message], tokenizer: Any, template: Any, *,
-                          train_on_prompt: bool = False) -> Example:
+                          train_on_prompt: bool = False, allow_empty: bool = False) -> Example:
     """Token ids and loss mask of a conversation rendered with `template` (a ChatTemplate).
 
     The text is cut at the boundaries of each assistant reply: render(messages[:i], generation prompt) must be a
-    prefix of render(messages[:i+1]); the part in between (the reply and its end-of-turn marker) is learned.
-    Pieces are tokenized separately so the mask lines up with token boundaries exactly."""
+    prefix of render(messages[:i+1]); the part in between (the reply and its end-of-turn marker) is learned,
+    unless the reply has `"weight": 0` (then it is context, like the prompt). Pieces are tokenized separately so
+    the mask lines up with token boundaries exactly. allow_empty: return an example with nothing to learn instead
+    of raising (a window of zero-weight replies)."""
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -366,7 +401,7 @@ def tokenize_conversation(messages: list[Message], tokenizer: Any, template: Any
             raise _Bad("the chat template does not render this conversation as a growing prefix; "
                        "cannot locate the assistant replies")
         pieces.append((prompt[len(done):], False))
-        pieces.append((full[len(prompt):], True))
+        pieces.append((full[len(prompt):], learned(m)))
         done = full
     ids: list[int] = []
     mask: list[bool] = []
@@ -381,7 +416,7 @@ def tokenize_conversation(messages: list[Message], tokenizer: Any, template: Any
         piece_ids = tokenizer.encode(text, add_bos=False, add_eos=False)
         ids += piece_ids
         mask += [learn or train_on_prompt] * len(piece_ids)
-    if not any(mask):
+    if not any(mask) and not allow_empty:
         raise _Bad("no assistant tokens after rendering")
     return Example(ids, mask)
 
@@ -432,7 +467,8 @@ def fit_conversation(messages: list[Message], tokenize: Callable[[list[Message]]
                      max_len: int | None) -> list[Example]:
     """`messages` as one example, or, when longer than `max_len` tokens, as windows of whole exchanges (the
     user turns before a reply and the reply) that each fit; the system message heads every window. An exchange
-    that does not fit on its own becomes one window, longer than max_len (the batch source cuts it)."""
+    that does not fit on its own becomes one window, longer than max_len (the batch source cuts it). A window with
+    nothing to learn (only `"weight": 0` replies) is left out."""
     whole = tokenize(messages)
     if max_len is None or len(whole) <= max_len:
         return [whole]
@@ -456,7 +492,8 @@ def fit_conversation(messages: list[Message], tokenize: Callable[[list[Message]]
             if len(candidate) > max_len:
                 break
             best, end = candidate, end + 1
-        windows.append(best)
+        if any(best.loss_mask):
+            windows.append(best)
         start = end
     return windows
 
@@ -483,7 +520,8 @@ def load_sft_dataset(paths: str | Path | Sequence[str | Path], tokenizer: Any, *
     limit = max_seq_len + 1 if max_seq_len else None  # a row of seq_len positions reads seq_len + 1 tokens
 
     def tokenize(messages: list[Message]) -> Example:
-        return tokenize_conversation(messages, tokenizer, template, train_on_prompt=train_on_prompt)
+        return tokenize_conversation(messages, tokenizer, template, train_on_prompt=train_on_prompt,
+                                     allow_empty=True)  # a window of zero-weight replies is left out
 
     examples: list[Example] = []
     groups: list[int] = []
