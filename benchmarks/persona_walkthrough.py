@@ -18,26 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from llamaworks.hardware import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from kakao_persona_support import PERSONA, write_persona_export  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llamaworks(*args: str) -> float:
@@ -68,7 +59,7 @@ def main() -> int:
     t["eval persona"] = llamaworks("--threads", a.threads, "eval", "persona", "--model", run, "--data", export,
                                    "--no-progress")
     doc = json.loads((run / "finetune.json").read_text(encoding="utf-8"))
-    print(f"\nCPU: {cpu_name()}, {a.threads} threads; seconds: "
+    print(f"\nCPU: {cpu_description()['model']}, {a.threads} threads; seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
     print(f"validation loss: before {doc['val_loss_before']:.4f}, after {doc['val_loss']:.4f} "
           f"({doc['steps']} steps; schedule: {doc['schedule']})")

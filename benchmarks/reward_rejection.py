@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llamaworks.hardware import cpu_description
+
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
             ("Canada", "Ottawa"), ("Germany", "Berlin"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
             ("Norway", "Oslo"), ("Greece", "Athens"), ("Cuba", "Havana"), ("Korea", "Seoul"),
@@ -103,7 +105,7 @@ def main() -> int:
     rm_train_qa, rm_held_qa = qa[:30], qa[30:]
     write_pairs(work / "pairs_train.jsonl", rm_train_qa, POLITE_TRAIN, RUDE_TRAIN, per_q=2)
     write_pairs(work / "pairs_held.jsonl", rm_held_qa, POLITE_HELD, RUDE_HELD, per_q=2)
-    results: dict = {"cpu": _cpu()}
+    results: dict = {"cpu": cpu_description()["model"]}
 
     # -- reward model ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -174,16 +176,6 @@ def main() -> int:
               f"{r.get('best_of_k_mean', float('nan')):.3f} | {r['greedy_reward']:.3f} |")
     ok = results["rm"]["val_accuracy"] >= 0.9 and rows[-1]["greedy_reward"] > rows[0]["greedy_reward"]
     return 0 if ok else 1
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
