@@ -202,16 +202,9 @@ def run_lm_eval(python: str, model_path: Path, work: Path, name: str, train: Pat
 # -- the comparison ------------------------------------------------------------------------------------
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    from llamaworks.hardware import cpu_description  # (not at the top: the harness's worker runs this file too)
 
-    return platform.processor() or "unknown"
+    return cpu_description()["model"]
 
 
 def compare(ours: dict, theirs: dict, tolerance: float) -> dict:
