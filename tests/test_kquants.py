@@ -139,6 +139,17 @@ def test_mix_types_are_llama_quantizes(model: str) -> None:
         assert ours == types, mix
 
 
+def test_pure_gives_every_matrix_the_base_type(tmp_path) -> None:
+    """pure=True (llama-quantize --pure): no wider output, no "more bits" layers; the file says so."""
+    model = tiny_k_model(n_layers=8)
+    for mix, base in [("q4_0", "Q4_0"), ("q4_k_m", "Q4_K")]:
+        mixed = gguf.GGUFReader(save_gguf(tmp_path / f"{mix}.gguf", model, model.config, None, tensor_type=mix))
+        pure = gguf.GGUFReader(save_gguf(tmp_path / f"{mix}-pure.gguf", model, model.config, None, tensor_type=mix,
+                                         pure=True))
+        assert {t.tensor_type.name for t in mixed.tensors if len(t.shape) == 2} != {base}  # the mix widens some
+        assert {t.tensor_type.name for t in pure.tensors if len(t.shape) == 2} == {base}
+
+
 def tiny_k_model(n_layers: int = 8, tied: bool = False, seed: int = 0, std: float = 0.05) -> Transformer:
     """A small random LLaMA whose rows fill 256-value blocks, so every K-quant type is written."""
     config = get_preset("tiny-llama2").replace(dim=256, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=512,

@@ -364,7 +364,8 @@ def _tiny_gguf(tmp_path, preset: str, tensor_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = Transformer(config)
     model.reset_parameters(std=0.2)
-    path = save_gguf(tmp_path / f"{preset}-{tensor_type}.gguf", model, config, tensor_type=tensor_type)
+    # pure: every matrix of the named type (the mix would make the output Q6_K, which this backend reads as Q8_0)
+    path = save_gguf(tmp_path / f"{preset}-{tensor_type}.gguf", model, config, tensor_type=tensor_type, pure=True)
     reference, _, _ = load_model(path)
     return path, reference
 

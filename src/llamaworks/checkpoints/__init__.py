@@ -258,16 +258,18 @@ def save_hf(directory: str | os.PathLike[str], model_or_state_dict: torch.nn.Mod
 def save_gguf(path: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
               tokenizer: Tokenizer | None = None, chat_template: str | None = None, tensor_type: str = "f16", *,
               name: str | None = None, tokenizer_metadata: dict[str, Any] | None = None,
-              file_type: int | None = None, progress: bool = False) -> Path:
+              file_type: int | None = None, progress: bool = False, pure: bool = False) -> Path:
     """Write one self-describing llama GGUF file (hyper-parameters, tokenizer, chat template, tensors).
 
     tensor_type: "f32" | "f16" | "bf16", a llama.cpp quantization mix ("q4_k_m", "q5_k_m", "q6_k", "q8_0",
-    "q4_0", ...) or "keep" (quantized GGUF tensors copied as they are)."""
+    "q4_0", ...) or "keep" (quantized GGUF tensors copied as they are). pure: the mix's base type for every matrix,
+    as llama-quantize --pure (e.g. a Q4_0 file whose output matrix is Q4_0 too)."""
     from .gguf import write_gguf
 
     sd = _state_of(state_dict)
     return write_gguf(Path(path), sd, config, tokenizer, chat_template=chat_template, tensor_type=tensor_type,
-                      name=name, tokenizer_metadata=tokenizer_metadata, file_type=file_type, progress=progress)
+                      name=name, tokenizer_metadata=tokenizer_metadata, file_type=file_type, progress=progress,
+                      pure=pure)
 
 
 def save_meta(directory: str | os.PathLike[str], state_dict: dict[str, Tensor] | torch.nn.Module,

@@ -646,14 +646,15 @@ def _encode(t: Tensor | GGUFQuantTensor, qtype: QType) -> np.ndarray:
     return quantize(t.float().contiguous().numpy(), qtype)
 
 
-def _tensor_type_for(name: str, t: Tensor | GGUFQuantTensor, tensor_type: str, config: ModelConfig) -> QType:
+def _tensor_type_for(name: str, t: Tensor | GGUFQuantTensor, tensor_type: str, config: ModelConfig,
+                     pure: bool = False) -> QType:
     if len(t.shape) == 1:
         return QType.F32  # norms stay exact; llama.cpp expects F32 there
     if tensor_type in FLOAT_TYPES:
         return FLOAT_TYPES[tensor_type]
     if tensor_type == "keep":
         return t.ggml_type if isinstance(t, GGUFQuantTensor) else _TORCH_FLOATS.get(str(t.dtype), QType.F32)
-    return mix_tensor_type(name, tuple(t.shape), config, tensor_type)
+    return mix_tensor_type(name, tuple(t.shape), config, tensor_type, pure=pure)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
@@ -664,12 +665,13 @@ def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
 def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, tokenizer: Any = None, *,
                chat_template: str | None = None, tensor_type: str = "f16", name: str | None = None,
                tokenizer_metadata: dict[str, Any] | None = None, file_type: int | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, pure: bool = False) -> Path:
     """Write a llama GGUF file atomically; tensors are converted one at a time (streamed, not all in memory).
 
     tensor_type: "f32" | "f16" | "bf16" (every 2-D tensor), a mix of quant_mix.MIXES ("q4_k_m", "q5_k_m", "q6_k",
     "q8_0", "q4_0", ...: llama.cpp's per-tensor types for that name) or "keep" (GGUF blocks copied as they are,
-    float tensors in their own type; file_type then says what general.file_type to record)."""
+    float tensors in their own type; file_type then says what general.file_type to record). pure: a mix's base
+    type for every matrix (llama-quantize --pure)."""
     import gguf
     import torch
 
@@ -720,7 +722,7 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
     if scaling is not None and scaling.kind == "llama3":
         plan.append(("rope_freqs.weight", torch.from_numpy(_rope_divisors(config)), QType.F32))
     for ours, t in state.items():
-        plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, tensor_type, config)))
+        plan.append((ours_to_gguf_name(ours), t, _tensor_type_for(ours, t, tensor_type, config, pure)))
     if any(qtype not in (QType.F32, QType.F16, QType.BF16) for _, _, qtype in plan):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for gname, t, qtype in plan:

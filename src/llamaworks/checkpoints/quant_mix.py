@@ -39,12 +39,15 @@ def _fit(qtype: GGMLType, cols: int) -> GGMLType:
     return qtype if cols % QUANT_SIZES[qtype][0] == 0 else GGMLType.F16
 
 
-def tensor_type(name: str, shape: tuple[int, ...], config: ModelConfig, mix: str) -> GGMLType:
-    """The GGUF type of model.py's parameter `name` (shape (rows, cols)) under `mix` (a key of MIXES)."""
+def tensor_type(name: str, shape: tuple[int, ...], config: ModelConfig, mix: str, pure: bool = False) -> GGMLType:
+    """The GGUF type of model.py's parameter `name` (shape (rows, cols)) under `mix` (a key of MIXES); pure: the
+    mix's base type for every matrix (llama-quantize --pure), no wider output or "more bits" layers."""
     base = MIXES[mix][0]
     if len(shape) < 2:
         return GGMLType.F32
     cols = shape[-1]
+    if pure:
+        return _fit(base, cols)
     kind = name.split(".")[-2] if name.startswith("layers.") else name.removesuffix(".weight")
     if kind == "output" or (kind == "tok_embeddings" and config.tie_embeddings):
         wide = GGMLType.Q8_0 if cols % QUANT_SIZES[base][0] or base == GGMLType.Q8_0 else GGMLType.Q6_K
