@@ -260,17 +260,18 @@ void check_int8_rows(int64_t k) {
 
 template <int64_t T>
 void check_int8_group(int64_t k) {
-  const int64_t nb = k / QK, m = 6, bb = block_bytes(T);
+  const int64_t nb = k / QK, m = 9, bb = block_bytes(T);
   const auto plain = random_rows(T, 8, nb);
   std::vector<uint8_t> group(plain.size());
   for (int64_t b = 0; b < nb; ++b) ref::pack_group_block(T, plain.data() + b * bb, nb * bb, group.data() + b * 8 * bb);
   const auto x = random_activations(m, k);
   QuantRows qx(m, k);
   ref::quantize_rows(x.data(), m, k, qx);
-  std::vector<float> four(4 * 8), one(8), want(m * 8);
+  std::vector<float> four(4 * 8), eight(8 * 8), one(8), want(m * 8);
   ref::group_dot_q8(T, group.data(), qx.q.data(), qx.d.data(), qx.s.data(), nb, m, want.data(), 8);
   hash_bytes(want.data(), want.size() * 4);
   group_dot_q8<T, 4>(group.data(), qx.q.data(), qx.d.data(), qx.s.data(), qx.qsum.data(), nb, four.data(), 8);
+  group_dot_q8<T, 8>(group.data(), qx.q.data(), qx.d.data(), qx.s.data(), qx.qsum.data(), nb, eight.data(), 8);
   bool ok = true;
   std::string detail;
   for (int64_t i = 0; i < m; ++i) {
@@ -279,7 +280,9 @@ void check_int8_group(int64_t k) {
                        one.data(), 8);
     for (int j = 0; j < 8; ++j) {
       const double tol = sum_bound(2 * nb + 8, q8_magnitude(T, plain.data() + j * nb * bb, qx, i, nb));
-      const bool grouped_same = i >= 4 || same_bits(four[i * 8 + j], one[j]);  // R does not change a row's sums
+      // R does not change a row's sums
+      const bool grouped_same = (i >= 4 || same_bits(four[i * 8 + j], one[j])) &&
+                                (i >= 8 || same_bits(eight[i * 8 + j], one[j]));
       if (std::fabs(double(one[j]) - want[i * 8 + j]) > tol || !grouped_same) {
         ok = false;
         detail = "input row " + std::to_string(i) + ", weight row " + std::to_string(j) + ": " + std::to_string(one[j]) +

@@ -991,6 +991,11 @@ constexpr int64_t kSmallBatch = 32;
 // chunk spreads that over more tokens (int8 activations skip dequantization and keep kSmallBatch).
 constexpr int64_t kFloatChunk = 128;
 constexpr int64_t kMaxChunk = kFloatChunk > kSmallBatch ? kFloatChunk : kSmallBatch;  // DecodeRows' most rows
+#if defined(LW_AVX512)
+constexpr int64_t kGroupRows = 8;
+#else
+constexpr int64_t kGroupRows = 4;
+#endif
 inline int64_t decode_rows_limit(bool int8) { return int8 ? kSmallBatch : 8; }
 // Weight rows per plain-layout decode kernel call: they share each activation block's loads (2 rows measured
 // faster than 4 or 8: more interleaved streams hurt the prefetchers).
@@ -1076,16 +1081,19 @@ struct DecodeRows {
     const int64_t bt = base_type(w.type);
     if (int8) {
       for (int64_t i = 0; i < m;) {
-        const int64_t r = m - i >= 4 ? 4 : 1;  // four rows share each block's unpacked nibbles
+        // rows share each block's unpacked nibbles: 8 where 32 vector registers hold them, else 4
+        const int64_t r = kGroupRows > 4 && m - i >= kGroupRows ? kGroupRows : m - i >= 4 ? 4 : 1;
         const int8_t* xq = qx.q.data() + i * k;
         const float *xd = qx.d.data() + i * nb, *xs = qx.s.data() + i * nb;
         const int32_t* qs = qx.qsum.data() + i * nb;
         float* o = out + i * ldo;
         if (bt == GGML_Q4_0) {
-          if (r == 4) group_dot_q8<GGML_Q4_0, 4>(group, xq, xd, xs, qs, nb, o, ldo);
+          if (r == 8) group_dot_q8<GGML_Q4_0, 8>(group, xq, xd, xs, qs, nb, o, ldo);
+          else if (r == 4) group_dot_q8<GGML_Q4_0, 4>(group, xq, xd, xs, qs, nb, o, ldo);
           else group_dot_q8<GGML_Q4_0, 1>(group, xq, xd, xs, qs, nb, o, ldo);
         } else {
-          if (r == 4) group_dot_q8<GGML_Q4_1, 4>(group, xq, xd, xs, qs, nb, o, ldo);
+          if (r == 8) group_dot_q8<GGML_Q4_1, 8>(group, xq, xd, xs, qs, nb, o, ldo);
+          else if (r == 4) group_dot_q8<GGML_Q4_1, 4>(group, xq, xd, xs, qs, nb, o, ldo);
           else group_dot_q8<GGML_Q4_1, 1>(group, xq, xd, xs, qs, nb, o, ldo);
         }
         i += r;
