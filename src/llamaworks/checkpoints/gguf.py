@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..config import MAX_LAYERS, ModelConfig, RopeScaling, config_from_fields, rope_inverse_frequencies
 from ..errors import FormatError
@@ -740,6 +739,8 @@ def write_gguf(path: Path, state_dict: dict[str, Any], config: ModelConfig, toke
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            from tqdm.auto import tqdm  # here, not at import: it pulls in asyncio and importlib.metadata (MiBs)
+
             for _name, t, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", disable=not progress):
                 writer.write_tensor_data(_encode(t, qtype))
         finally:

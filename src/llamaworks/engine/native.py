@@ -25,7 +25,6 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from ..errors import ConfigError, FormatError
 from ..hardware import physical_cores
 from ..quant import lean_kernels
 from ..quant.lean_kernels import LwLayer, LwModel, call
-from ..quant.memory import huge_pages_available, lazy_zeros_buffer, read_into_huge_pages
+from ..quant.memory import huge_pages_available, lazy_zeros_buffer, read_into_huge_pages, release_freed_memory
 from ..sampling import context_size
 from .backend import EngineOptions
 
@@ -172,7 +171,12 @@ class NativeBackend:
                                     f"(dim {config.dim}, hidden {config.hidden_dim}); use --backend torch")
         threads = options.threads or physical_cores()
 
-        tokenizer: Any = False  # not built yet
+        # The tokenizer first, then the vocabulary's metadata lists are dropped: building it from them briefly
+        # takes a few times their size, which would otherwise sit on top of the weights at the peak.
+        tokenizer = _tokenizer(meta, path)
+        for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
+            del meta[key]
+        release_freed_memory()
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}
@@ -180,15 +184,9 @@ class NativeBackend:
             for n in in_place:
                 blocks[n] = np.asarray(tensors[n].data).reshape(tensors[n].shape[0], -1)
         elif in_place:
-            # Read the blocks on another thread while this one builds the tokenizer (file reads release the
-            # GIL): SmolLM2 loads in ~0.35 s instead of ~0.55.
-            with ThreadPoolExecutor(1) as reader:
-                spans = [(tensors[n].offset, tensors[n].nbytes) for n in in_place]
-                arrays = reader.submit(read_into_huge_pages, path, spans, huge=huge_pages_available())
-                tokenizer = _tokenizer(meta, path)
-                blocks.update({n: a.reshape(tensors[n].shape[0], -1) for n, a in zip(in_place, arrays.result())})
-        if tokenizer is False:
-            tokenizer = _tokenizer(meta, path)
+            spans = [(tensors[n].offset, tensors[n].nbytes) for n in in_place]
+            arrays = read_into_huge_pages(path, spans, huge=huge_pages_available())
+            blocks.update({n: a.reshape(tensors[n].shape[0], -1) for n, a in zip(in_place, arrays)})
         types = {n: int(tensors[n].qtype) for n in in_place}
         for n in matrices:
             if n not in blocks:
@@ -237,9 +235,12 @@ class NativeBackend:
                          k_cache=k_cache.ctypes.data, v_cache=v_cache.ctypes.data,
                          kv_float32=int(options.kv_dtype == "float32"),
                          int8_activations=int(options.int8_activations))
+        chat_template, generation_config = meta.get("tokenizer.chat_template"), _generation_config(meta)
+        del layout, meta, tensors
+        release_freed_memory()
         return cls(config=config.replace(max_seq_len=ctx), options=options.with_(threads=threads),
-                   tokenizer=tokenizer, chat_template=meta.get("tokenizer.chat_template"),
-                   generation_config=_generation_config(meta), path=path, threads=threads,
+                   tokenizer=tokenizer, chat_template=chat_template,
+                   generation_config=generation_config, path=path, threads=threads,
                    weights_in="mmap" if mmap else "memory", interleaved_share=share, native=native,
                    keep=[blocks, norms, inv_freq, k_cache, v_cache, layers])
 

@@ -101,3 +101,18 @@ def page_out_library_code(path_part: str = os.sep + os.path.join("torch", "lib")
         if madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:
             advised += hi - lo
     return advised
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and the C heap have freed back to the OS (glibc's malloc_trim), so a load's
+    temporary objects do not stay in the resident size; a no-op where the C library has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
