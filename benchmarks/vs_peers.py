@@ -197,6 +197,86 @@ MODULES = {"llamaworks": "llamaworks", "llamaworks-torch": "llamaworks", "llama.
            "transformers": "transformers"}
 
 
+# -- the memory roofline of decode ----------------------------------------------------------------------------------
+# Decoding one token reads every weight matrix once (the embedding table only for its one row, unless it is also the
+# output matrix), so tok/s x those bytes is the read bandwidth a decoder achieves; the machine's own read bandwidth
+# caps it. The probe reads a buffer as large as the model's weights (huge-page advised, as llamaworks keeps its
+# weights) with the benchmark's thread count, each thread one contiguous slice.
+_PROBE = r"""
+#include <sys/mman.h>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+extern "C" double read_gb_per_s(int64_t bytes, int threads, int repeats) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return -1;
+  madvise(p, bytes, MADV_HUGEPAGE);
+  std::memset(p, 1, bytes);
+  const int64_t words = bytes / 8, part = words / threads;
+  std::vector<uint64_t> sink(threads * 8);
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> team;
+    for (int t = 0; t < threads; ++t)
+      team.emplace_back([&, t] {
+        const uint64_t* w = static_cast<const uint64_t*>(p) + t * part;
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+        for (int64_t i = 0; i + 8 <= part; i += 8) {
+          a0 += w[i]; a1 += w[i + 1]; a2 += w[i + 2]; a3 += w[i + 3];
+          a4 += w[i + 4]; a5 += w[i + 5]; a6 += w[i + 6]; a7 += w[i + 7];
+        }
+        sink[t * 8] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+      });
+    for (auto& th : team) th.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (bytes / s / 1e9 > best) best = bytes / s / 1e9;
+  }
+  munmap(p, bytes);
+  return best;
+}
+"""
+
+
+def decode_bytes_per_token(model: str) -> int:
+    """Bytes of weights one decode step reads: every 2-D tensor, the embedding table only if it is also the output."""
+    from llamaworks.checkpoints.gguf import read_gguf_layout
+
+    tensors = read_gguf_layout(model).tensors
+    tied = "output.weight" not in tensors
+    return sum(t.nbytes for n, t in tensors.items()
+               if len(t.shape) == 2 and (n != "tok_embeddings.weight" or tied))
+
+
+def read_bandwidth(nbytes: int, threads: int, repeats: int = 5) -> float:
+    """This machine's read bandwidth in GB/s over `nbytes` with `threads` threads (best of `repeats`)."""
+    import ctypes
+    import tempfile
+
+    from llamaworks.quant.build import compile_library
+
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = Path(d) / "probe.cpp", Path(d) / "probe.so"
+        src.write_text(_PROBE)
+        compile_library(src, lib, flags=["-pthread"])
+        fn = ctypes.CDLL(str(lib)).read_gb_per_s
+        fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        return fn(nbytes, threads, repeats)
+
+
+def print_roofline(a: argparse.Namespace, table: dict[str, Any]) -> None:
+    per_token = decode_bytes_per_token(a.model)
+    bandwidth = read_bandwidth(max(per_token, 256 << 20), a.threads)
+    ceiling = bandwidth * 1e9 / per_token
+    print(f"\ndecode roofline: {per_token / 2**20:.1f} MiB of weights read per token; this machine reads "
+          f"{bandwidth:.1f} GB/s with {a.threads} threads (best of 5), so decode cannot pass {ceiling:.1f} tok/s")
+    for engine, row in table.items():
+        tok_s = row["decode_tok_s"]["median"]
+        print(f"  {engine:34s} {tok_s:7.1f} tok/s = {tok_s * per_token / 1e9:5.1f} GB/s, {tok_s / ceiling:4.0%} of it")
+
+
 # -- driver --------------------------------------------------------------------------------------------------
 def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
     cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
@@ -281,6 +361,8 @@ def main() -> int:
                    help="a natively built llama-bench binary to compare with (repeatable)")
     p.add_argument("--cpu-target", default="native",
                    help="build llamaworks' torch-free kernels for this -march (x86-64-v3: AVX2) instead of native")
+    p.add_argument("--roofline", action="store_true",
+                   help="also measure the machine's read bandwidth and print each engine's decode against it")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -343,6 +425,8 @@ def main() -> int:
     table = summarize(results)
     print_report(a, table, errors)
     print_agreement(results)
+    if a.roofline and table:
+        print_roofline(a, table)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results, "summary": table, "errors": errors},
                                            indent=2))
