@@ -99,9 +99,12 @@ def test_instruction_files(tmp_path):
     assert read_instructions(txt, rule) == [Instruction(LLAMA, rule), Instruction("Act as a pirate.", rule)]
     js = tmp_path / "i.jsonl"
     js.write_text(json.dumps({"instruction": "Start with Ahoy.", "check": "starts-with:Ahoy"}) + "\n"
-                  + json.dumps({"instruction": "x", "check": "nope"}) + "\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"i.jsonl:2: check 'nope': expected KIND:VALUE"):
+                  + json.dumps({"instruction": "x", "check": "nope"}) + "\n" + "{oops\n"
+                  + json.dumps({"check": "contains:x"}) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"i.jsonl:2: check 'nope': expected KIND:VALUE") as err:
         read_instructions(js)
+    # every malformed line is named, and no --skip-bad is suggested: `data gatt` has none for instruction files
+    assert [b.line for b in err.value.bad] == [2, 3, 4] and "skip" not in str(err.value)
 
 
 def test_user_turns_of_a_user_only_file_are_separate_turns():

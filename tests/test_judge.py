@@ -119,8 +119,9 @@ def test_prompt_files_and_their_errors(tmp_path):
                                                             ("2", ["One turn"], None)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"turns": []}) + "\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"bad.jsonl:2: expected \"prompt\""):
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: expected \"prompt\"") as err:
         read_prompts(bad)
+    assert "skip" not in str(err.value)  # `eval judge` has no --skip-bad to suggest
 
 
 def test_multi_turn_answers_carry_history():

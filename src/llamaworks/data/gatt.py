@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FormatError
-from .instruct import Message, load_conversations, read_json_records, report_bad
-from .records import BadRecord, DatasetError
+from .instruct import Message, load_conversations, parse_json_records, report_bad
+from .records import DatasetError, RecordInvalid
 from .textfile import read_text
 
 RULE_KINDS = ("ends-with", "starts-with", "contains", "regex")
@@ -90,29 +90,19 @@ def read_instructions(path: str | Path, default_rule: Rule | None = None) -> lis
         raise FormatError(f"{path}: no such instructions file")
     out: list[Instruction] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        bad: list[BadRecord] = []
-        for item in read_json_records(path):
-            if isinstance(item, BadRecord):
-                bad.append(item)
-                continue
-            line, rec = item
+        def parse(rec: Any) -> Instruction:
             text = rec.get("instruction") if isinstance(rec, dict) else None
             if not isinstance(text, str) or not text.strip():
-                bad.append(BadRecord(str(path), line, "expected {\"instruction\": non-empty string, \"check\": "
-                                                      "optional KIND:VALUE}"))
-                continue
+                raise RecordInvalid("expected {\"instruction\": non-empty string, \"check\": optional KIND:VALUE}")
             check = rec.get("check")
             if check is not None and not isinstance(check, str):
-                bad.append(BadRecord(str(path), line, "'check' must be a string KIND:VALUE"))
-                continue
+                raise RecordInvalid("'check' must be a string KIND:VALUE")
             try:
-                rule = Rule.parse(check, "check") if check else default_rule
+                return Instruction(text.strip(), Rule.parse(check, "check") if check else default_rule)
             except ConfigError as e:
-                bad.append(BadRecord(str(path), line, str(e)))
-                continue
-            out.append(Instruction(text.strip(), rule))
-        if bad:
-            raise DatasetError(bad)
+                raise RecordInvalid(str(e)) from None
+
+        out = parse_json_records(path, parse)
     else:
         text, _ = read_text(path)
         out = [Instruction(line.strip(), default_rule) for line in text.splitlines()

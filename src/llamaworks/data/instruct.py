@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import FormatError
 from .kakaotalk import (  # noqa: F401  (re-exported: the KakaoTalk API used to live here)
@@ -42,8 +42,10 @@ from .kakaotalk import (  # noqa: F401  (re-exported: the KakaoTalk API used to 
 )
 from .loader import Example
 from .privacy import DEFAULT_CHAT_KINDS, Scrubber, parse_kinds
-from .records import BadRecord, Conversation, DatasetError
+from .records import BadRecord, Conversation, DatasetError, RecordInvalid
 from .textfile import read_text
+
+T = TypeVar("T")
 
 Message = dict[str, Any]  # role, content and, on a reply not learned, "weight": 0
 
@@ -270,6 +272,26 @@ def read_json_records(path: Path) -> Iterable[tuple[int, Any] | BadRecord]:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             yield BadRecord(str(path), n, f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def parse_json_records(path: Path, parse: Callable[[Any], T]) -> list[T]:
+    """parse(record) for each record of a JSONL / JSON file, for files of one kind of item (instructions, judge
+    prompts) whose commands have no --skip-bad: parse raises RecordInvalid(reason) for a malformed record, and a
+    DatasetError names every malformed record (file:line: reason) after the whole file is read."""
+    out: list[T] = []
+    bad: list[BadRecord] = []
+    for item in read_json_records(path):
+        if isinstance(item, BadRecord):
+            bad.append(item)
+            continue
+        line, record = item
+        try:
+            out.append(parse(record))
+        except RecordInvalid as e:
+            bad.append(BadRecord(str(path), line, str(e)))
+    if bad:
+        raise DatasetError(bad, skippable=False)
+    return out
 
 
 # -- loading -------------------------------------------------------------------------------------

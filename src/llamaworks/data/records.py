@@ -28,8 +28,14 @@ class Conversation:
 class DatasetError(FormatError):
     """One or more records are malformed; `.bad` has them all, the message names the first."""
 
-    def __init__(self, bad: list[BadRecord]) -> None:
+    def __init__(self, bad: list[BadRecord], *, skippable: bool = True) -> None:
+        """skippable: the command has --skip-bad, so the message suggests it."""
         self.bad = bad
-        more = f" (and {len(bad) - 1} more malformed record(s); --skip-bad skips them)" if len(bad) > 1 else \
-            " (--skip-bad skips it)"
+        hint = "; --skip-bad skips them" if skippable else ""
+        more = f" (and {len(bad) - 1} more malformed record(s){hint})" if len(bad) > 1 else \
+            (" (--skip-bad skips it)" if skippable else "")
         super().__init__(f"{bad[0]}{more}")
+
+
+class RecordInvalid(ValueError):
+    """Raised by a record parser (see `data.instruct.parse_json_records`): the record's problem, in words."""

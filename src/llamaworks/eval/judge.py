@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.instruct import read_json_records
-from ..data.records import BadRecord, DatasetError
+from ..data.instruct import parse_json_records
+from ..data.records import RecordInvalid
 from ..errors import ConfigError, FormatError, LlamaworksError
 
 Message = dict[str, str]
@@ -63,13 +63,7 @@ def read_prompts(path: str | Path) -> list[JudgePrompt]:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such prompts file")
-    out: list[JudgePrompt] = []
-    bad: list[BadRecord] = []
-    for item in read_json_records(path):
-        if isinstance(item, BadRecord):
-            bad.append(item)
-            continue
-        line, rec = item
+    def parse(rec: Any) -> JudgePrompt:
         turns: Any = None
         if isinstance(rec, dict):
             if isinstance(rec.get("turns"), list):
@@ -79,14 +73,15 @@ def read_prompts(path: str | Path) -> list[JudgePrompt]:
             elif "prompt" in rec or "question" in rec:
                 turns = [rec.get("prompt", rec.get("question"))]
         if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            bad.append(BadRecord(str(path), line, "expected \"prompt\": non-empty string, \"turns\": [strings] or "
-                                                  "\"messages\" with user messages"))
-            continue
-        ident = rec.get("id", rec.get("question_id", len(out) + 1))
+            raise RecordInvalid("expected \"prompt\": non-empty string, \"turns\": [strings] or \"messages\" with "
+                                "user messages")
+        count[0] += 1
+        ident = rec.get("id", rec.get("question_id", count[0]))
         category = rec.get("category")
-        out.append(JudgePrompt(str(ident), list(turns), category if isinstance(category, str) else None))
-    if bad:
-        raise DatasetError(bad)
+        return JudgePrompt(str(ident), list(turns), category if isinstance(category, str) else None)
+
+    count = [0]  # the default id: the prompt's 1-based number among the well-formed ones
+    out = parse_json_records(path, parse)
     if not out:
         raise FormatError(f"{path}: no prompts")
     return out
