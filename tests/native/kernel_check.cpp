@@ -304,6 +304,7 @@ void check_int8_group(int64_t k) {
 // start and of the x + 128 activations.
 template <int64_t T>
 void check_int8_gemm(int64_t k) {
+  const uint64_t saved = rng_state;  // this check runs on one target only: the others' inputs stay the same
   const int64_t nb = k / QK, m = 40, bb = block_bytes(T);
   auto plain = random_rows(T, 8, nb);
   const int64_t qoff = T == GGML_Q4_1 ? 4 : 2;
@@ -332,6 +333,7 @@ void check_int8_gemm(int64_t k) {
     }
   check(ok, ("int8 prompt kernel (rows in lanes), type " + std::to_string(T) + ", k " + std::to_string(k) +
              ", bit for bit").c_str(), detail);
+  rng_state = saved;
 }
 #endif
 
