@@ -865,7 +865,7 @@ inline void pack_rows(const QuantRows& qx, int64_t m, int64_t nb, PackedRows& p)
 
 // One x8 group's weights as group_gemm_q8 reads them, unpacked once per call (a thread's scratch).
 struct GroupBytes {
-  std::vector<Line> q;     // [block][p]: rows 2p and 2p + 1, 32 signed bytes each, columns in order
+  std::vector<Line> q;     // [block][h]: qword j = row j's columns 8h .. 8h + 7 as signed bytes (the x8 lane pair)
   std::vector<int32_t> c;  // [block][row]: -128 * sum of the row's signed block bytes
   std::vector<float> d, mn;  // [block][row]: scale, Q4_1's minimum
 };
@@ -875,7 +875,6 @@ inline void unpack_group_bytes(const uint8_t* group, int64_t nb, GroupBytes& u) 
   constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
   u.q.resize(nb * 4), u.c.resize(nb * 8), u.d.resize(nb * 8), u.mn.resize(nb * 8);
   const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = group + b * gb;
     const __m512i ha = _mm512_loadu_si512(blk + qoff), hb = _mm512_loadu_si512(blk + qoff + 64);
@@ -884,13 +883,7 @@ inline void unpack_group_bytes(const uint8_t* group, int64_t nb, GroupBytes& u) 
     const __m512i c2 = _mm512_and_si512(hb, m4), c3 = _mm512_and_si512(_mm512_srli_epi16(hb, 4), m4);
     const __m512i sums = _mm512_add_epi64(_mm512_add_epi64(_mm512_sad_epu8(c0, zero), _mm512_sad_epu8(c1, zero)),
                                           _mm512_add_epi64(_mm512_sad_epu8(c2, zero), _mm512_sad_epu8(c3, zero)));
-    // 128-bit lane l of t0 / t1: row 2l / 2l + 1, columns 0-15; t2 / t3 the same rows' columns 16-31
-    const __m512i t0 = _mm512_unpacklo_epi64(c0, c1), t1 = _mm512_unpackhi_epi64(c0, c1);
-    const __m512i t2 = _mm512_unpacklo_epi64(c2, c3), t3 = _mm512_unpackhi_epi64(c2, c3);
-    const __m512i r02 = _mm512_permutex2var_epi64(t0, first, t2), r13 = _mm512_permutex2var_epi64(t1, first, t3);
-    const __m512i r46 = _mm512_permutex2var_epi64(t0, second, t2), r57 = _mm512_permutex2var_epi64(t1, second, t3);
-    __m512i v[4] = {_mm512_shuffle_i64x2(r02, r13, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_i64x2(r02, r13, _MM_SHUFFLE(3, 2, 3, 2)),
-                    _mm512_shuffle_i64x2(r46, r57, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_i64x2(r46, r57, _MM_SHUFFLE(3, 2, 3, 2))};
+    __m512i v[4] = {c0, c1, c2, c3};
     __m256i sum8 = _mm512_cvtepi64_epi32(sums);
     if constexpr (T == GGML_Q4_0) {
       for (auto& x : v) x = _mm512_sub_epi8(x, _mm512_set1_epi8(8));
@@ -926,10 +919,10 @@ inline void group_gemm_q8(const GroupBytes& u, const PackedRows& p, int64_t g, f
             d6 = _mm512_set1_epi32(c[6]), d7 = _mm512_set1_epi32(c[7]);
     for (int st = 0; st < 8; ++st) {
       const __m512i x = _mm512_load_si512(xq[b * 8 + st].bytes);
-      const uint8_t* ws = w + 4 * st;
+      const uint8_t* ws = w + 64 * (st / 2) + 4 * (st % 2);  // row j's quad at ws + 8 j
       // each weight row's quad as vpdpbusd's broadcast memory operand (GCC emits a separate vpbroadcastd)
 #define LW_DPBUSD_BCAST(acc, j) \
-  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(ws + 32 * (j))))
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(ws + 8 * (j))))
       LW_DPBUSD_BCAST(d0, 0); LW_DPBUSD_BCAST(d1, 1); LW_DPBUSD_BCAST(d2, 2); LW_DPBUSD_BCAST(d3, 3);
       LW_DPBUSD_BCAST(d4, 4); LW_DPBUSD_BCAST(d5, 5); LW_DPBUSD_BCAST(d6, 6); LW_DPBUSD_BCAST(d7, 7);
 #undef LW_DPBUSD_BCAST
@@ -1124,7 +1117,7 @@ constexpr int64_t kSmallBatch = 32;
 // chunk spreads that over more tokens (int8 activations skip dequantization and keep kSmallBatch).
 constexpr int64_t kFloatChunk = 128;
 constexpr int64_t kInt8Chunk = 128;
-constexpr int64_t kMaxChunk = kFloatChunk > kSmallBatch ? kFloatChunk : kSmallBatch;  // DecodeRows' most rows
+constexpr int64_t kMaxChunk = std::max({kFloatChunk, kSmallBatch, kInt8Chunk});  // DecodeRows' most rows
 #if defined(LW_AVX512)
 constexpr int64_t kGroupRows = 8;
 #else
