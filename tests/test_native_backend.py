@@ -184,8 +184,9 @@ def test_a_prompt_split_anywhere_equals_one_call(smollm2) -> None:
     ids = backend.tokenizer.encode(LONG)
     assert len(ids) > 129  # more than one 128-token chunk (int8 activations)
     whole = run(backend, ids)
-    # cuts that leave each kernel of the int8 path (fewer than 8, 16 and more, 16-row lane groups with a short
-    # last one) on either side, and chunk boundaries
+    # cuts that put each int8 kernel on either side (AVX-512: up to 13 rows the x8 group kernel, then 16-row
+    # lane groups of the prompt kernel, a short last one padded from 14 rows, else the group kernel again), and
+    # chunk boundaries
     for cut in (1, 13, 31, 32, 33, 127, 128, 129, len(ids) - 1):
         first, rest = run(backend, ids[:cut]), run(backend, ids[cut:], cut)
         assert np.array_equal(np.concatenate([first, rest]), whole), cut

@@ -1149,7 +1149,8 @@ struct DecodeRows {
   QuantRows qx;
 #if defined(LW_AVX512)
   PackedRows px;  // the rows in vector lanes for group_gemm_q8 (int8 and at least kGemmRows rows)
-  static constexpr int64_t kGemmRows = 16, kGemmTail = 8;  // a last lane group of kGemmTail+ rows is padded
+  // A lane group of this many rows or more (a short last one is padded) beats group_dot_q8<8>'s time for them.
+  static constexpr int64_t kGemmRows = 14;
 #endif
   DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
@@ -1216,13 +1217,13 @@ struct DecodeRows {
     if (int8) {
       int64_t i = 0;
 #if defined(LW_AVX512)
-      if (px.groups > 0) {  // lane groups of 16 rows; a short last one through group_dot_q8 (same bits)
+      if (px.groups > 0) {  // lane groups of 16 rows; a last one of few rows through group_dot_q8 (same bits)
         thread_local GroupBytes u;
         if (bt == GGML_Q4_0) unpack_group_bytes<GGML_Q4_0>(group, nb, u);
         else unpack_group_bytes<GGML_Q4_1>(group, nb, u);
         for (int64_t g = 0; g < px.groups; ++g) {
           const int64_t rows = std::min(kLanes, m - g * kLanes);
-          if (rows < kGemmTail) break;
+          if (rows < kGemmRows) break;
           const uint8_t* ahead = g == 0 ? group + 8 * w.stride : nullptr;  // the next group follows this one
           if (bt == GGML_Q4_0) group_gemm_q8<GGML_Q4_0>(u, px, g, out + i * ldo, ldo, rows, ahead);
           else group_gemm_q8<GGML_Q4_1>(u, px, g, out + i * ldo, ldo, rows, ahead);
