@@ -695,20 +695,16 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
   constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
 #if defined(LW_AVX512)
   const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row i -> lanes 2i, 2i+1
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 acc[R];  // row i in lane i
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = group + b * gb;
     const __m512i lo = _mm512_loadu_si512(blk + qoff), hi = _mm512_loadu_si512(blk + qoff + 64);
     const __m512i w0 = _mm512_and_si512(lo, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
     const __m512i w2 = _mm512_and_si512(hi, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
-    const __m512 d = _mm512_permutexvar_ps(
-        pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))));
-    __m512 mn = _mm512_setzero_ps();
-    if constexpr (T == GGML_Q4_1)
-      mn = _mm512_permutexvar_ps(
-          pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))));
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    __m256 mn = _mm256_setzero_ps();
+    if constexpr (T == GGML_Q4_1) mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
     for (int r = 0; r < R; ++r) {
       const int64_t rb = r * nb + b;
       const int8_t* xb = xq + rb * QK;
@@ -718,17 +714,15 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
       dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi64(load_i64(xb + 8)));
       dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi64(load_i64(xb + 16)));
       dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi64(load_i64(xb + 24)));
-      // The row's two lanes added as integers, then the reference's float steps in its order (mul, mul, add;
-      // Q4_1: mul, add): every row gets the reference's bits, as the prompt kernel (group_gemm_q8) does, so a
-      // token's logits do not depend on which of the two its chunk ran through.
-      dot = _mm512_add_epi32(dot, _mm512_shuffle_epi32(dot, _MM_PERM_CDAB));
-      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(d, _mm512_set1_ps(xd[rb])), _mm512_cvtepi32_ps(dot)));
-      if constexpr (T == GGML_Q4_1) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mn, _mm512_set1_ps(xs[rb])));
+      // The row's two lanes added as integers (the low half of each qword, narrowed to 8 lanes), then the
+      // reference's float steps in its order (mul, mul, add; Q4_1: mul, add): every row gets the reference's
+      // bits, as from the prompt kernel (group_gemm_q8), so a token's logits do not depend on which one ran.
+      const __m256i row_dot = _mm512_cvtepi64_epi32(_mm512_add_epi32(dot, _mm512_srli_epi64(dot, 32)));
+      acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[rb])), _mm256_cvtepi32_ps(row_dot)));
+      if constexpr (T == GGML_Q4_1) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mn, _mm256_set1_ps(xs[rb])));
     }
   }
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-  for (int r = 0; r < R; ++r)  // both lanes of a pair hold the row's sum
-    _mm256_storeu_ps(out + r * ldo, _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, acc[r])));
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo, acc[r]);
 #elif defined(LW_AVX2)
   // Two 256-bit registers per half: h = 0 holds rows 0-3, h = 1 rows 4-7.
   const __m256i m4 = _mm256_set1_epi8(15);
