@@ -814,8 +814,8 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
 #if defined(LW_AVX512)
 // -- prompt chunks on AVX-512: the input rows in the vector lanes -----------------------------------------------------
 // In group_dot_q8 a vector holds 8 weight rows x 8 columns, so every (input row, block) pays a float epilogue
-// (offset, pair sum, convert, scale, accumulate) per 4 vpdpbusd, and the epilogue bounds its speed. With 16 or more
-// input rows the roles swap: a vector holds 16 input rows x 4 columns (one int8 quad per lane), a weight row's 4
+// (offset, pair sum, convert, scale, accumulate) per 4 vpdpbusd, and the epilogue bounds its speed. From 14 input
+// rows (a lane group of 16, padded) the roles swap: a vector holds 16 input rows x 4 columns (one int8 quad per lane), a weight row's 4
 // bytes of that step are the broadcast memory operand, and 8 vpdpbusd give 16 rows' whole block dot, one row per
 // lane, for one epilogue. vpdpbusd multiplies unsigned by signed bytes and only the signed operand can be a memory
 // broadcast, so the activations are stored as x + 128 (unsigned), the weights as signed bytes (Q4_0: q - 8), and
