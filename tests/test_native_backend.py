@@ -51,6 +51,7 @@ MATRIX = ["native", *(["x86-64-v3"] if "avx512f" in _SIMD else []), *(["armv8-a"
 FLOAT = EngineOptions(int8_activations=False)
 LLAMAS = ("Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean "
           "cultures since pre-Columbian times. They are social animals and live with others as a herd.")
+LONG = " ".join([LLAMAS] * 4)  # 156 tokens: more than one 128-token chunk
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,10 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
     one decode step each, batched), give the logits each row gives alone."""
     backend = smollm2[0] if numerics == "int8" else smollm2_float
     tok = backend.tokenizer
-    prompts = [tok.encode(LLAMAS)[:37], tok.encode("The capital of France is"), tok.encode("def fibonacci(n):")]
+    # int8: more than one 128-token chunk, the last one short. (Float stays within one chunk: its chunks of
+    # fewer than 4 tokens take row_dot, whose summation order differs from the dequantize-once kernel's.)
+    first = tok.encode(LONG)[:130] if numerics == "int8" else tok.encode(LLAMAS)[:37]
+    prompts = [first, tok.encode("The capital of France is"), tok.encode("def fibonacci(n):")]
     alone, alone_next = [], []
     for p in prompts:
         alone.append(run(backend, p, row=3))
@@ -167,7 +171,7 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
                 rows.append(r)
                 tokens.append(p[i])
                 positions.append(i)
-    assert len(tokens) > 32  # more than one chunk
+    assert len(tokens) > (128 if numerics == "int8" else 32)
     wanted = [index[r, i] for r, p in enumerate(prompts) for i in range(len(p))]
     together = backend.forward(rows, tokens, positions, wanted)
     assert np.array_equal(together, np.concatenate(alone))
@@ -177,10 +181,13 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
 
 def test_a_prompt_split_anywhere_equals_one_call(smollm2) -> None:
     backend, _ = smollm2
-    ids = backend.tokenizer.encode(LLAMAS)
-    assert len(ids) > 33  # more than one 32-token chunk
+    ids = backend.tokenizer.encode(LONG)
+    assert len(ids) > 129  # more than one 128-token chunk (int8 activations)
     whole = run(backend, ids)
-    for cut in (1, 13, 31, 32, 33, len(ids) - 1):
+    # cuts that put each int8 kernel on either side (AVX-512: up to 13 rows the x8 group kernel, then 16-row
+    # lane groups of the prompt kernel, a short last one padded from 14 rows, else the group kernel again), and
+    # chunk boundaries
+    for cut in (1, 13, 31, 32, 33, 127, 128, 129, len(ids) - 1):
         first, rest = run(backend, ids[:cut]), run(backend, ids[cut:], cut)
         assert np.array_equal(np.concatenate([first, rest]), whole), cut
     assert np.array_equal(backend.forward([0] * len(ids), ids, range(len(ids)), [len(ids) - 1, 0]),

@@ -283,7 +283,12 @@ void check_int8_group(int64_t k) {
       // R does not change a row's sums
       const bool grouped_same = (i >= 4 || same_bits(four[i * 8 + j], one[j])) &&
                                 (i >= 8 || same_bits(eight[i * 8 + j], one[j]));
-      if (std::fabs(double(one[j]) - want[i * 8 + j]) > tol || !grouped_same) {
+#if defined(LW_AVX512)
+      const bool exact = same_bits(one[j], want[i * 8 + j]);  // this path promises the reference's bits
+#else
+      const bool exact = true;
+#endif
+      if (std::fabs(double(one[j]) - want[i * 8 + j]) > tol || !grouped_same || !exact) {
         ok = false;
         detail = "input row " + std::to_string(i) + ", weight row " + std::to_string(j) + ": " + std::to_string(one[j]) +
                  " vs " + std::to_string(want[i * 8 + j]);
@@ -293,11 +298,50 @@ void check_int8_group(int64_t k) {
   check(ok, ("int8 dot, x8 group, type " + std::to_string(T) + ", k " + std::to_string(k)).c_str(), detail);
 }
 
+#if defined(LW_AVX512)
+// The prompt kernel (input rows in the vector lanes) against the reference, bit for bit: 40 rows are two full
+// lane groups and a padded one of 8; weights of all-0 and all-15 nibbles reach the extremes of the -128 * sum(w)
+// start and of the x + 128 activations.
+template <int64_t T>
+void check_int8_gemm(int64_t k) {
+  const uint64_t saved = rng_state;  // this check runs on one target only: the others' inputs stay the same
+  const int64_t nb = k / QK, m = 40, bb = block_bytes(T);
+  auto plain = random_rows(T, 8, nb);
+  const int64_t qoff = T == GGML_Q4_1 ? 4 : 2;
+  for (int64_t b = 0; b < nb; b += 3) std::memset(plain.data() + b * bb + qoff, b % 2 ? 0xff : 0x00, 16);
+  std::vector<uint8_t> group(plain.size());
+  for (int64_t b = 0; b < nb; ++b) ref::pack_group_block(T, plain.data() + b * bb, nb * bb, group.data() + b * 8 * bb);
+  auto x = random_activations(m, k);
+  for (int64_t j = 0; j < 32; ++j) x[3 * k + j] = j % 2 ? -5.f : 5.f;  // +-127 in one block
+  QuantRows qx(m, k);
+  ref::quantize_rows(x.data(), m, k, qx);
+  std::vector<float> want(m * 8), got(m * 8, NAN);
+  ref::group_dot_q8(T, group.data(), qx.q.data(), qx.d.data(), qx.s.data(), nb, m, want.data(), 8);
+  PackedRows px;
+  pack_rows(qx, m, nb, px);
+  GroupBytes u;
+  unpack_group_bytes<T>(group.data(), nb, u);
+  for (int64_t g = 0; g < px.groups; ++g)
+    group_gemm_q8<T>(u, px, g, got.data() + g * kLanes * 8, 8, std::min(kLanes, m - g * kLanes), nullptr);
+  bool ok = true;
+  std::string detail;
+  for (int64_t i = 0; i < m * 8; ++i)
+    if (!same_bits(got[i], want[i])) {
+      ok = false;
+      detail = "input row " + std::to_string(i / 8) + ", weight row " + std::to_string(i % 8) + ": " +
+               std::to_string(got[i]) + " vs " + std::to_string(want[i]);
+    }
+  check(ok, ("int8 prompt kernel (rows in lanes), type " + std::to_string(T) + ", k " + std::to_string(k) +
+             ", bit for bit").c_str(), detail);
+  rng_state = saved;
+}
+#endif
+
 // DecodeRows over a mixed weight set (x8 and plain, int8 and float activations) against the reference per row.
 void check_decode_rows() {
   const int64_t k = 256, nb = k / QK;
   for (bool int8 : {true, false}) {
-    for (int64_t m : {1, 2, 5, 9, 32}) {
+    for (int64_t m : {1, 2, 5, 9, 14, 16, 21, 32, 46}) {
       const auto x = random_activations(m, k);
       const DecodeRows rows(x.data(), m, k, int8);
       bool ok = true;
@@ -324,6 +368,9 @@ void check_decode_rows() {
                                     : ref::row_dot(t, row, x.data() + i * k, sums.data() + i * nb, nb);
             const double mag = int8 ? q8_magnitude(t, row, qx, i, nb) : float_magnitude(t, row, x.data() + i * k, nb);
             ok = ok && std::fabs(double(out[i * n + j]) - want) <= sum_bound(32 + 2 * nb + 8, mag);
+#if defined(LW_AVX512)
+            if (int8 && t != GGML_Q8_0) ok = ok && same_bits(out[i * n + j], want);  // x8 int8: the reference's bits
+#endif
           }
       }
       check(ok, (std::string("decode rows, ") + (int8 ? "int8" : "float") + " activations, m " + std::to_string(m)).c_str());
@@ -429,6 +476,10 @@ int main() {
     check_int8_rows<GGML_Q8_0>(k);
     check_int8_group<GGML_Q4_0>(k);
     check_int8_group<GGML_Q4_1>(k);
+#if defined(LW_AVX512)
+    check_int8_gemm<GGML_Q4_0>(k);
+    check_int8_gemm<GGML_Q4_1>(k);
+#endif
   }
   check_decode_rows();
   for (int64_t D : {64, 128, 48}) {

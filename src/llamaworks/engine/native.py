@@ -10,9 +10,10 @@ than the default model's weights (94 MiB), so no process that imports torch can 
 memory. This backend needs numpy, `tokenizers` and the small C++ library in quant/_lean.cpp, built from the
 same kernels as the torch backend (quant/_kernels_core.h): int8 activations with integer dot products (AVX-512
 VNNI, AVX2, NEON: whatever this CPU has; `EngineOptions.int8_activations=False` keeps them float32), x8 rows, a
-float16 KV cache. A forward call's tokens (any rows, any positions) run through the decode kernels in chunks of
-32 tokens (128 with float activations, whose weight groups are dequantized once per chunk): every token of a chunk
-shares each weight read, so one row's prompt and eight rows' decode steps take the same path.
+float16 KV cache. A forward call's tokens (any rows, any positions) run through the kernels in chunks of 128
+tokens: every token of a chunk shares each weight read (float activations: each weight group dequantized once per
+chunk; int8 on AVX-512: 16 tokens per vector, one per lane), so one row's prompt and eight rows' decode steps take
+the same path.
 
 Q4_0/Q4_1/Q8_0 blocks are used as they are; other GGUF types are converted at load as the torch backend converts
 them (Q2_K-Q4_K to Q4_1, wider K-quants and Q5_* to Q8_0), and float matrices (F16, BF16, F32) to Q8_0.

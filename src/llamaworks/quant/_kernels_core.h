@@ -685,29 +685,26 @@ inline int64_t load_i64(const int8_t* p) {  // 8 activation bytes (memcpy: no al
 // One x8 group (8 rows) . R int8 activation rows: out[r * ldo + 0..8). Per block, the nibble vectors hold in lanes
 // 2i and 2i + 1 row i's weights for columns 8s + 0..3 and 8s + 4..7 (step s = 0..3), so the activation bytes a
 // step needs are the row's qword s broadcast to every lane pair, and four dot steps give each row's block dot
-// split over its two lanes, which take the same per-row scale and are added once at the end. The nibbles are
-// unpacked once per block for all R rows (a prompt chunk). Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum +
-// r * nb; each row sums in the same order whatever R is, so results do not depend on how rows are grouped.
+// split over its two lanes, which take the same per-row scale and are added once at the end (AVX-512: added as
+// integers per block, for the reference's bits, as group_gemm_q8 gives them). The nibbles are unpacked once per
+// block for all R rows. Row r's data: xq + r * nb * 32 (int8), xd/xs/qsum + r * nb; each row sums in the same
+// order whatever R is, so results do not depend on how rows are grouped.
 template <int64_t T, int R>
 inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd, const float* xs,
                          const int32_t* qsum, int64_t nb, float* out, int64_t ldo) {
   constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
 #if defined(LW_AVX512)
   const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row i -> lanes 2i, 2i+1
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 acc[R];  // row i in lane i
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = group + b * gb;
     const __m512i lo = _mm512_loadu_si512(blk + qoff), hi = _mm512_loadu_si512(blk + qoff + 64);
     const __m512i w0 = _mm512_and_si512(lo, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
     const __m512i w2 = _mm512_and_si512(hi, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
-    const __m512 d = _mm512_permutexvar_ps(
-        pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))));
-    __m512 mn = _mm512_setzero_ps();
-    if constexpr (T == GGML_Q4_1)
-      mn = _mm512_permutexvar_ps(
-          pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))));
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    __m256 mn = _mm256_setzero_ps();
+    if constexpr (T == GGML_Q4_1) mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
     for (int r = 0; r < R; ++r) {
       const int64_t rb = r * nb + b;
       const int8_t* xb = xq + rb * QK;
@@ -717,16 +714,15 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
       dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi64(load_i64(xb + 8)));
       dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi64(load_i64(xb + 16)));
       dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi64(load_i64(xb + 24)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[rb])), acc[r]);
-      if constexpr (T == GGML_Q4_1) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(0.5f * xs[rb]), acc[r]);  // + min * sum(x)
+      // The row's two lanes added as integers (the low half of each qword, narrowed to 8 lanes), then the
+      // reference's float steps in its order (mul, mul, add; Q4_1: mul, add): every row gets the reference's
+      // bits, as from the prompt kernel (group_gemm_q8), so a token's logits do not depend on which one ran.
+      const __m256i row_dot = _mm512_cvtepi64_epi32(_mm512_add_epi32(dot, _mm512_srli_epi64(dot, 32)));
+      acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[rb])), _mm256_cvtepi32_ps(row_dot)));
+      if constexpr (T == GGML_Q4_1) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mn, _mm256_set1_ps(xs[rb])));
     }
   }
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
-  for (int r = 0; r < R; ++r) {
-    const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(evens, acc[r]), _mm512_permutexvar_ps(odds, acc[r]));
-    _mm256_storeu_ps(out + r * ldo, _mm512_castps512_ps256(sum));
-  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo, acc[r]);
 #elif defined(LW_AVX2)
   // Two 256-bit registers per half: h = 0 holds rows 0-3, h = 1 rows 4-7.
   const __m256i m4 = _mm256_set1_epi8(15);
@@ -814,6 +810,130 @@ inline void group_dot_q8(const uint8_t* group, const int8_t* xq, const float* xd
   ref::group_dot_q8(T, group, xq, xd, xs, nb, R, out, ldo);
 #endif
 }
+
+#if defined(LW_AVX512)
+// -- prompt chunks on AVX-512: the input rows in the vector lanes -----------------------------------------------------
+// In group_dot_q8 a vector holds 8 weight rows x 8 columns, so every (input row, block) pays a float epilogue
+// (offset, pair sum, convert, scale, accumulate) per 4 vpdpbusd, and the epilogue bounds its speed. From 14 input
+// rows (a lane group of 16, padded) the roles swap: a vector holds 16 input rows x 4 columns (one int8 quad per lane), a weight row's 4
+// bytes of that step are the broadcast memory operand, and 8 vpdpbusd give 16 rows' whole block dot, one row per
+// lane, for one epilogue. vpdpbusd multiplies unsigned by signed bytes and only the signed operand can be a memory
+// broadcast, so the activations are stored as x + 128 (unsigned), the weights as signed bytes (Q4_0: q - 8), and
+// each weight row's block dot starts from -128 * sum(w). The float steps are the reference's, in its order: each
+// row's result is bit-equal to ref::row_dot_q8, like group_dot_q8's on this target.
+constexpr int64_t kLanes = 16;
+struct alignas(64) Line { uint8_t bytes[64]; };  // one zmm's worth of aligned storage
+// Input rows repacked once per matmul: [lane group of 16 rows][block][step of 4 columns].
+struct PackedRows {
+  int64_t nb = 0, groups = 0;
+  std::vector<Line> q;     // lane r: the 4 bytes of row 16 * group + r, each + 128 (padding rows: x = 0)
+  std::vector<Line> d, s;  // per [group][block], lane r (float): the row's block scale, scale * sum(q) (padding: 0)
+};
+
+inline void pack_rows(const QuantRows& qx, int64_t m, int64_t nb, PackedRows& p) {
+  p.nb = nb, p.groups = (m + kLanes - 1) / kLanes;
+  Line pad, zero{};
+  std::memset(pad.bytes, 0x80, 64);
+  p.q.assign(p.groups * nb * 8, pad);
+  p.d.assign(p.groups * nb, zero);
+  p.s.assign(p.groups * nb, zero);
+  auto* q = reinterpret_cast<uint8_t*>(p.q.data());
+  auto* d = reinterpret_cast<float*>(p.d.data());
+  auto* sx = reinterpret_cast<float*>(p.s.data());
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t g = r / kLanes, lane = r % kLanes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* src = qx.q.data() + (r * nb + b) * QK;
+      uint8_t* dst = q + ((g * nb + b) * 8 * kLanes + lane) * 4;
+      for (int st = 0; st < 8; ++st) {
+        uint32_t v;
+        std::memcpy(&v, src + 4 * st, 4);
+        v ^= 0x80808080u;  // + 128 per byte
+        std::memcpy(dst + st * kLanes * 4, &v, 4);
+      }
+      d[(g * nb + b) * kLanes + lane] = qx.d[r * nb + b];
+      sx[(g * nb + b) * kLanes + lane] = qx.s[r * nb + b];
+    }
+  }
+}
+
+// One x8 group's weights as group_gemm_q8 reads them, unpacked once per call (a thread's scratch).
+struct GroupBytes {
+  std::vector<Line> q;     // [block][h]: qword j = row j's columns 8h .. 8h + 7 as signed bytes (the x8 lane pair)
+  std::vector<int32_t> c;  // [block][row]: -128 * sum of the row's signed block bytes
+  std::vector<float> d, mn;  // [block][row]: scale, Q4_1's minimum
+};
+
+template <int64_t T>
+inline void unpack_group_bytes(const uint8_t* group, int64_t nb, GroupBytes& u) {
+  constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160, qoff = T == GGML_Q4_0 ? 16 : 32;
+  u.q.resize(nb * 4), u.c.resize(nb * 8), u.d.resize(nb * 8), u.mn.resize(nb * 8);
+  const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * gb;
+    const __m512i ha = _mm512_loadu_si512(blk + qoff), hb = _mm512_loadu_si512(blk + qoff + 64);
+    // qword i of c0..c3: row i's columns 0-7, 8-15, 16-23, 24-31 (the x8 layout's lane pair 2i, 2i + 1)
+    const __m512i c0 = _mm512_and_si512(ha, m4), c1 = _mm512_and_si512(_mm512_srli_epi16(ha, 4), m4);
+    const __m512i c2 = _mm512_and_si512(hb, m4), c3 = _mm512_and_si512(_mm512_srli_epi16(hb, 4), m4);
+    const __m512i sums = _mm512_add_epi64(_mm512_add_epi64(_mm512_sad_epu8(c0, zero), _mm512_sad_epu8(c1, zero)),
+                                          _mm512_add_epi64(_mm512_sad_epu8(c2, zero), _mm512_sad_epu8(c3, zero)));
+    __m512i v[4] = {c0, c1, c2, c3};
+    __m256i sum8 = _mm512_cvtepi64_epi32(sums);
+    if constexpr (T == GGML_Q4_0) {
+      for (auto& x : v) x = _mm512_sub_epi8(x, _mm512_set1_epi8(8));
+      sum8 = _mm256_sub_epi32(sum8, _mm256_set1_epi32(256));
+    }
+    for (int p = 0; p < 4; ++p) _mm512_store_si512(u.q[b * 4 + p].bytes, v[p]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u.c.data() + 8 * b), _mm256_mullo_epi32(sum8, _mm256_set1_epi32(-128)));
+    _mm256_storeu_ps(u.d.data() + 8 * b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))));
+    if constexpr (T == GGML_Q4_1)
+      _mm256_storeu_ps(u.mn.data() + 8 * b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16))));
+  }
+}
+
+// The group's 8 weight rows . the 16 input rows of lane group g: out[r * ldo + j] for r < rows. `ahead` (or null):
+// the next x8 group's bytes, prefetched block by block while this one computes: the unpacking reads a whole group
+// at once, so without it the weights' DRAM latency and this arithmetic would take turns instead of overlapping.
+template <int64_t T>
+inline void group_gemm_q8(const GroupBytes& u, const PackedRows& p, int64_t g, float* out, int64_t ldo, int64_t rows,
+                          const uint8_t* ahead) {
+  constexpr int64_t gb = T == GGML_Q4_0 ? 144 : 160;
+  const int64_t nb = p.nb;
+  const Line* xq = p.q.data() + g * nb * 8;
+  const Line *xd = p.d.data() + g * nb, *xs = p.s.data() + g * nb;
+  __m512 acc[8];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (ahead != nullptr)
+      for (int64_t line = 0; line < gb; line += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b * gb + line), _MM_HINT_T0);
+    const uint8_t* w = u.q[b * 4].bytes;
+    const int32_t* c = u.c.data() + 8 * b;
+    __m512i d0 = _mm512_set1_epi32(c[0]), d1 = _mm512_set1_epi32(c[1]), d2 = _mm512_set1_epi32(c[2]),
+            d3 = _mm512_set1_epi32(c[3]), d4 = _mm512_set1_epi32(c[4]), d5 = _mm512_set1_epi32(c[5]),
+            d6 = _mm512_set1_epi32(c[6]), d7 = _mm512_set1_epi32(c[7]);
+    for (int st = 0; st < 8; ++st) {
+      const __m512i x = _mm512_load_si512(xq[b * 8 + st].bytes);
+      const uint8_t* ws = w + 64 * (st / 2) + 4 * (st % 2);  // row j's quad at ws + 8 j
+      // each weight row's quad as vpdpbusd's broadcast memory operand (GCC emits a separate vpbroadcastd)
+#define LW_DPBUSD_BCAST(acc, j) \
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(ws + 8 * (j))))
+      LW_DPBUSD_BCAST(d0, 0); LW_DPBUSD_BCAST(d1, 1); LW_DPBUSD_BCAST(d2, 2); LW_DPBUSD_BCAST(d3, 3);
+      LW_DPBUSD_BCAST(d4, 4); LW_DPBUSD_BCAST(d5, 5); LW_DPBUSD_BCAST(d6, 6); LW_DPBUSD_BCAST(d7, 7);
+#undef LW_DPBUSD_BCAST
+    }
+    const __m512i dot[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
+    const __m512 dx = _mm512_load_ps(xd[b].bytes);
+    for (int j = 0; j < 8; ++j)
+      acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(u.d[8 * b + j]), dx), _mm512_cvtepi32_ps(dot[j])));
+    if constexpr (T == GGML_Q4_1)
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(_mm512_set1_ps(u.mn[8 * b + j]), _mm512_load_ps(xs[b].bytes)));
+  }
+  alignas(64) float t[8][kLanes];
+  for (int j = 0; j < 8; ++j) _mm512_store_ps(t[j], acc[j]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < 8; ++j) out[r * ldo + j] = t[j][r];
+}
+#endif
 
 // -- the thread pool ----------------------------------------------------------------------------------------------
 inline void cpu_relax() {  // the spin-wait hint
@@ -988,9 +1108,13 @@ inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
 // dequantizing to a gemm: with int8 activations up to 32, with the float kernels up to 8.
 constexpr int64_t kSmallBatch = 32;
 // Tokens per forward chunk with float activations: every weight group is dequantized once per chunk, so a longer
-// chunk spreads that over more tokens (int8 activations skip dequantization and keep kSmallBatch).
+// chunk spreads that over more tokens.
 constexpr int64_t kFloatChunk = 128;
-constexpr int64_t kMaxChunk = kFloatChunk > kSmallBatch ? kFloatChunk : kSmallBatch;  // DecodeRows' most rows
+// Tokens per forward chunk with int8 activations: each chunk reads every weight from memory once, and with
+// group_gemm_q8 (AVX-512) the arithmetic per weight byte is cheap enough that 32-token chunks waited on memory
+// (256 measured no faster than 128).
+constexpr int64_t kInt8Chunk = 128;
+constexpr int64_t kMaxChunk = std::max({kFloatChunk, kSmallBatch, kInt8Chunk});  // DecodeRows' most rows
 #if defined(LW_AVX512)
 constexpr int64_t kGroupRows = 8;
 #else
@@ -1020,10 +1144,18 @@ struct DecodeRows {
   bool int8;
   std::vector<float> sums;
   QuantRows qx;
+#if defined(LW_AVX512)
+  PackedRows px;  // the rows in vector lanes for group_gemm_q8 (int8 and at least kGemmRows rows)
+  // A lane group of this many rows or more (a short last one is padded) beats group_dot_q8<8>'s time for them.
+  static constexpr int64_t kGemmRows = 14;
+#endif
   DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_)
       : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
         qx(int8 ? m_ : 0, k_) {
     if (int8) quantize_rows(xp, m_, k_, qx);
+#if defined(LW_AVX512)
+    if (int8 && m >= kGemmRows) pack_rows(qx, m, nb, px);
+#endif
   }
 
   // Float activations and at least this many input rows: plain weight rows are dequantized once, 8 at a time, and
@@ -1080,7 +1212,23 @@ struct DecodeRows {
     const uint8_t* group = w.data + g * 8 * w.stride;
     const int64_t bt = base_type(w.type);
     if (int8) {
-      for (int64_t i = 0; i < m;) {
+      int64_t i = 0;
+#if defined(LW_AVX512)
+      if (px.groups > 0) {  // lane groups of 16 rows; a last one of few rows through group_dot_q8 (same bits)
+        thread_local GroupBytes u;
+        if (bt == GGML_Q4_0) unpack_group_bytes<GGML_Q4_0>(group, nb, u);
+        else unpack_group_bytes<GGML_Q4_1>(group, nb, u);
+        for (int64_t g = 0; g < px.groups; ++g) {
+          const int64_t rows = std::min(kLanes, m - g * kLanes);
+          if (rows < kGemmRows) break;
+          const uint8_t* ahead = g == 0 ? group + 8 * w.stride : nullptr;  // the next group follows this one
+          if (bt == GGML_Q4_0) group_gemm_q8<GGML_Q4_0>(u, px, g, out + i * ldo, ldo, rows, ahead);
+          else group_gemm_q8<GGML_Q4_1>(u, px, g, out + i * ldo, ldo, rows, ahead);
+          i += rows;
+        }
+      }
+#endif
+      while (i < m) {
         // rows share each block's unpacked nibbles: 8 where 32 vector registers hold them, else 4
         const int64_t r = kGroupRows > 4 && m - i >= kGroupRows ? kGroupRows : m - i >= 4 ? 4 : 1;
         const int8_t* xq = qx.q.data() + i * k;

@@ -61,7 +61,7 @@ void forward_batch(SpinPool& p, const Model& m, const int32_t* tokens, const int
   KV* kc = static_cast<KV*>(m.k_cache);
   KV* vc = static_cast<KV*>(m.v_cache);
   const bool int8 = m.int8_activations != 0;
-  const int64_t chunk = int8 ? kSmallBatch : kFloatChunk, dim = m.dim, nb = dim / QK;
+  const int64_t chunk = int8 ? kInt8Chunk : kFloatChunk, dim = m.dim, nb = dim / QK;
   const int64_t emb_bb = block_bytes(m.embedding_type), emb_row = nb * emb_bb;
   // The logits wanted, by token index: (token, output row), so each chunk finds its own in one run.
   std::vector<std::pair<int64_t, int64_t>> wanted(n_logits);
