@@ -169,6 +169,9 @@ def lm_eval_worker(spec_path: Path) -> int:
     # One more run, untimed, with the harness's own `softmax_dtype=float64` option (the model argument sets this
     # attribute): its default log-softmax in float32 over the 49,152-entry vocabulary moves a per-item
     # log-likelihood by up to ~2e-4 (docs/eval.md), more than the two models' logits differ by.
+    if not hasattr(lm, "softmax_dtype"):
+        raise SystemExit(f"lm-eval {_version('lm_eval')} has no softmax_dtype option (0.4.13 has): a float64 "
+                         "log-softmax run is needed for the log-likelihood comparison")
     lm.softmax_dtype = torch.float64
     exact = simple_evaluate(model=lm, tasks=list(manager.load([name])["tasks"].values()), num_fewshot=spec["shots"],
                             limit=spec["limit"], log_samples=True, task_manager=manager, bootstrap_iters=0)
