@@ -155,9 +155,8 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
     one decode step each, batched), give the logits each row gives alone."""
     backend = smollm2[0] if numerics == "int8" else smollm2_float
     tok = backend.tokenizer
-    # int8: more than one 128-token chunk, the last one short. (Float stays within one chunk: its chunks of
-    # fewer than 4 tokens take row_dot, whose summation order differs from the dequantize-once kernel's.)
-    first = tok.encode(LONG)[:130] if numerics == "int8" else tok.encode(LLAMAS)[:37]
+    # more than one 128-token chunk, the last one short
+    first = tok.encode(LONG)[:130]
     prompts = [first, tok.encode("The capital of France is"), tok.encode("def fibonacci(n):")]
     alone, alone_next = [], []
     for p in prompts:
@@ -171,7 +170,7 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
                 rows.append(r)
                 tokens.append(p[i])
                 positions.append(i)
-    assert len(tokens) > (128 if numerics == "int8" else 32)
+    assert len(tokens) > 128
     wanted = [index[r, i] for r, p in enumerate(prompts) for i in range(len(p))]
     together = backend.forward(rows, tokens, positions, wanted)
     assert np.array_equal(together, np.concatenate(alone))
@@ -179,15 +178,16 @@ def test_rows_batched_together_equal_each_row_alone(smollm2, smollm2_float, nume
     assert np.array_equal(step, np.stack([alone_next[0], alone_next[1], alone_next[2]]))
 
 
-def test_a_prompt_split_anywhere_equals_one_call(smollm2) -> None:
-    backend, _ = smollm2
+@pytest.mark.parametrize("numerics", ["int8", "float"])
+def test_a_prompt_split_anywhere_equals_one_call(smollm2, smollm2_float, numerics: str) -> None:
+    backend = smollm2[0] if numerics == "int8" else smollm2_float
     ids = backend.tokenizer.encode(LONG)
-    assert len(ids) > 129  # more than one 128-token chunk (int8 activations)
+    assert len(ids) > 131  # more than one 128-token chunk
     whole = run(backend, ids)
     # cuts that put each int8 kernel on either side (AVX-512: up to 13 rows the x8 group kernel, then 16-row
-    # lane groups of the prompt kernel, a short last one padded from 14 rows, else the group kernel again), and
-    # chunk boundaries
-    for cut in (1, 13, 31, 32, 33, 127, 128, 129, len(ids) - 1):
+    # lane groups of the prompt kernel, a short last one padded from 14 rows, else the group kernel again), chunk
+    # boundaries, and chunks of 1-3 tokens (float: plain rows once took another kernel below 4 tokens)
+    for cut in (1, 2, 3, 13, 31, 32, 33, 127, 128, 129, 130, 131, len(ids) - 1):
         first, rest = run(backend, ids[:cut]), run(backend, ids[cut:], cut)
         assert np.array_equal(np.concatenate([first, rest]), whole), cut
     assert np.array_equal(backend.forward([0] * len(ids), ids, range(len(ids)), [len(ids) - 1, 0]),

@@ -226,30 +226,6 @@ inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
   }
 }
 
-// Dot of one quantized row with one float vector; xsum holds each 32-block's sum of x (for the offset term).
-// Per block: d * sum_j(q_j * x_j), summed in element order; Q4_0/Q4_1 add m * xsum[b] into a separate total.
-inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float* xsum, int64_t nb) {
-  const int64_t bb = block_bytes(t);
-  float acc = 0.f, offset = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * bb;
-    const float* xb = x + b * QK;
-    const float d = half_at(blk);
-    float s = 0.f;
-    if (t == GGML_Q8_0) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-      for (int j = 0; j < 32; ++j) s += q[j] * xb[j];
-    } else {
-      const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
-      for (int j = 0; j < 16; ++j) s += (q[j] & 15) * xb[j];
-      for (int j = 0; j < 16; ++j) s += (q[j] >> 4) * xb[j + 16];
-      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d) * xsum[b];
-    }
-    acc += d * s;
-  }
-  return acc + offset;
-}
-
 // Rows of x (m, k) -> int8 blocks. Rounds to nearest, ties to even (ggml's roundf sends exact ties away from
 // zero: a tie needs x / scale to land exactly on .5, vanishingly rare for real activations).
 inline void quantize_rows(const float* x, int64_t m, int64_t k, QuantRows& out) {
@@ -439,57 +415,6 @@ inline void dequant_block(int64_t t, const uint8_t* blk, float* out) {
   }
 #else
   ref::dequant_block(t, blk, out);
-#endif
-}
-
-inline float row_dot(int64_t t, const uint8_t* row, const float* x, const float* xsum, int64_t nb) {
-#if defined(LW_AVX2)
-  const int64_t bb = block_bytes(t);
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  const __m128i low4 = _mm_set1_epi8(15);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * bb;
-    const float* xb = x + b * QK;
-    __m256 w[4];
-    if (t == GGML_Q8_0) {
-      for (int j = 0; j < 4; ++j) w[j] = i8x8_to_ps(blk + 2 + 8 * j);
-    } else {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (t == GGML_Q4_1 ? 4 : 2)));
-      const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-      w[0] = u8x8_to_ps(lo), w[1] = u8x8_to_ps(_mm_srli_si128(lo, 8));
-      w[2] = u8x8_to_ps(hi), w[3] = u8x8_to_ps(_mm_srli_si128(hi, 8));
-      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * half_at(blk)) * xsum[b];
-    }
-    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-    for (int j = 1; j < 4; ++j) s = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), s);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk)), s, acc);
-  }
-  return hsum256(acc) + offset;
-#elif defined(LW_NEON)
-  const int64_t bb = block_bytes(t);
-  float32x4_t acc = vdupq_n_f32(0.f);
-  float offset = 0.f;
-  alignas(16) float w[32];
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * bb;
-    const float* xb = x + b * QK;
-    // the dequantized block without its offset (d = 1, m = 0 for Q4): q as floats
-    if (t == GGML_Q8_0) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-      for (int j = 0; j < 32; ++j) w[j] = q[j];
-    } else {
-      const uint8_t* q = blk + (t == GGML_Q4_1 ? 4 : 2);
-      for (int j = 0; j < 16; ++j) w[j] = q[j] & 15, w[j + 16] = q[j] >> 4;
-      offset += (t == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * half_at(blk)) * xsum[b];
-    }
-    float32x4_t s = vmulq_f32(vld1q_f32(w), vld1q_f32(xb));
-    for (int j = 1; j < 8; ++j) s = vfmaq_f32(s, vld1q_f32(w + 4 * j), vld1q_f32(xb + 4 * j));
-    acc = vfmaq_n_f32(acc, s, half_at(blk));
-  }
-  return vaddvq_f32(acc) + offset;
-#else
-  return ref::row_dot(t, row, x, xsum, nb);
 #endif
 }
 
@@ -1092,18 +1017,6 @@ void pool_for(SpinPool& pool, int64_t begin, int64_t end, int64_t grain, const F
   pool.run((n + chunk - 1) / chunk, [&](int64_t c) { f(begin + c * chunk, std::min(end, begin + (c + 1) * chunk)); });
 }
 
-// Per-32-block sums of x (M, K): the offset term of Q4_0/Q4_1 needs them once per input row.
-inline std::vector<float> block_sums(const float* xp, int64_t m, int64_t k) {
-  const int64_t nb = k / QK;
-  std::vector<float> sums(m * nb);
-  for (int64_t i = 0; i < m * nb; ++i) {
-    float s = 0.f;
-    for (int j = 0; j < QK; ++j) s += xp[i * QK + j];
-    sums[i] = s;
-  }
-  return sums;
-}
-
 // Up to this many input rows the decode kernels (weights read once, every row dotted in cache) beat
 // dequantizing to a gemm: with int8 activations up to 32, with the float kernels up to 8.
 constexpr int64_t kSmallBatch = 32;
@@ -1132,8 +1045,8 @@ struct WeightRef {
 };
 
 // The activation rows of one decode matmul, prepared once: int8 blocks (integer dot products, as llama.cpp does on
-// every CPU; the drift from float is bounded in tests/test_native_backend.py) or per-block float sums. The choice
-// is the caller's, per call: there is no process-wide switch.
+// every CPU; the drift from float is bounded in tests/test_native_backend.py) or the float rows themselves. The
+// choice is the caller's, per call: there is no process-wide switch.
 // out[i * ldo + j] = w[j * k, (j + 1) * k) . x[i * k, (i + 1) * k) for the 8 float rows of w and m input rows
 // (defined with the vector helpers below).
 inline void dot8_float_rows(const float* w, int64_t k, const float* x, int64_t m, float* out, int64_t ldo);
@@ -1142,7 +1055,6 @@ struct DecodeRows {
   const float* x;
   int64_t m, k, nb;
   bool int8;
-  std::vector<float> sums;
   QuantRows qx;
 #if defined(LW_AVX512)
   PackedRows px;  // the rows in vector lanes for group_gemm_q8 (int8 and at least kGemmRows rows)
@@ -1150,18 +1062,16 @@ struct DecodeRows {
   static constexpr int64_t kGemmRows = 14;
 #endif
   DecodeRows(const float* xp, int64_t m_, int64_t k_, bool int8_)
-      : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), sums(int8 ? std::vector<float>() : block_sums(xp, m_, k_)),
-        qx(int8 ? m_ : 0, k_) {
+      : x(xp), m(m_), k(k_), nb(k_ / QK), int8(int8_), qx(int8 ? m_ : 0, k_) {
     if (int8) quantize_rows(xp, m_, k_, qx);
 #if defined(LW_AVX512)
     if (int8 && m >= kGemmRows) pack_rows(qx, m, nb, px);
 #endif
   }
 
-  // Float activations and at least this many input rows: plain weight rows are dequantized once, 8 at a time, and
-  // dotted with every input row (row_dot converts each block again for every input row).
-  static constexpr int64_t kDequantOnce = 4;
-  bool dequant_once() const { return !int8 && m >= kDequantOnce; }
+  // Float activations: plain weight rows are dequantized 8 at a time and dotted with every input row by the same
+  // kernel as the x8 groups, whatever the number of rows, so a token's sums do not depend on its chunk.
+  bool dequant_once() const { return !int8; }
 
   // How many weight rows from `local` one dot_range call takes: an x8 group's rest, 8 dequantized plain rows, or
   // kRows plain rows.
@@ -1169,16 +1079,11 @@ struct DecodeRows {
     return interleaved(w.type) || dequant_once() ? 8 - local % 8 : kRows;
   }
 
-  // out[i * ldo + j] = row (r0 + j) of w . input row i, for j < n (n <= kRows).
+  // out[i * ldo + j] = row (r0 + j) of w . input row i (int8 activations), for j < n (n <= kRows).
   void dot_rows(const WeightRef& w, int64_t r0, int64_t n, float* out, int64_t ldo) const {
-    if (int8) {
-      if (w.type == GGML_Q4_0) return q8_rows<GGML_Q4_0>(w, r0, n, out, ldo);
-      if (w.type == GGML_Q4_1) return q8_rows<GGML_Q4_1>(w, r0, n, out, ldo);
-      return q8_rows<GGML_Q8_0>(w, r0, n, out, ldo);
-    }
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < m; ++i)
-        out[i * ldo + j] = row_dot(w.type, w.data + (r0 + j) * w.stride, x + i * k, sums.data() + i * nb, nb);
+    if (w.type == GGML_Q4_0) return q8_rows<GGML_Q4_0>(w, r0, n, out, ldo);
+    if (w.type == GGML_Q4_1) return q8_rows<GGML_Q4_1>(w, r0, n, out, ldo);
+    return q8_rows<GGML_Q8_0>(w, r0, n, out, ldo);
   }
 
   // Like dot_rows for any weight layout and n <= 8; for an x8 weight rows r0 .. r0 + n must be in one group.
