@@ -712,13 +712,17 @@ def _add_tokenizer(sub: Subparsers) -> None:
     e.add_argument("--min-frequency", type=int, default=2, help="a new token must occur this often (default 2)")
     e.add_argument("--gguf-type", default="f16", help="OUT/model.gguf tensor type (f32, f16, bf16, q8_0; none)")
     e.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
+    e.add_argument("--fit-output", type=int, default=0, metavar="STEPS",
+                   help="untie the output and fit the new output rows to the corpus for STEPS steps (0: mean rows)")
+    e.add_argument("--fit-tokens", type=int, default=65536, help="corpus tokens --fit-output uses (at most)")
     e.add_argument("--no-progress", action="store_true")
 
     def run_extend(a: argparse.Namespace) -> int:
         from .tokenizer_extend import run_extend_cli
 
         return run_extend_cli(a.model, a.corpus, a.add, a.out, min_frequency=a.min_frequency,
-                              gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress)
+                              gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress,
+                              fit_output=a.fit_output, fit_tokens=a.fit_tokens)
 
     e.set_defaults(run=run_extend)
     s = tok_sub.add_parser("stats", help="tokens per character/word and bytes per token, per script")
