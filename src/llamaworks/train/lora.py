@@ -116,13 +116,14 @@ class LoRAConfig:
             "init_lora_weights": True,
             "inference_mode": True,
             "modules_to_save": list(self.modules_to_save) or None,
-            # A tied model saves only embed_tokens; PEFT then ties lm_head to the saved copy (else it would keep
-            # the base matrix as the output and the logits would differ from ours).
-            "ensure_weight_tying": self.modules_to_save == ("embed_tokens",),
             "layers_to_transform": None,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
+        if self.modules_to_save:
+            # A tied model saves only embed_tokens; PEFT then ties lm_head to the saved copy. (Written only with
+            # modules_to_save: peft releases before the key existed would refuse it on plain adapters.)
+            d["ensure_weight_tying"] = self.modules_to_save == ("embed_tokens",)
         return {**self.extra, **d}
 
     @classmethod
