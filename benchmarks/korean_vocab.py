@@ -173,6 +173,8 @@ def main() -> int:
     ap.add_argument("--add", type=int, default=1000)
     ap.add_argument("--fit-output", type=int, default=400, metavar="STEPS",
                     help="`tokenizer extend --fit-output STEPS` (0: the plain mean initialisation)")
+    ap.add_argument("--fit-english", action="store_true",
+                    help="add the English training text to the fit (`tokenizer extend --fit-corpus EN-TRAIN`)")
     ap.add_argument("--stage1-steps", type=int, default=20)
     ap.add_argument("--stage2-steps", type=int, default=25)
     ap.add_argument("--stage1-lr", default="2e-3")
@@ -209,7 +211,8 @@ def main() -> int:
     ext, s1, s2 = work / "ext", work / "stage1", work / "stage2"
     t_all = time.perf_counter()
     print(llamaworks("tokenizer", "extend", "--corpus", str(ko_train), "--add", str(a.add), "--out", str(ext),
-                     "--gguf-type", "none", "--fit-output", str(a.fit_output), "--no-progress", threads=t))
+                     "--gguf-type", "none", "--fit-output", str(a.fit_output), "--no-progress",
+                     *(["--fit-corpus", str(en_train)] if a.fit_english else []), threads=t))
     extend_s = time.perf_counter() - t_all
     stats = {}
     for name, folder in (("korean", ko_held), ("english", en_held)):

@@ -386,13 +386,16 @@ def test_fit_output_unties_fits_new_rows_and_loads_in_transformers(base: Tokeniz
     tiny = write_tiny_smol_model(tmp_path / "tiny", base, max_seq_len=512)
     corpus = [KOREAN / "constitution_head.txt"]
     extend_model(tiny, corpus, 50, tmp_path / "mean", gguf_type=None, progress=False)
-    extend_model(tiny, corpus, 50, tmp_path / "fit", gguf_type=None, progress=False, fit_output=200)
+    (tmp_path / "en.txt").write_text("\n\n".join(ENGLISH * 40), encoding="utf-8")
+    extend_model(tiny, corpus, 50, tmp_path / "fit", gguf_type=None, progress=False, fit_output=200,
+                 fit_corpus=[tmp_path / "en.txt"])
     mean, fit = load_file(tmp_path / "mean" / "model.safetensors"), load_file(tmp_path / "fit" / "model.safetensors")
     emb, head, n = "model.embed_tokens.weight", "lm_head.weight", base.vocab_size
     assert head not in mean and torch.equal(fit[emb], mean[emb])  # inputs: the mean rows, as without the fit
     assert torch.equal(fit[head][:n], mean[emb][:n]) and not torch.equal(fit[head][n:], mean[emb][n:])
     record = json.loads((tmp_path / "fit" / "vocab_extension.json").read_text())["fit_output"]
     assert record["val_after"] < record["val_before"] and record["train_after"] < record["train_before"]
+    assert record["fit_corpus"] == [str(tmp_path / "en.txt")]
     cfg = json.loads((tmp_path / "fit" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     ours, tok, _ = load_model(tmp_path / "fit")

@@ -715,6 +715,8 @@ def _add_tokenizer(sub: Subparsers) -> None:
     e.add_argument("--fit-output", type=int, default=0, metavar="STEPS",
                    help="untie the output and fit the new output rows to the corpus for STEPS steps (0: mean rows)")
     e.add_argument("--fit-tokens", type=int, default=65536, help="corpus tokens --fit-output uses (at most)")
+    e.add_argument("--fit-corpus", nargs="+", default=(), metavar="FILE",
+                   help="other text (e.g. English) added to the --fit-output fit, where new tokens must stay unlikely")
     e.add_argument("--no-progress", action="store_true")
 
     def run_extend(a: argparse.Namespace) -> int:
@@ -722,7 +724,7 @@ def _add_tokenizer(sub: Subparsers) -> None:
 
         return run_extend_cli(a.model, a.corpus, a.add, a.out, min_frequency=a.min_frequency,
                               gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress,
-                              fit_output=a.fit_output, fit_tokens=a.fit_tokens)
+                              fit_output=a.fit_output, fit_tokens=a.fit_tokens, fit_corpus=a.fit_corpus)
 
     e.set_defaults(run=run_extend)
     s = tok_sub.add_parser("stats", help="tokens per character/word and bytes per token, per script")

@@ -383,13 +383,17 @@ def fit_windows(tok: Tokenizer, texts: Sequence[str], max_tokens: int, seq_len: 
 
 def extend_model(model: str | Path | None, corpus: Sequence[str | Path], add: int, out: str | Path, *,
                  min_frequency: int = 2, gguf_type: str | None = "f16", text_field: str = "text",
-                 progress: bool = True, fit_output: int = 0, fit_tokens: int = 65536) -> ExtendResult:
+                 progress: bool = True, fit_output: int = 0, fit_tokens: int = 65536,
+                 fit_corpus: Sequence[str | Path] = ()) -> ExtendResult:
     """Learn `add` tokens from `corpus`, append them to `model`'s vocabulary, resize its embedding (and untied
     output) matrix with mean-initialised rows, and write an HF directory `out` (+ `out/model.gguf`).
 
     `fit_output` > 0: the output is untied (a tied model gains its own output matrix, a copy of the embeddings,
     so old-token logits are unchanged) and the new output rows are fitted for that many steps on up to
-    `fit_tokens` corpus tokens (`fit_new_output_rows`); the input rows stay the mean of their pieces."""
+    `fit_tokens` corpus tokens (`fit_new_output_rows`); the input rows stay the mean of their pieces.
+    `fit_corpus` (e.g. English text) adds other text to the fit only, a quarter of its windows (no tokens are learned
+    from it): there the new tokens are never the target, so the fit keeps them from taking probability
+    from the old language."""
     from .checkpoints import load_model, save_gguf, save_hf
 
     if add < 1:
@@ -418,8 +422,13 @@ def extend_model(model: str | Path | None, corpus: Sequence[str | Path], add: in
         fit_net = Transformer(config)
         fit_net.load_state_dict({k: v.float() for k, v in state.items()})
         fit_net.eval()
-        fitted = fit_new_output_rows(fit_net, fit_windows(tok, texts, fit_tokens), base.vocab_size,
-                                     steps=fit_output, progress=progress)
+        windows = fit_windows(tok, texts, fit_tokens)
+        if fit_corpus:
+            import torch
+
+            other = fit_windows(tok, read_corpus(fit_corpus, text_field), windows.numel() // 3)  # a quarter of all
+            windows = torch.cat([windows, other])
+        fitted = fit_new_output_rows(fit_net, windows, base.vocab_size, steps=fit_output, progress=progress)
         state["output.weight"] = fit_net.output.weight.detach().to(state["output.weight"].dtype)
         del fit_net
     out = Path(out)
@@ -432,7 +441,8 @@ def extend_model(model: str | Path | None, corpus: Sequence[str | Path], add: in
     record = {"base_model": str(ckpt.path), "base_vocab": base.vocab_size, "added": len(ext.tokens),
               "corpus": [str(c) for c in corpus], "min_frequency": min_frequency,
               "corpus_tokens_before": ext.corpus_tokens_before, "corpus_tokens_after": ext.corpus_tokens_after,
-              "fit_output": {"steps": fit_output, "max_tokens": fit_tokens, **fitted} if fit_output else None}
+              "fit_output": {"steps": fit_output, "max_tokens": fit_tokens, "fit_corpus": [str(c) for c in fit_corpus],
+                             **fitted} if fit_output else None}
     atomic_write_text(out / EXTENSION_FILE, json.dumps(record, indent=2) + "\n")
     gguf = None
     if gguf_type:
@@ -444,10 +454,10 @@ def extend_model(model: str | Path | None, corpus: Sequence[str | Path], add: in
 
 def run_extend_cli(model: str | None, corpus: list[str], add: int, out: str, *, min_frequency: int,
                    gguf_type: str, text_field: str, progress: bool, fit_output: int = 0,
-                   fit_tokens: int = 65536) -> int:
+                   fit_tokens: int = 65536, fit_corpus: Sequence[str] = ()) -> int:
     r = extend_model(model, corpus, add, out, min_frequency=min_frequency,
                      gguf_type=None if gguf_type == "none" else gguf_type, text_field=text_field, progress=progress,
-                     fit_output=fit_output, fit_tokens=fit_tokens)
+                     fit_output=fit_output, fit_tokens=fit_tokens, fit_corpus=fit_corpus)
     saved = 100 * (1 - r.corpus_tokens_after / max(1, r.corpus_tokens_before))
     print(f"added {r.added} tokens ({r.base_vocab} -> {r.vocab}); the corpus: {r.corpus_tokens_before:,} -> "
           f"{r.corpus_tokens_after:,} tokens ({saved:.1f}% fewer)")
