@@ -370,7 +370,7 @@ def test_extend_then_two_stage_pretrain_end_to_end(base: Tokenizer, tmp_path: Pa
                  max_steps=1, **kw)
 
 
-@pytest.mark.slow  # two extensions of a tiny model with SmolLM2's 49K vocabulary + transformers: 30-95 s here
+@pytest.mark.slow  # two extensions of a tiny model with SmolLM2's 49K vocabulary + transformers: 29-94 s here
 def test_fit_output_unties_fits_new_rows_and_loads_in_transformers(base: Tokenizer, tmp_path: Path) -> None:
     """`tokenizer extend --fit-output`: a tied model gains its own output matrix whose old rows are the embeddings
     (old-token logits unchanged) and whose new rows are fitted; the input rows stay the mean of their pieces; the
