@@ -1,6 +1,6 @@
 """Korean like LLaMA-2-Ko on SmolLM2-135M: extend the vocabulary, continue pretraining, measure what it gained.
 
-    python benchmarks/korean_vocab.py --work /tmp/korean [--add 1000] [--stage1-steps 40] [--stage2-steps 40]
+    python benchmarks/korean_vocab.py --work /tmp/korean [--add 500] [--fit-output 400] [--stage2-steps 30]
                                       [--llama-server BIN] [--json out.json]
     python benchmarks/korean_vocab.py --write-llama-cpp-fixture --llama-server BIN
 
@@ -170,17 +170,17 @@ def bits_per_byte(model: str, files: list[Path], work: Path, name: str, threads:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("korean-work"))
-    ap.add_argument("--add", type=int, default=1000)
+    ap.add_argument("--add", type=int, default=500)
     ap.add_argument("--fit-output", type=int, default=400, metavar="STEPS",
                     help="`tokenizer extend --fit-output STEPS` (0: the plain mean initialisation)")
     ap.add_argument("--fit-english", action="store_true",
                     help="add the English training text to the fit (`tokenizer extend --fit-corpus EN-TRAIN`)")
-    ap.add_argument("--stage1-steps", type=int, default=20)
-    ap.add_argument("--stage2-steps", type=int, default=25)
+    ap.add_argument("--stage1-steps", type=int, default=15)
+    ap.add_argument("--stage2-steps", type=int, default=30)
     ap.add_argument("--stage1-lr", default="2e-3")
     ap.add_argument("--stage2-lr", default="5e-5")
-    ap.add_argument("--seq-len", default="64")
-    ap.add_argument("--batch-size", default="4")
+    ap.add_argument("--seq-len", default="256")
+    ap.add_argument("--batch-size", default="2")
     ap.add_argument("--mix-ratio", default="0.25")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--evaluate", default="base,stage2",
