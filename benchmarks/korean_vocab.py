@@ -1,6 +1,6 @@
 """Korean like LLaMA-2-Ko on SmolLM2-135M: extend the vocabulary, continue pretraining, measure what it gained.
 
-    python benchmarks/korean_vocab.py --work /tmp/korean [--add 1000] [--stage1-steps 40] [--stage2-steps 40]
+    python benchmarks/korean_vocab.py --work /tmp/korean [--add 500] [--fit-output 400] [--stage2-steps 30]
                                       [--llama-server BIN] [--json out.json]
     python benchmarks/korean_vocab.py --write-llama-cpp-fixture --llama-server BIN
 
@@ -170,15 +170,19 @@ def bits_per_byte(model: str, files: list[Path], work: Path, name: str, threads:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("korean-work"))
-    ap.add_argument("--add", type=int, default=1000)
-    ap.add_argument("--stage1-steps", type=int, default=20)
-    ap.add_argument("--stage2-steps", type=int, default=25)
+    ap.add_argument("--add", type=int, default=500)
+    ap.add_argument("--fit-output", type=int, default=400, metavar="STEPS",
+                    help="`tokenizer extend --fit-output STEPS` (0: the plain mean initialisation)")
+    ap.add_argument("--fit-english", action="store_true",
+                    help="add the English training text to the fit (`tokenizer extend --fit-corpus EN-TRAIN`)")
+    ap.add_argument("--stage1-steps", type=int, default=15)
+    ap.add_argument("--stage2-steps", type=int, default=30)
     ap.add_argument("--stage1-lr", default="2e-3")
     ap.add_argument("--stage2-lr", default="5e-5")
-    ap.add_argument("--seq-len", default="64")
-    ap.add_argument("--batch-size", default="4")
+    ap.add_argument("--seq-len", default="256")
+    ap.add_argument("--batch-size", default="2")
     ap.add_argument("--mix-ratio", default="0.25")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--evaluate", default="base,stage2",
                     help="models whose bits per byte are measured: base,extended,stage1,stage2")
     ap.add_argument("--llama-server", default=None, metavar="BIN")
@@ -205,8 +209,11 @@ def main() -> int:
             shutil.copyfile(f, folder / f.name)
     t = a.threads
     ext, s1, s2 = work / "ext", work / "stage1", work / "stage2"
+    t_all = time.perf_counter()
     print(llamaworks("tokenizer", "extend", "--corpus", str(ko_train), "--add", str(a.add), "--out", str(ext),
-                     "--gguf-type", "none", "--no-progress", threads=t))
+                     "--gguf-type", "none", "--fit-output", str(a.fit_output), "--no-progress",
+                     *(["--fit-corpus", str(en_train)] if a.fit_english else []), threads=t))
+    extend_s = time.perf_counter() - t_all
     stats = {}
     for name, folder in (("korean", ko_held), ("english", en_held)):
         stats[name] = json.loads(llamaworks("tokenizer", "stats", "--json", "-m", "default", "-m", str(ext),
@@ -271,7 +278,8 @@ def main() -> int:
         "hangul_drop": 1 - ke["tokens_per_char"] / kb["tokens_per_char"],
         "english_tokens": [eb["tokens"], ee["tokens"]], "english_ids_identical": english_same,
         "bits_per_byte": bpb, "english_bpb_rise": bpb["stage2"]["english"] / bpb["base"]["english"] - 1,
-        "stage_seconds": [stage1_s, stage2_s], "chat_reply": reply.strip(), "llama_cpp": llama_cpp,
+        "stage_seconds": [stage1_s, stage2_s], "extend_seconds": extend_s,
+        "total_seconds": time.perf_counter() - t_all, "chat_reply": reply.strip(), "llama_cpp": llama_cpp,
     }
     print(f"\nCPU: {result['cpu']}")
     print(f"| | SmolLM2-135M | + {a.add} Korean tokens |\n|---|---|---|")
@@ -283,7 +291,8 @@ def main() -> int:
     for label, row in bpb.items():
         print(f"| {label} | {row['korean']:.4f} | {row['english']:.4f} |")
     print(f"\nEnglish bits/byte after stage 2: {100 * result['english_bpb_rise']:+.2f}% against the base; "
-          f"stage 1 {stage1_s:.0f} s, stage 2 {stage2_s:.0f} s")
+          f"extend {extend_s:.0f} s, stage 1 {stage1_s:.0f} s, stage 2 {stage2_s:.0f} s, whole run "
+          f"{result['total_seconds']:.0f} s")
     print(f"chat: {result['chat_reply']!r}\nllama.cpp: {llama_cpp}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -199,3 +199,66 @@ def test_lora_linear_dropout_only_in_training():
     a = m(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, m(x))
+
+
+@pytest.mark.parametrize("name", ["tiny-tied", "tiny-llama3"])
+def test_embeddings_saved_beside_the_adapter_load_in_peft_and_back(tmp_path, name):
+    """LoRA plus trained embeddings (PEFT's modules_to_save; tied: embed_tokens, untied: and lm_head): peft puts
+    our adapter on the transformers base and gives our logits; our loader reads it back, and reads peft's own."""
+    peft = pytest.importorskip("peft")
+    from llamaworks.train.lora import embedding_modules
+
+    model = random_model(name)
+    hf = hf_from_ours(random_model(name))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="q,v,down", modules_to_save=embedding_modules(model)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "tok_embeddings.weight" in trainable and ("output.weight" in trainable) == (name == "tiny-llama3")
+    randomize_adapters(model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for w in [model.tok_embeddings.weight] + ([model.output.weight] if model.output is not None else []):
+            w.add_(torch.randn(w.shape, generator=g) * 0.1)  # as training would move them
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == list(embedding_modules(model))
+    x = tokens(model.config)
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = model(x)
+        expected = peft_model(input_ids=x).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        fresh = random_model(name)
+        assert load_adapter(fresh, tmp_path / "adapter").modules_to_save == embedding_modules(model)
+        torch.testing.assert_close(fresh.eval()(x), got, atol=1e-5, rtol=1e-5)
+        merge_lora(fresh)  # merged: a plain model with the trained embeddings
+        torch.testing.assert_close(fresh(x), got, atol=1e-4, rtol=1e-4)
+
+    # peft's own adapter with modules_to_save (what `save_pretrained` writes) loads into ours.
+    tied = name == "tiny-tied"
+    lcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                           modules_to_save=["embed_tokens"] if tied else ["embed_tokens", "lm_head"],
+                           ensure_weight_tying=tied)
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(hf_from_ours(random_model(name)), lcfg).eval()
+    with torch.no_grad():
+        for module in theirs.modules():
+            if type(module).__name__ == "ModulesToSaveWrapper":
+                module.modules_to_save["default"].weight.mul_(1.5)
+        theirs.save_pretrained(str(tmp_path / "from_peft"))
+        expected = theirs(input_ids=x).logits
+        ours = random_model(name).eval()
+        load_adapter(ours, tmp_path / "from_peft")
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_modules_to_save_is_a_one_line_error(tmp_path):
+    model = random_model()
+    apply_lora(model, LoRAConfig(rank=2, targets="q"))
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["score"]}))
+    with pytest.raises(FormatError, match="modules_to_save 'score' is not supported"):
+        load_adapter(random_model(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["embed_tokens"]}))
+    with pytest.raises(FormatError, match=r"missing tensor base_model\.model\.model\.embed_tokens\.weight"):
+        load_adapter(random_model(), tmp_path)

@@ -103,6 +103,42 @@ def test_pretrain_python_api_resume_and_vocab(corpus, tmp_path):
         pretrain("tiny-tied", tmp_path / "data", tmp_path / "b", bogus=1)
 
 
+def test_continue_with_lora_and_embeddings_saves_a_peft_adapter(corpus, tmp_path):
+    """`pretrain --init M --train lora-embeddings`: LoRA plus the embeddings train; `final` is the merged model (what
+    chat and convert read) and `final/adapter` a PEFT adapter that peft puts on M's transformers model to give the
+    merged model's logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from llamaworks.checkpoints import load_model
+    from llamaworks.data.prepare import prepare_corpus
+    from llamaworks.train.lora import LoRAConfig
+    from llamaworks.train.pretrain import pretrain
+
+    prepare_corpus([corpus / "corpus"], corpus / "tok", tmp_path / "data", val_fraction=0, progress=False)
+    kw = dict(seq_len=32, micro_batch_size=4, warmup_steps=0, eval_every=0, save_every=0, log_every=1,
+              progress=False, tensorboard=False, plot=False)
+    init = pretrain("tiny-tied", tmp_path / "data", tmp_path / "base", max_steps=2, lr=1e-3, **kw).final_dir
+    r = pretrain(None, tmp_path / "data", tmp_path / "cont", init=init, train="lora-embeddings", max_steps=3,
+                 lr=1e-2, weight_decay=0.0, lora=LoRAConfig(rank=4, alpha=8, targets="q,v,up"), **kw)
+    adapter = json.loads((r.final_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["embed_tokens"] and adapter["r"] == 4
+    assert json.loads((tmp_path / "cont" / "run.json").read_text())["lora"]["modules_to_save"] == ["embed_tokens"]
+    before, after = load_file(init / "model.safetensors"), load_file(r.final_dir / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(before[emb], after[emb])  # the embeddings trained ...
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],  # ... and the adapters (merged)
+                           after["model.layers.0.self_attn.q_proj.weight"])
+    k = "model.layers.0.self_attn.k_proj.weight"  # not a LoRA target: unchanged
+    assert torch.equal(before[k], after[k])
+    assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+    x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    merged, _, _ = load_model(r.final_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(init), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(hf, str(r.final_dir / "adapter")).eval()(input_ids=x).logits
+        torch.testing.assert_close(merged.eval()(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_grammar_corpus_is_structured():
     sentences = grammar_corpus(100)
     assert all(s.split()[2] == "the" and s.endswith(" .") for s in sentences)

@@ -368,3 +368,38 @@ def test_extend_then_two_stage_pretrain_end_to_end(base: Tokenizer, tmp_path: Pa
     with pytest.raises(ValueError, match=r"vocab_extension\.json"):
         pretrain(None, tmp_path / "ko", tmp_path / "s3", init=tmp_path / "s1" / "final", train="new-rows",
                  max_steps=1, **kw)
+
+
+@pytest.mark.slow  # two extensions of a tiny model with SmolLM2's 49K vocabulary + transformers: 29-94 s here
+def test_fit_output_unties_fits_new_rows_and_loads_in_transformers(base: Tokenizer, tmp_path: Path) -> None:
+    """`tokenizer extend --fit-output`: a tied model gains its own output matrix whose old rows are the embeddings
+    (old-token logits unchanged) and whose new rows are fitted; the input rows stay the mean of their pieces; the
+    new rows lower the loss on windows the fit never trained on; transformers reads the untied checkpoint to our
+    logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_tiny_smol_model
+    from llamaworks.checkpoints import load_model
+    from llamaworks.tokenizer_extend import extend_model
+
+    tiny = write_tiny_smol_model(tmp_path / "tiny", base, max_seq_len=512)
+    corpus = [KOREAN / "constitution_head.txt"]
+    extend_model(tiny, corpus, 50, tmp_path / "mean", gguf_type=None, progress=False)
+    (tmp_path / "en.txt").write_text("\n\n".join(ENGLISH * 40), encoding="utf-8")
+    extend_model(tiny, corpus, 50, tmp_path / "fit", gguf_type=None, progress=False, fit_output=200,
+                 fit_corpus=[tmp_path / "en.txt"])
+    mean, fit = load_file(tmp_path / "mean" / "model.safetensors"), load_file(tmp_path / "fit" / "model.safetensors")
+    emb, head, n = "model.embed_tokens.weight", "lm_head.weight", base.vocab_size
+    assert head not in mean and torch.equal(fit[emb], mean[emb])  # inputs: the mean rows, as without the fit
+    assert torch.equal(fit[head][:n], mean[emb][:n]) and not torch.equal(fit[head][n:], mean[emb][n:])
+    record = json.loads((tmp_path / "fit" / "vocab_extension.json").read_text())["fit_output"]
+    assert record["val_after"] < record["val_before"] and record["train_after"] < record["train_before"]
+    assert record["fit_corpus"] == [str(tmp_path / "en.txt")]
+    cfg = json.loads((tmp_path / "fit" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    ours, tok, _ = load_model(tmp_path / "fit")
+    ids = torch.tensor([tok.encode(held_out_korean()[:300] + " " + ENGLISH[2], add_bos=False)])
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fit"), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -308,9 +308,12 @@ def _add_pretrain(sub: Subparsers) -> None:
                    help="a preset name (see `llamaworks models`) or a JSON/YAML ModelConfig file")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="continue pretraining this checkpoint instead (e.g. the output of `tokenizer extend`)")
-    p.add_argument("--train", default="all", choices=["all", "new-rows"],
-                   help="what trains with --init: all weights, or only the new embedding rows of an extended "
-                        "vocabulary (stage 1)")
+    p.add_argument("--train", default="all", choices=["all", "new-rows", "lora-embeddings"],
+                   help="what trains with --init: all weights, only the new embedding rows of an extended "
+                        "vocabulary (stage 1), or LoRA adapters plus the embeddings (PEFT modules_to_save)")
+    p.add_argument("--lora-rank", type=int, default=8, help="with --train lora-embeddings")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="with --train lora-embeddings")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="with --train lora-embeddings")
     p.add_argument("--mix-data", default=None, metavar="DIR",
                    help="another `data prepare` output (same tokenizer) mixed in, e.g. English text")
     p.add_argument("--mix-ratio", type=float, default=0.0, help="share of rows from --mix-data (e.g. 0.25)")
@@ -339,14 +342,17 @@ def _add_pretrain(sub: Subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
     def run(a: argparse.Namespace) -> int:
+        from .train.lora import LoRAConfig
         from .train.pretrain import run_pretrain_cli
 
+        lora = LoRAConfig(rank=a.lora_rank, alpha=a.lora_alpha, targets=a.lora_targets)
         names = ("micro_batch_size", "grad_accum_steps", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
                  "weight_decay", "grad_clip", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
                  "precision", "activation_checkpointing", "strategy", "seed")
         return run_pretrain_cli(a.model_config, a.data, a.out, seq_len=a.seq_len, device=a.device,
                                 resume=a.resume, progress=not a.no_progress, init=a.init, train=a.train,
-                                mix_data=a.mix_data, mix_ratio=a.mix_ratio, **{n: getattr(a, n) for n in names})
+                                mix_data=a.mix_data, mix_ratio=a.mix_ratio, lora=lora,
+                                **{n: getattr(a, n) for n in names})
 
     p.set_defaults(run=run)
 
@@ -706,13 +712,19 @@ def _add_tokenizer(sub: Subparsers) -> None:
     e.add_argument("--min-frequency", type=int, default=2, help="a new token must occur this often (default 2)")
     e.add_argument("--gguf-type", default="f16", help="OUT/model.gguf tensor type (f32, f16, bf16, q8_0; none)")
     e.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
+    e.add_argument("--fit-output", type=int, default=0, metavar="STEPS",
+                   help="untie the output and fit the new output rows to the corpus for STEPS steps (0: mean rows)")
+    e.add_argument("--fit-tokens", type=int, default=65536, help="corpus tokens --fit-output uses (at most)")
+    e.add_argument("--fit-corpus", nargs="+", default=(), metavar="FILE",
+                   help="other text (e.g. English) added to the --fit-output fit, where new tokens must stay unlikely")
     e.add_argument("--no-progress", action="store_true")
 
     def run_extend(a: argparse.Namespace) -> int:
         from .tokenizer_extend import run_extend_cli
 
         return run_extend_cli(a.model, a.corpus, a.add, a.out, min_frequency=a.min_frequency,
-                              gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress)
+                              gguf_type=a.gguf_type, text_field=a.text_field, progress=not a.no_progress,
+                              fit_output=a.fit_output, fit_tokens=a.fit_tokens, fit_corpus=a.fit_corpus)
 
     e.set_defaults(run=run_extend)
     s = tok_sub.add_parser("stats", help="tokens per character/word and bytes per token, per script")

@@ -41,6 +41,12 @@ TARGETS: dict[str, tuple[str, str]] = {
 ALL_TARGETS: tuple[str, ...] = tuple(TARGETS)
 _HF_TO_SHORT = {hf: short for short, (_, hf) in TARGETS.items()}
 _OURS_TO_SHORT = {ours.split(".")[-1]: short for short, (ours, _) in TARGETS.items()}
+# PEFT `modules_to_save` we accept: whole matrices trained beside the adapters (continued pretraining of an
+# extended vocabulary trains the embeddings). PEFT module name -> (our parameter, its key in the adapter file).
+SAVED_MODULES: dict[str, tuple[str, str]] = {
+    "embed_tokens": ("tok_embeddings.weight", "base_model.model.model.embed_tokens.weight"),
+    "lm_head": ("output.weight", "base_model.model.lm_head.weight"),
+}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -75,10 +81,16 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_TARGETS
     use_rslora: bool = False  # scaling alpha/sqrt(rank) instead of alpha/rank
+    modules_to_save: tuple[str, ...] = ()  # "embed_tokens" (+ "lm_head" when untied): trained whole, saved whole
     extra: dict = field(default_factory=dict)  # adapter_config.json fields we carry but do not interpret
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
+        unknown = sorted(set(self.modules_to_save) - set(SAVED_MODULES))
+        if unknown:
+            raise ConfigError(f"modules_to_save: {unknown[0]!r} is not supported; expected some of "
+                              f"{', '.join(SAVED_MODULES)}")
+        self.modules_to_save = tuple(m for m in SAVED_MODULES if m in self.modules_to_save)
         if self.rank < 1:
             raise ConfigError(f"--lora-rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -103,11 +115,15 @@ class LoRAConfig:
             "use_dora": False,
             "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": list(self.modules_to_save) or None,
             "layers_to_transform": None,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
+        if self.modules_to_save:
+            # A tied model saves only embed_tokens; PEFT then ties lm_head to the saved copy. (Written only with
+            # modules_to_save: peft releases before the key existed would refuse it on plain adapters.)
+            d["ensure_weight_tying"] = self.modules_to_save == ("embed_tokens",)
         return {**self.extra, **d}
 
     @classmethod
@@ -121,8 +137,13 @@ class LoRAConfig:
             raise FormatError(f"{source}: per-module rank_pattern/alpha_pattern are not supported")
         if d.get("bias", "none") != "none":
             raise FormatError(f"{source}: bias={d['bias']!r} is not supported (expected 'none')")
-        if d.get("modules_to_save"):
-            raise FormatError(f"{source}: modules_to_save is not supported")
+        saved: list[str] = []
+        for name in d.get("modules_to_save") or ():
+            short = name.split(".")[-1] if isinstance(name, str) else name
+            if short not in SAVED_MODULES:
+                raise FormatError(f"{source}: modules_to_save {name!r} is not supported (expected some of "
+                                  f"{', '.join(SAVED_MODULES)})")
+            saved.append(short)
         if d.get("layers_to_transform") is not None:
             raise FormatError(f"{source}: layers_to_transform is not supported")
         try:
@@ -130,7 +151,8 @@ class LoRAConfig:
             if isinstance(targets, str):
                 targets = "all" if targets == "all-linear" else targets
             return cls(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
-                       targets=targets, use_rslora=bool(d.get("use_rslora", False)))
+                       targets=targets, use_rslora=bool(d.get("use_rslora", False)),
+                       modules_to_save=tuple(saved))
         except KeyError as e:
             raise FormatError(f"{source}: missing field {e.args[0]!r}") from None
         except ConfigError as e:
@@ -239,8 +261,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             raise ConfigError(f"layers.{i}.{path} already has a LoRA adapter")
         lora = LoRALinear(current, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
         _set(layer, path, lora.train(model.training))  # new modules start in train mode: follow the model
+    for name in cfg.modules_to_save:
+        _saved_module_weight(model, name).requires_grad_(True)
     model.lora_config = cfg  # remembered for save_adapter
     return model
+
+
+def embedding_modules(model: nn.Module) -> tuple[str, ...]:
+    """PEFT `modules_to_save` naming the embeddings: embed_tokens, and lm_head when the output is untied."""
+    return ("embed_tokens",) if model.output is None else ("embed_tokens", "lm_head")
+
+
+def _saved_module_weight(model: nn.Module, name: str) -> nn.Parameter:
+    if name == "lm_head" and model.output is None:
+        raise ConfigError("modules_to_save lm_head: the model ties its output to the embeddings (save embed_tokens)")
+    return model.tok_embeddings.weight if name == "embed_tokens" else model.output.weight
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -358,6 +393,12 @@ def adapter_tensors_to_peft(model: nn.Module) -> dict[str, Tensor]:
             b = rotary_halves_from_pairs(b, heads)
         out[_peft_key(name, "A")] = a.contiguous()
         out[_peft_key(name, "B")] = b.contiguous()
+    cfg: LoRAConfig | None = getattr(model, "lora_config", None)
+    for name in cfg.modules_to_save if cfg is not None else ():
+        out[SAVED_MODULES[name][1]] = _saved_module_weight(model, name).detach().contiguous()
+    if cfg is not None and cfg.modules_to_save == ("embed_tokens",):
+        # PEFT writes a tied model's lm_head too (the same matrix); a copy, as safetensors refuses shared memory.
+        out[SAVED_MODULES["lm_head"][1]] = model.tok_embeddings.weight.detach().clone()
     return out
 
 
@@ -417,6 +458,29 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
                 t = rotary_pairs_from_halves(t, heads)
             with torch.no_grad():
                 param.copy_(t)
+    tied = model.output is None
+    for name in cfg.modules_to_save:
+        _, key = SAVED_MODULES[name]
+        if key not in tensors:
+            raise FormatError(f"{weights}: missing tensor {key} (modules_to_save {name})")
+        target = model.tok_embeddings.weight if name == "embed_tokens" or tied else model.output.weight
+        t = tensors[key]
+        if tuple(t.shape) != tuple(target.shape):
+            raise FormatError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(target.shape)} "
+                              "(the base model's vocabulary x dim)")
+        if name == "lm_head" and tied:
+            if not torch.equal(t.to(target.dtype), target):
+                raise FormatError(f"{weights}: {key} differs from embed_tokens but the base model ties them")
+        else:
+            with torch.no_grad():
+                target.copy_(t)
+        expected.add(key)
+    if cfg.modules_to_save == ("embed_tokens",) and SAVED_MODULES["lm_head"][1] in tensors:
+        lm_head = tensors[SAVED_MODULES["lm_head"][1]]  # PEFT's copy of a tied output: must be the same matrix
+        if not tied or not torch.equal(lm_head.to(model.tok_embeddings.weight.dtype), model.tok_embeddings.weight):
+            raise FormatError(f"{weights}: lm_head is saved but modules_to_save lists only embed_tokens and "
+                              "the two differ")
+        expected.add(SAVED_MODULES["lm_head"][1])
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise FormatError(f"{weights}: unexpected tensor {unknown[0]} (adapter targets {','.join(cfg.targets)})")
@@ -438,7 +502,8 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = [
-    "ALL_TARGETS", "TARGETS", "LoRAConfig", "LoRALinear", "adapter_tensors_to_peft", "apply_lora",
+    "ALL_TARGETS", "SAVED_MODULES", "TARGETS", "LoRAConfig", "LoRALinear", "adapter_tensors_to_peft", "apply_lora",
+    "embedding_modules",
     "load_adapter", "lora_disabled", "lora_modules", "lora_parameters", "lora_state_dict", "merge_lora",
     "merged_state_dict", "parse_targets", "read_adapter_config", "save_adapter", "set_merged",
     "trainable_parameter_count",

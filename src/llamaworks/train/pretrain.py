@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ def build_model(config: ModelConfig, seed: int, device: torch.device, init_std: 
     return model.to(device)
 
 
-TRAIN_PARTS = ("all", "new-rows")
+TRAIN_PARTS = ("all", "new-rows", "lora-embeddings")
 
 
 def update_only_seen_rows(model: nn.Module, first_row: int = 0) -> None:
@@ -125,13 +125,15 @@ def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, ou
              seq_len: int | None = None, device: str | torch.device | None = "auto", resume: bool = False,
              init_std: float = 0.02, save_dtype: torch.dtype | None = None, init: str | Path | None = None,
              train: str = "all", mix_data: str | Path | None = None, mix_ratio: float = 0.0,
-             **train_options: Any) -> TrainResult:
+             lora: Any = None, **train_options: Any) -> TrainResult:
     """Pretrain from scratch, or continue pretraining `init` (a checkpoint). `train_options` are TrainConfig
     fields (lr, max_steps, micro_batch_size, ...); seq_len defaults to min(model max_seq_len, 1024).
 
     `train="new-rows"` (with `init` from `llamaworks tokenizer extend`) trains only the new embedding/output
-    rows; `mix_data` (another `data prepare` output, same tokenizer) supplies a `mix_ratio` share of the rows,
-    e.g. English text while continuing on Korean, to limit forgetting."""
+    rows; `train="lora-embeddings"` trains LoRA adapters (`lora`: a LoRAConfig; default rank 8 on every
+    projection) plus the whole embedding (and untied output) matrix, PEFT's `modules_to_save`, and saves the merged
+    model with the adapter in `final/adapter`; `mix_data` (another `data prepare` output, same tokenizer) supplies
+    a `mix_ratio` share of the rows, e.g. English text while continuing on Korean, to limit forgetting."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(train_options) - known
     if unknown:
@@ -189,6 +191,15 @@ def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, ou
                 print(f"training only the {config.vocab_size - first_new} new embedding rows (ids {first_new}+; "
                       f"{n_new:,} values)", flush=True)
         else:
+            if train == "lora-embeddings":
+                from .lora import LoRAConfig, apply_lora, embedding_modules, trainable_parameter_count
+
+                base = lora if lora is not None else LoRAConfig()
+                apply_lora(model, replace(base, modules_to_save=embedding_modules(model)))
+                if rank == 0:
+                    n_train, n_all = trainable_parameter_count(model)
+                    print(f"training LoRA (rank {base.rank} on {','.join(base.targets)}) and the embeddings "
+                          f"({', '.join(embedding_modules(model))}): {n_train:,} of {n_all:,} values", flush=True)
             update_only_seen_rows(model)
     train_src: Any = TokenWindowSource(prepared.arrays("train"), seq_len, cfg.micro_batch_size, seed=cfg.seed)
     if mixed is not None:
@@ -212,14 +223,20 @@ def pretrain(model_config: str | Path | ModelConfig | None, data: str | Path, ou
         Path(out).mkdir(parents=True, exist_ok=True)
         run = {"model_config": config.to_dict(), "data": str(data), "seq_len": seq_len, "world_size": world,
                "init": str(init) if init is not None else None, "train_part": train,
+               "lora": lcfg.to_peft(str(init)) if (lcfg := getattr(model, "lora_config", None)) else None,
                "mix_data": str(mix_data) if mix_data is not None else None, "mix_ratio": mix_ratio,
                "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
         atomic_write_text(Path(out) / "run.json", json.dumps(run, indent=2) + "\n")
 
     def save_fn(m: nn.Module, directory: Path) -> None:
         from ..checkpoints.hf import write_hf  # into the folder the loop swaps in
+        from .lora import lora_modules, merged_state_dict, save_adapter
 
-        write_hf(Path(directory), m.state_dict(), config, tokenizer, dtype=save_dtype)
+        if lora_modules(m):  # the merged model (chat, convert) and the PEFT adapter over the --init model
+            save_adapter(m, Path(directory) / "adapter", base_model=str(init), dtype=save_dtype)
+            write_hf(Path(directory), merged_state_dict(m), config, tokenizer, dtype=save_dtype)
+        else:
+            write_hf(Path(directory), m.state_dict(), config, tokenizer, dtype=save_dtype)
 
     return run_training(model, train_data=train_src, val_data=val_src, cfg=cfg, save_fn=save_fn, resume=resume)
 
