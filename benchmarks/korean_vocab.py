@@ -1,6 +1,6 @@
 """Korean like LLaMA-2-Ko on SmolLM2-135M: extend the vocabulary, continue pretraining, measure what it gained.
 
-    python benchmarks/korean_vocab.py --work /tmp/korean [--add 500] [--fit-output 400] [--stage2-steps 30]
+    python benchmarks/korean_vocab.py --work /tmp/korean [--add 500] [--fit-output 400] [--stage2-steps 210]
                                       [--llama-server BIN] [--json out.json]
     python benchmarks/korean_vocab.py --write-llama-cpp-fixture --llama-server BIN
 
@@ -176,7 +176,7 @@ def main() -> int:
     ap.add_argument("--fit-english", action="store_true",
                     help="add the English training text to the fit (`tokenizer extend --fit-corpus EN-TRAIN`)")
     ap.add_argument("--stage1-steps", type=int, default=15)
-    ap.add_argument("--stage2-steps", type=int, default=30)
+    ap.add_argument("--stage2-steps", type=int, default=210)
     ap.add_argument("--stage1-lr", default="2e-3")
     ap.add_argument("--stage2-lr", default="5e-5")
     ap.add_argument("--seq-len", default="256")
