@@ -302,6 +302,16 @@ def add_chat_data_options(p: argparse.ArgumentParser) -> None:
                    help="a name to replace too (repeatable); other speakers' names: --scrub all")
 
 
+def _add_lora_options(p: argparse.ArgumentParser, *, dropout: bool, when: str = "") -> None:
+    """The LoRA adapter's options, shared by `finetune` and `pretrain --train lora-embeddings`."""
+    p.add_argument("--lora-rank", type=int, default=8, help=f"{when}adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help=f"{when}scale alpha / rank")
+    if dropout:
+        p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help=f"{when}projections (default: all seven)")
+
+
 def _add_pretrain(sub: Subparsers) -> None:
     p = sub.add_parser("pretrain", help="train a LLaMA from random init (or continue one) on prepared data")
     p.add_argument("--model-config", default=None, metavar="PRESET|FILE",
@@ -311,9 +321,7 @@ def _add_pretrain(sub: Subparsers) -> None:
     p.add_argument("--train", default="all", choices=["all", "new-rows", "lora-embeddings"],
                    help="what trains with --init: all weights, only the new embedding rows of an extended "
                         "vocabulary (stage 1), or LoRA adapters plus the embeddings (PEFT modules_to_save)")
-    p.add_argument("--lora-rank", type=int, default=8, help="with --train lora-embeddings")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="with --train lora-embeddings")
-    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="with --train lora-embeddings")
+    _add_lora_options(p, dropout=False, when="with --train lora-embeddings: ")
     p.add_argument("--mix-data", default=None, metavar="DIR",
                    help="another `data prepare` output (same tokenizer) mixed in, e.g. English text")
     p.add_argument("--mix-ratio", type=float, default=0.0, help="share of rows from --mix-data (e.g. 0.25)")
@@ -395,10 +403,7 @@ def _add_finetune(sub: Subparsers) -> None:
     p.add_argument("--preview", action="store_true",
                    help="read the data as training would, print what was kept/dropped/scrubbed, and stop")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="projections (default: all seven)")
+    _add_lora_options(p, dropout=True)
     p.add_argument("--double-quant", action="store_true", help="qlora: also quantize the NF4 block scales")
     p.add_argument("--dpo", action="store_true", help="preference tuning (DPO) instead of SFT")
     p.add_argument("--dpo-beta", type=float, default=0.1)
