@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,12 +79,60 @@ print(before, after, advised, int(ok))
 
 
 def test_load_pages_out_torch_once_per_process(monkeypatch) -> None:
-    from llamaworks.engine import torch_backend
+    from llamaworks.quant import memory
 
     calls = []
-    monkeypatch.setattr(torch_backend, "page_out_library_code", lambda: calls.append(1) or 0)
-    monkeypatch.setattr(torch_backend, "_torch_pages_released", False)
+    monkeypatch.setattr(memory, "page_out_library_code", lambda part: calls.append(part) or 0)
+    monkeypatch.setattr(memory, "_released", set())
     TorchBackend.load(None)
-    assert calls == [1]
+    assert calls == [memory.TORCH_LIBRARIES]
     TorchBackend.load(None)  # once per process: a second model must not push out the code the first uses
-    assert calls == [1]
+    assert calls == [memory.TORCH_LIBRARIES]
+
+
+def test_native_load_pages_out_every_library_once_per_process(monkeypatch) -> None:
+    import os
+
+    from llamaworks.engine.native import NativeBackend
+    from llamaworks.quant import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "page_out_library_code", lambda part: calls.append(part) or 0)
+    monkeypatch.setattr(memory, "_released", set())
+    NativeBackend.load(None, EngineOptions(max_context=64))
+    assert calls == [os.sep]
+    NativeBackend.load(None, EngineOptions(max_context=64))
+    assert calls == [os.sep]
+
+
+_NATIVE_PROCESS = """
+import sys
+from llamaworks.engine.backend import EngineOptions
+from llamaworks.engine.native import NativeBackend
+def kib(field):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
+b = NativeBackend.load(None, EngineOptions(max_context=1024))
+anon_before = kib('RssAnon')
+b.forward([0] * 512, list(range(1000, 1512)), range(512), [511])
+heavy = sorted(m for m in ('hashlib', '_hashlib', 'shutil', 'tempfile', 'subprocess', 'logging') if m in sys.modules)
+print(anon_before, kib('RssAnon'), b.cache_bytes() // 1024, ','.join(heavy) or '-')
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+def test_native_process_holds_weights_cache_and_little_else() -> None:
+    """A fresh process running the native backend: a 512-token prompt leaves only its KV cache behind (its
+    activations go back to the OS), and nothing the runtime never uses is imported (OpenSSL through hashlib,
+    shutil's compressors, subprocess, logging). The start-up pages' release is checked above by its call: its
+    effect cannot be seen from a child of pytest, which maps the same library pages (MADV_PAGEOUT skips shared
+    pages)."""
+    import subprocess
+
+    from llamaworks.quant import lean_kernels
+
+    lean_kernels.library()  # built here if need be: building imports what the runtime must not
+    out = subprocess.run([sys.executable, "-c", _NATIVE_PROCESS], capture_output=True, text=True, check=True)
+    anon_before, anon_after, cache_kib, heavy = out.stdout.split()
+    assert heavy == "-", f"the native runtime imported {heavy}"
+    # The prompt's chunk buffers are a few MiB while it runs; afterwards the cache's pages are what remains.
+    assert int(anon_after) - int(anon_before) <= int(cache_kib) + 1024, (anon_before, anon_after, cache_kib)

@@ -8,6 +8,9 @@ behind, and they get the mode a plain open() would give (0666/0777 minus the uma
 Reading: `read_json` turns anything a damaged or hostile JSON file can provoke (bad UTF-8, deep nesting,
 huge numbers, a huge file) into one `FormatError` line; `contained_path` refuses a path read from a file
 that reaches outside the file's folder.
+
+shutil and tempfile are imported inside the functions that write: the native runtime's process imports this
+module to read, and every module it imports stays resident.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import errno
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any
@@ -55,6 +56,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    import shutil
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -81,6 +83,7 @@ def clean_stale_temps(directory: Path, name: str) -> list[Path]:
 
 # -- files --------------------------------------------------------------------------------------------
 def _new_temp_file(path: Path) -> tuple[int, str]:
+    import tempfile
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent, path.name)
     return tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
@@ -142,6 +145,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _link_tree(src: Path, dst: Path) -> None:
     """Recreate `src` at `dst` with hard links (no data copied); copies where links are not allowed."""
+    import shutil
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
     elif src.is_dir():
@@ -178,6 +182,8 @@ def replace_dir(target: str | os.PathLike[str], *, drop: Callable[[str], bool] =
     killed at any moment leaves either the old folder or the new one at `target`, never a mix; its
     temp folder is removed by the next write of the same target.
     """
+    import shutil
+    import tempfile
     target = Path(os.path.abspath(target))  # "." and "out/" have a real name and parent
     if target.is_symlink() and target.is_dir():
         target = target.resolve()  # swap the folder the link points to, keep the user's link
@@ -203,6 +209,7 @@ def replace_dir(target: str | os.PathLike[str], *, drop: Callable[[str], bool] =
 def swap_in(new: Path, target: Path) -> Path:
     """Put folder `new` at `target` in one step; returns where the old `target` now is (to be deleted). Where
     the system cannot swap atomically, `target` is missing for an instant, and recover_dir() undoes a kill there."""
+    import tempfile
     if not target.exists():
         os.rename(new, target)
         return new
@@ -217,6 +224,8 @@ def swap_in(new: Path, target: Path) -> Path:
 def remove_dir(path: Path) -> None:
     """Delete a folder so that a kill midway never leaves a half-deleted one under its name: rename it to
     `.{name}.{pid}-{random}.trash` first (removed by the next clean_stale_temps of that name if we die)."""
+    import shutil
+    import tempfile
     path = Path(path)
     if not path.exists():
         return

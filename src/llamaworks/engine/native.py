@@ -38,7 +38,13 @@ from ..errors import ConfigError, FormatError
 from ..hardware import physical_cores
 from ..quant import lean_kernels
 from ..quant.lean_kernels import LwLayer, LwModel, call
-from ..quant.memory import huge_pages_available, lazy_zeros_buffer, read_into_huge_pages, release_freed_memory
+from ..quant.memory import (
+    huge_pages_available,
+    lazy_zeros_buffer,
+    read_into_huge_pages,
+    release_freed_memory,
+    release_startup_pages,
+)
 from ..sampling import context_size
 from .backend import EngineOptions
 
@@ -178,6 +184,7 @@ class NativeBackend:
         for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
             del meta[key]
         release_freed_memory()
+        release_startup_pages(os.sep)  # every library's start-up code, before the weights arrive
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}

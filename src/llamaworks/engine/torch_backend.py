@@ -33,7 +33,7 @@ from ..hardware import physical_cores
 from ..model import Transformer, lazily_committed, rope_frequencies
 from ..quant import kernels
 from ..quant.linear import KERNEL_TYPES, TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
-from ..quant.memory import huge_pages_available, page_out_library_code, read_into_huge_pages
+from ..quant.memory import TORCH_LIBRARIES, huge_pages_available, read_into_huge_pages, release_startup_pages
 from .backend import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -183,18 +183,6 @@ def build_quantized_model(checkpoint: Any, *, device: torch.device | str | None 
     return model.eval().requires_grad_(False)
 
 
-_torch_pages_released = False
-
-
-def _release_torch_pages() -> None:
-    """Torch's one-time start-up code leaves memory before the weights arrive; once per process, so a second load
-    does not push out the code a running model uses (see quant/memory.page_out_library_code)."""
-    global _torch_pages_released
-    if not _torch_pages_released:
-        page_out_library_code()
-        _torch_pages_released = True
-
-
 _KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -250,7 +238,7 @@ class TorchBackend:
         blocks = (not reference and device_.type == "cpu" and dtype_ in (None, torch.float32)
                   and is_gguf_file(resolved))
         if blocks:
-            _release_torch_pages()
+            release_startup_pages(TORCH_LIBRARIES)  # torch's one-time start-up code, before the weights arrive
             checkpoint = load_checkpoint(resolved, dequantize=False)
             model = build_quantized_model(checkpoint, weights=quantize, mmap=options.mmap)
             checkpoint.state_dict = {}  # the model holds the tensors now

@@ -12,14 +12,16 @@ the whole library.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import re
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+try:  # the built-in module: importing hashlib maps all of OpenSSL's libcrypto for this one digest
+    from _blake2 import blake2b
+except ImportError:  # an interpreter without it
+    from hashlib import blake2b
 
 # -ffp-contract=off: dequantization must round d*q and +m separately, exactly like ggml's reference.
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
@@ -52,16 +54,27 @@ def cpu_signature() -> str:
 def library_path(stem: str, sources: Sequence[Path], extra_key: str = "", cpu_target: str = "native") -> Path:
     """Where the library built from `sources` for `cpu_target` lives in the cache (it may not exist yet)."""
     machine = cpu_signature() if cpu_target == "native" else cpu_target
-    digest = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in sources), extra_key.encode(),
-                                        machine.encode()])).hexdigest()[:16]
+    digest = blake2b(b"\0".join([*(p.read_bytes() for p in sources), extra_key.encode(), machine.encode()]),
+                     digest_size=8).hexdigest()
     name = stem if cpu_target == "native" else f"{stem}_{cpu_target.replace('+', '_')}"
     return cache_dir() / "kernels" / f"{name}_{digest}.so"
 
 
+class CompileError(OSError):
+    """The compiler failed on a native library; `stderr` is its output."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
 def compile_library(source: Path, target: Path, flags: Sequence[str] = (), libs: Sequence[str] = (),
                     cpu_target: str = "native") -> None:
-    """c++ BASE_FLAGS -march=cpu_target flags source -o target libs, atomically; raises CalledProcessError with
-    the compiler's output on failure."""
+    """c++ BASE_FLAGS -march=cpu_target flags source -o target libs, atomically; raises CompileError with the
+    compiler's output on failure."""
+    import subprocess  # here, not at the top: a process that loads an already built library never needs these
+    import tempfile
+
     cxx = os.environ.get("CXX", "c++")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -70,6 +83,8 @@ def compile_library(source: Path, target: Path, flags: Sequence[str] = (), libs:
         subprocess.run([cxx, *BASE_FLAGS, *target_flags(cpu_target), *flags, str(source), "-o", tmp, *libs],
                        check=True, capture_output=True, text=True)
         os.replace(tmp, target)
+    except subprocess.CalledProcessError as e:
+        raise CompileError(f"{cxx} failed on {source.name} (exit {e.returncode})", e.stderr or "") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -11,7 +11,6 @@ slower), so nothing else in the package needs to know which one it got.
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -64,7 +63,7 @@ def native_available() -> bool:
             _build(target)
         torch.ops.load_library(str(target))
         _native = True
-    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # a CompileError is an OSError
         _failure = first_error(e)
         log.warning("native quantized kernels unavailable, using the slower torch fallback: %s", _failure)
     if _native:

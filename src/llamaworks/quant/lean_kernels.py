@@ -10,14 +10,10 @@ structures below mirror `Layer` / `Model` in `_kernels_core.h` field by field.
 from __future__ import annotations
 
 import ctypes
-import logging
-import subprocess
 import sys
 from pathlib import Path
 
 from .build import compile_library, first_error, library_path
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_lean.cpp")
 CORE_HEADER = Path(__file__).with_name("_kernels_core.h")
@@ -79,14 +75,16 @@ def library(cpu_target: str = "native") -> ctypes.CDLL:
     target = library_path("llamaworks_lean", [SOURCE, CORE_HEADER], cpu_target=cpu_target)
     try:
         if not target.exists():
-            log.info("building the torch-free native library for %s (once per machine) into %s", cpu_target,
-                     target.parent)
+            import logging
+
+            logging.getLogger(__name__).info("building the torch-free native library for %s (once per machine) "
+                                             "into %s", cpu_target, target.parent)
             compile_library(SOURCE, target, ["-pthread"], cpu_target=cpu_target)
         lib = ctypes.CDLL(str(target))
         _declare(lib)
         if lib.lw_abi_version() != ABI_VERSION:
             raise OSError(f"{target}: ABI version {lib.lw_abi_version()}, expected {ABI_VERSION}")
-    except (OSError, subprocess.CalledProcessError) as e:
+    except OSError as e:  # a CompileError too
         _failures[cpu_target] = (f"the torch-free native library for {cpu_target} could not be built or loaded: "
                                  f"{first_error(e)}")
         raise LeanUnavailable(_failures[cpu_target]) from None

@@ -70,9 +70,10 @@ def lazy_zeros_buffer(nbytes: int) -> mmap.mmap:
 
 
 _MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # Linux >= 5.4
+TORCH_LIBRARIES = os.sep + os.path.join("torch", "lib") + os.sep  # libtorch_cpu, libtorch_python, libc10
 
 
-def page_out_library_code(path_part: str = os.sep + os.path.join("torch", "lib") + os.sep) -> int:
+def page_out_library_code(path_part: str = TORCH_LIBRARIES) -> int:
     """Ask the kernel to reclaim, now, the read-only pages of the shared libraries whose path contains
     `path_part` (torch's own: libtorch_cpu, libtorch_python, libc10); returns the bytes of mappings advised.
 
@@ -102,6 +103,23 @@ def page_out_library_code(path_part: str = os.sep + os.path.join("torch", "lib")
             advised += hi - lo
     return advised
 
+
+
+_released: set[tuple[int, str]] = set()  # (process id, path_part) already paged out
+
+
+def release_startup_pages(path_part: str) -> int:
+    """page_out_library_code(path_part) once per process and `path_part`, at a load before the weights arrive: a
+    later load must not push out the code a running model uses. Returns the bytes advised (0 after the first).
+
+    The torch backend passes torch's library folder. The native backend passes os.sep, every file mapping: in
+    its process the start-up pages of the interpreter, numpy, `tokenizers` and the C++ runtime are otherwise
+    resident for good (the pages a forward pass runs come back on first use)."""
+    key = (os.getpid(), path_part)
+    if key in _released:
+        return 0
+    _released.add(key)
+    return page_out_library_code(path_part)
 
 def release_freed_memory() -> None:
     """Hand memory that Python and the C heap have freed back to the OS (glibc's malloc_trim), so a load's
