@@ -12,7 +12,8 @@ AVX-512 machine.
     python benchmarks/vs_peers.py [--model FILE.gguf] [--threads 2] [--runs 3] [--json out.json]
         [--llama-bench ~/llama.cpp/build/bin/llama-bench=native] [--cpu-target native]
 
-Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine), and the engines alternate
+Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine; a worker imports only what its
+engine needs, the driver's statistics and subprocess modules are imported where they are used), and the engines alternate
 run by run (A B C A B C ...) so drifting machine load hits them alike. Figures per engine: load time, time to
 first token of a short chat prompt, prefill tok/s (--prompt-tokens in one batch), decode tok/s (--gen-tokens
 greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians, under
@@ -30,8 +31,6 @@ import json
 import math
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,6 +90,8 @@ def work_llamaworks(a: argparse.Namespace, short: list[int], prompt: list[int]) 
 
 def work_llama_bench(a: argparse.Namespace, binary: str) -> dict[str, float]:
     """llama.cpp's own benchmark (`-p N -n M -r 1`): prefill and decode tok/s; peak RSS of its process."""
+    import subprocess
+
     cmd = [binary, "-m", a.model, "-p", str(a.prompt_tokens), "-n", str(a.gen_tokens), "-t", str(a.threads),
            "-r", "1", "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -279,6 +280,8 @@ def print_roofline(a: argparse.Namespace, table: dict[str, Any]) -> None:
 
 # -- driver --------------------------------------------------------------------------------------------------
 def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
+    import subprocess
+
     cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
            "--ids-file", a.ids_file, "--cpu-target", a.cpu_target,
@@ -291,6 +294,8 @@ def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
 
 
 def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    import statistics
+
     table: dict[str, Any] = {}
     for engine, runs in results.items():
         if runs:
@@ -392,6 +397,7 @@ def main() -> int:
         return 0
 
     import importlib.util
+    import subprocess
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}

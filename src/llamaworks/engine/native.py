@@ -46,6 +46,7 @@ from ..quant.memory import (
     release_startup_pages,
 )
 from ..sampling import context_size
+from ..tokenizer import Tokenizer  # imported before any file is parsed (see load)
 from .backend import EngineOptions
 
 INTERLEAVED = 256  # flag on a type code: rows regrouped 8 at a time (see _kernels_core.h)
@@ -100,8 +101,6 @@ def _tokenizer(meta: dict[str, Any], path: Path) -> Any:
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     if not any(k.startswith("tokenizer.ggml.") for k in tok_meta):
         return None
-    from ..tokenizer import Tokenizer
-
     return Tokenizer.from_gguf_metadata(tok_meta, str(path))
 
 
