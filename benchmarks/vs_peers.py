@@ -13,8 +13,8 @@ AVX-512 machine.
         [--llama-bench ~/llama.cpp/build/bin/llama-bench=native] [--cpu-target native]
 
 Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine; a worker imports only what its
-engine needs, the driver's statistics and subprocess modules are imported where they are used), and the engines alternate
-run by run (A B C A B C ...) so drifting machine load hits them alike. Figures per engine: load time, time to
+engine needs: the driver's statistics and subprocess modules are imported where they are used), and the engines
+alternate run by run (A B C A B C ...) so drifting machine load hits them alike. Figures per engine: load time, time to
 first token of a short chat prompt, prefill tok/s (--prompt-tokens in one batch), decode tok/s (--gen-tokens
 greedy steps), peak RSS with a --ctx KV cache. Printed as min / median / max, then ratios of the medians, under
 the CPU's name and SIMD features. llama-bench reports prefill and decode speed only (its own prompt of the same

@@ -83,26 +83,57 @@ def test_load_pages_out_torch_once_per_process(monkeypatch) -> None:
 
     calls = []
     monkeypatch.setattr(memory, "page_out_library_code", lambda part: calls.append(part) or 0)
-    monkeypatch.setattr(memory, "_released", set())
+    monkeypatch.setattr(memory, "_released", False)
     TorchBackend.load(None)
     assert calls == [memory.TORCH_LIBRARIES]
     TorchBackend.load(None)  # once per process: a second model must not push out the code the first uses
     assert calls == [memory.TORCH_LIBRARIES]
 
 
-def test_native_load_pages_out_every_library_once_per_process(monkeypatch) -> None:
-    import os
-
+def test_native_load_pages_out_the_libraries_at_the_first_load_only(monkeypatch) -> None:
     from llamaworks.engine.native import NativeBackend
     from llamaworks.quant import memory
 
     calls = []
     monkeypatch.setattr(memory, "page_out_library_code", lambda part: calls.append(part) or 0)
-    monkeypatch.setattr(memory, "_released", set())
+    monkeypatch.setattr(memory, "_released", False)
     NativeBackend.load(None, EngineOptions(max_context=64))
-    assert calls == [os.sep]
-    NativeBackend.load(None, EngineOptions(max_context=64))
-    assert calls == [os.sep]
+    assert calls == [memory.SHARED_LIBRARIES]
+    NativeBackend.load(None, EngineOptions(max_context=64))  # nor after a torch model: the first load decides
+    TorchBackend.load(None)
+    assert calls == [memory.SHARED_LIBRARIES]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
+def test_native_page_out_spares_mapped_data_files(tmp_path) -> None:
+    """The native backend pages out libraries only: a model or data file mapped in the process (a torch model with
+    mmap=True, training data) keeps its resident pages."""
+    import subprocess
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 4096 * 4)  # 4 MiB
+    code = f"""
+import mmap, sys
+from llamaworks.quant.memory import SHARED_LIBRARIES, page_out_library_code
+f = open({str(data)!r}, 'rb')
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+total = sum(m[i] for i in range(0, len(m), 4096))  # touch every page
+def rss_of(path):
+    kib, inside = 0, False
+    for line in open('/proc/self/smaps'):
+        if line[0] in '0123456789abcdef' and '-' in line.split()[0]:
+            inside = line.rstrip().endswith(path)
+        elif inside and line.startswith('Rss:'):
+            kib += int(line.split()[1])
+    return kib
+before = rss_of({str(data)!r})
+advised = page_out_library_code(SHARED_LIBRARIES)
+print(before, rss_of({str(data)!r}), advised)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after, advised = (int(v) for v in out)
+    assert before >= 4000 and advised > 0  # KiB; the libraries were advised
+    assert after == before
 
 
 _NATIVE_PROCESS = """
@@ -111,7 +142,7 @@ from llamaworks.engine.backend import EngineOptions
 from llamaworks.engine.native import NativeBackend
 def kib(field):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
-b = NativeBackend.load(None, EngineOptions(max_context=1024))
+b = NativeBackend.load(None, EngineOptions(max_context=1024, threads=2))  # each thread keeps its own scratch
 anon_before = kib('RssAnon')
 b.forward([0] * 512, list(range(1000, 1512)), range(512), [511])
 heavy = sorted(m for m in ('hashlib', '_hashlib', 'shutil', 'tempfile', 'subprocess', 'logging') if m in sys.modules)

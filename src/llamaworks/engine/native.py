@@ -39,6 +39,7 @@ from ..hardware import physical_cores
 from ..quant import lean_kernels
 from ..quant.lean_kernels import LwLayer, LwModel, call
 from ..quant.memory import (
+    SHARED_LIBRARIES,
     huge_pages_available,
     lazy_zeros_buffer,
     read_into_huge_pages,
@@ -183,7 +184,7 @@ class NativeBackend:
         for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
             del meta[key]
         release_freed_memory()
-        release_startup_pages(os.sep)  # every library's start-up code, before the weights arrive
+        release_startup_pages(SHARED_LIBRARIES)  # every library's start-up code, before the weights arrive
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}

@@ -158,8 +158,8 @@ int lw_forward_batch(const Model* model, void* pool, const int32_t* tokens, cons
   });
   if (pp != nullptr) pp->park();
 #if defined(__GLIBC__)
-  // A long batch's activations (megabytes) went back to the C heap, which would keep them resident for good.
-  if (n > 16) malloc_trim(0);
+  // A prompt's activations (megabytes) went back to the C heap, which would keep them resident for good.
+  if (n >= 64) malloc_trim(0);
 #endif
   return code;
 }

@@ -63,7 +63,7 @@ def library_path(stem: str, sources: Sequence[Path], extra_key: str = "", cpu_ta
 class CompileError(OSError):
     """The compiler failed on a native library; `stderr` is its output."""
 
-    def __init__(self, message: str, stderr: str) -> None:
+    def __init__(self, message: str, stderr: str = "") -> None:
         super().__init__(message)
         self.stderr = stderr
 

@@ -15,6 +15,7 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,15 +75,16 @@ TORCH_LIBRARIES = os.sep + os.path.join("torch", "lib") + os.sep  # libtorch_cpu
 
 
 def page_out_library_code(path_part: str = TORCH_LIBRARIES) -> int:
-    """Ask the kernel to reclaim, now, the read-only pages of the shared libraries whose path contains
-    `path_part` (torch's own: libtorch_cpu, libtorch_python, libc10); returns the bytes of mappings advised.
+    """Ask the kernel to reclaim, now, the pages of the read-only file mappings whose path contains `path_part`
+    (torch's libraries by default: libtorch_cpu, libtorch_python, libc10); returns the bytes of mappings advised.
 
     `import torch` touches about 57 MiB of libtorch's code and read-only data, nearly all of it one-time
     initialisation (operator registration) that never runs again, and resident memory counts every page.
-    These are clean file pages, so MADV_PAGEOUT drops them rather than swapping them; the ~13 MiB that
-    inference does use come back on first use (page cache, else disk). Called once at load, before the
-    weights arrive (tests/test_quant_memory.py checks the drop). Writable and private-dirty pages are never
-    touched. A no-op where madvise or MADV_PAGEOUT is missing (non-Linux, kernels before 5.4).
+    Clean file pages are dropped, not swapped, and the ones inference does use come back on first use (from the
+    page cache while the file is cached there, else from disk: the kernel may drop them from the cache too).
+    Copy-on-write pages of a read-only mapping (a library's relocated data) go to swap where there is swap;
+    writable mappings are never touched; a page another process also maps stays. A no-op where madvise or
+    MADV_PAGEOUT is missing (non-Linux, kernels before 5.4).
     """
     if not sys.platform.startswith("linux"):
         return 0
@@ -104,22 +106,25 @@ def page_out_library_code(path_part: str = TORCH_LIBRARIES) -> int:
     return advised
 
 
-
-_released: set[tuple[int, str]] = set()  # (process id, path_part) already paged out
+SHARED_LIBRARIES = ".so"  # every shared library: libpython, numpy's, tokenizers', the C++ runtime, ours
+_released_lock = threading.Lock()
+_released = False  # a model was loaded in this process (a fork's child inherits the flag with the mappings)
 
 
 def release_startup_pages(path_part: str) -> int:
-    """page_out_library_code(path_part) once per process and `path_part`, at a load before the weights arrive: a
-    later load must not push out the code a running model uses. Returns the bytes advised (0 after the first).
+    """page_out_library_code(path_part) at the first model load of the process, before its weights arrive; at any
+    later load nothing (it would push out the code a running model uses). Returns the bytes advised.
 
-    The torch backend passes torch's library folder. The native backend passes os.sep, every file mapping: in
-    its process the start-up pages of the interpreter, numpy, `tokenizers` and the C++ runtime are otherwise
-    resident for good (the pages a forward pass runs come back on first use)."""
-    key = (os.getpid(), path_part)
-    if key in _released:
-        return 0
-    _released.add(key)
+    The torch backend passes TORCH_LIBRARIES. The native backend passes SHARED_LIBRARIES: in its process the
+    start-up pages of the interpreter, numpy, `tokenizers` and the C++ runtime would otherwise stay resident for
+    good. Data files mapped in the process (an mmap'd model, training data) are not libraries and stay."""
+    global _released
+    with _released_lock:
+        if _released:
+            return 0
+        _released = True
     return page_out_library_code(path_part)
+
 
 def release_freed_memory() -> None:
     """Hand memory that Python and the C heap have freed back to the OS (glibc's malloc_trim), so a load's
