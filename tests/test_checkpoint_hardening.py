@@ -287,6 +287,45 @@ def test_gguf_tokenizer_larger_than_embedding_is_refused(tmp_path):
     one_line(e, str(path), "tokenizer.ggml.tokens has 266 entries, more than the 256 rows of token_embd.weight")
 
 
+def test_native_backend_checks_the_header_before_the_tokenizer(tmp_path):
+    """The native backend reads the vocabulary in a parse of its own (after the header's checks): a vocabulary
+    larger than the embedding is the same one-line error as for every other loader."""
+    from llamaworks.engine.native import NativeBackend
+
+    path = write_gguf_raw(tmp_path / "vocab.gguf", CFG, tokens=[f"t{i}" for i in range(CFG.vocab_size + 10)])
+    with pytest.raises(FormatError) as e:
+        NativeBackend.load(path)
+    one_line(e, str(path), "tokenizer.ggml.tokens has 266 entries, more than the 256 rows of token_embd.weight")
+
+
+def test_gguf_skipped_arrays_are_checked_and_keep_their_length(tmp_path, smollm2_gguf):
+    """parse_gguf(skip=...) reads past the vocabulary's arrays without making their objects: every other key is
+    as in a full parse, a skipped array keeps only its length, and a damaged one is the same error."""
+    from llamaworks.checkpoints.gguf import VOCABULARY_KEYS, SkippedArray
+
+    full, tensors = parse_gguf(smollm2_gguf)
+    part, part_tensors = parse_gguf(smollm2_gguf, skip=VOCABULARY_KEYS)
+    assert full.keys() == part.keys() and len(tensors) == len(part_tensors)
+    skipped = {k for k, v in part.items() if isinstance(v, SkippedArray)}
+    assert skipped == VOCABULARY_KEYS & full.keys() and "tokenizer.ggml.tokens" in skipped
+    for key, value in full.items():
+        if key in skipped:
+            assert len(part[key]) == len(value) > 1000
+        else:
+            assert part[key] == value, key
+
+    data = smollm2_gguf.read_bytes()
+    cut = data.index(b"tokenizer.ggml.merges") + 2000  # inside the merges array
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:cut])
+    messages = []
+    for skip in ((), VOCABULARY_KEYS):
+        with pytest.raises(FormatError) as e:
+            parse_gguf(bad, skip=skip)
+        messages.append(one_line(e, str(bad), "file is truncated", "past the end of the file"))
+    assert messages[0] == messages[1]
+
+
 def _insert_array_kv(path: Path, key: str, item_type: int, count: int, item_size: int) -> None:
     """Insert `key` = an array of `count` zero items as the first metadata entry, plus a padding string entry
     so that the tensor data keeps its alignment (GGUF kv: u64 key length, key, u32 type, value)."""

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,9 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 _IGNORED = {"rope_freqs.weight"}  # handled as rope scaling, not a parameter
+# The vocabulary's arrays: tens of thousands of Python objects each, read only where a tokenizer is built.
+VOCABULARY_KEYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                             "tokenizer.ggml.scores"})
 
 # Types the reader accepts (all dequantized by gguf.quants) and the ones the writer produces: a float type for
 # every 2-D tensor, a quantization mix (quant_mix.MIXES: llama.cpp's per-tensor types for that name), or "keep"
@@ -317,6 +321,21 @@ MAX_TOKENIZER_ARRAY = 1 << 21
 MAX_ARRAY_DEPTH = 3
 
 
+class SkippedArray:
+    """A metadata array that parse_gguf read past (its `skip` keys): only its length is kept."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"SkippedArray({self.count})"
+
+
 class _Cursor:
     def __init__(self, buf: memoryview) -> None:
         self.buf, self.pos = buf, 0
@@ -338,7 +357,9 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw  # some SentencePiece vocabularies hold partial UTF-8; the tokenizer accepts bytes
 
-    def value(self, vtype: int, depth: int = 0) -> Any:
+    def value(self, vtype: int, depth: int = 0, keep: bool = True) -> Any:
+        """The value of type `vtype` at the cursor; keep=False reads past an array, checked the same way, without
+        making its Python objects (a SkippedArray stands for it)."""
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -353,51 +374,64 @@ class _Cursor:
                 values = np.frombuffer(self.buf, dtype=_NUMPY[item], count=count, offset=self.pos)
                 self.pos += size
                 if count <= limit:
-                    return values.tolist()
+                    return values.tolist() if keep else SkippedArray(count)
                 if limit == MAX_TOKENIZER_ARRAY:
                     raise _TooLarge(f"{self.key} holds {count:,} values, more than the {limit:,} allowed")
                 return values  # lazy: a read-only view of the file, never a Python list
             if count > limit:
                 raise _TooLarge(f"{self.key} holds {count:,} values, more than the {limit:,} allowed")
             if item == _STRING:
-                return self.strings(count)
+                return self.strings(count) if keep else self.skip_strings(count)
             if depth >= MAX_ARRAY_DEPTH:
                 raise _TooLarge(f"{self.key} nests arrays deeper than {MAX_ARRAY_DEPTH}")
-            return [self.value(item, depth + 1) for _ in range(count)]
+            values = [self.value(item, depth + 1, keep) for _ in range(count)]
+            return values if keep else SkippedArray(count)
         raise ValueError(f"unknown metadata value type {vtype}")
 
     def strings(self, count: int) -> list[str | bytes]:
         """An array of strings (a vocabulary: ~100k of them), without a struct call per length."""
-        buf, pos, end = self.buf, self.pos, len(self.buf)
         out: list[str | bytes] = []
-        from_bytes = int.from_bytes
-        for _ in range(count):
-            if pos + 8 > end:
-                raise EOFError("string array runs past the end of the file")
-            n = from_bytes(buf[pos:pos + 8], "little")
-            pos += 8
-            if pos + n > end:
-                raise EOFError("string runs past the end of the file")
-            raw = bytes(buf[pos:pos + n])
-            pos += n
+        for start, end in self._string_spans(count):
+            raw = bytes(self.buf[start:end])
             try:
                 out.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 out.append(raw)  # partial UTF-8 in some SentencePiece vocabularies
-        self.pos = pos
         return out
+
+    def skip_strings(self, count: int) -> SkippedArray:
+        for _ in self._string_spans(count):
+            pass
+        return SkippedArray(count)
+
+    def _string_spans(self, count: int) -> Iterator[tuple[int, int]]:
+        """(start, end) of each of `count` length-prefixed strings from the cursor on, checked against the file's
+        end; the cursor ends after the last one."""
+        buf, end_of_file = self.buf, len(self.buf)
+        from_bytes = int.from_bytes
+        for _ in range(count):
+            if self.pos + 8 > end_of_file:
+                raise EOFError("string array runs past the end of the file")
+            n = from_bytes(buf[self.pos:self.pos + 8], "little")
+            start = self.pos + 8
+            if start + n > end_of_file:
+                raise EOFError("string runs past the end of the file")
+            self.pos = start + n
+            yield start, start + n
 
 
 class _TooLarge(Exception):
     pass
 
 
-def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
+def parse_gguf(path: Path, skip: Collection[str] = ()) -> tuple[dict[str, Any], list[_RawTensor]]:
     """(metadata, tensors with memory-mapped data) of a GGUF v2/v3 little-endian file. Anything wrong with
-    the file, whatever it provokes, is one FormatError line."""
+    the file, whatever it provokes, is one FormatError line. Arrays under the metadata keys in `skip` are checked
+    and read past, and only their length is kept (SkippedArray; VOCABULARY_KEYS: for a reader that builds the
+    tokenizer from a parse of its own)."""
     path = Path(path)
     try:
-        return _parse_gguf(path)
+        return _parse_gguf(path, frozenset(skip))
     except FormatError:
         raise
     except FileNotFoundError:
@@ -406,7 +440,7 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
         raise FormatError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
 
 
-def _parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
+def _parse_gguf(path: Path, skip: frozenset[str]) -> tuple[dict[str, Any], list[_RawTensor]]:
     size = path.stat().st_size
     if size < 24:
         raise FormatError(f"{path}: file is truncated ({size} bytes, smaller than a GGUF header)")
@@ -428,7 +462,7 @@ def _parse_gguf(path: Path) -> tuple[dict[str, Any], list[_RawTensor]]:
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             cur.key = str(cur.string())
-            meta[cur.key] = cur.value(cur.scalar("<I"))
+            meta[cur.key] = cur.value(cur.scalar("<I"), keep=cur.key not in skip)
         infos = []
         for _ in range(n_tensors):
             name = str(cur.string())
@@ -499,10 +533,11 @@ class GGUFLayout:
     inv_freq: np.ndarray | None  # explicit rotary inverse frequencies (float64) when no RopeScaling fits
 
 
-def read_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
-    """Parse and validate a llama GGUF file's header (one-line FormatError for anything wrong); no torch."""
+def read_gguf_layout(path: str | os.PathLike[str], skip: Collection[str] = ()) -> GGUFLayout:
+    """Parse and validate a llama GGUF file's header (one-line FormatError for anything wrong); no torch.
+    Arrays under the metadata keys in `skip` keep only their length (parse_gguf)."""
     path = Path(path)
-    meta, raw_tensors = parse_gguf(path)
+    meta, raw_tensors = parse_gguf(path, skip)
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise FormatError(f"{path}: unsupported architecture {arch!r}; only 'llama' GGUFs (LLaMA 1-3, Mistral, "
@@ -525,7 +560,7 @@ def read_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
     config, inv_freq = _config_from_metadata(meta, {**tensors, **extra}, path)
     validate_state_dict(tensors, config, path, GGUF_FIELDS)
     tokens = meta.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list) and len(tokens) > config.vocab_size:
+    if isinstance(tokens, list | SkippedArray) and len(tokens) > config.vocab_size:
         raise FormatError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} entries, more than the "
                           f"{config.vocab_size} rows of token_embd.weight")
     return GGUFLayout(meta, config, tensors, inv_freq)

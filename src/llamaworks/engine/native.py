@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoints.ggml_types import KERNEL_TYPES, REQUANT_TARGET, GGMLType, convert_blocks
-from ..checkpoints.gguf import _generation_config, read_gguf_layout
+from ..checkpoints.gguf import VOCABULARY_KEYS, _generation_config, read_gguf_layout
 from ..config import ModelConfig, rope_inverse_frequencies
 from ..errors import ConfigError, FormatError
 from ..hardware import physical_cores
@@ -47,7 +47,7 @@ from ..quant.memory import (
     release_startup_pages,
 )
 from ..sampling import context_size
-from ..tokenizer import Tokenizer  # imported before any file is parsed (see load)
+from ..tokenizer import Tokenizer, read_gguf_tokenizer_metadata  # imported before any file is parsed (_tokenizer)
 from .backend import EngineOptions
 
 INTERLEAVED = 256  # flag on a type code: rows regrouped 8 at a time (see _kernels_core.h)
@@ -97,12 +97,11 @@ def _convert(name: str, t: Any, target: GGMLType, source: Path) -> np.ndarray:
         raise FormatError(f"{source}: cannot convert tensor {name!r} ({t.qtype.name}) to {target.name}: {e}") from None
 
 
-def _tokenizer(meta: dict[str, Any], path: Path) -> Any:
-    """The GGUF's own tokenizer, or None when it carries none."""
-    tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
-    if not any(k.startswith("tokenizer.ggml.") for k in tok_meta):
+def _tokenizer(vocabulary: dict[str, Any], path: Path) -> Any:
+    """The GGUF's own tokenizer from its `tokenizer.*` metadata, or None when it carries none."""
+    if not any(k.startswith("tokenizer.ggml.") for k in vocabulary):
         return None
-    return Tokenizer.from_gguf_metadata(tok_meta, str(path))
+    return Tokenizer.from_gguf_metadata(vocabulary, str(path))
 
 
 def _vector(name: str, t: Any, source: Path) -> np.ndarray:
@@ -170,21 +169,23 @@ class NativeBackend:
         if not path.is_file():
             raise FormatError(f"{path}: no such GGUF file (the native backend reads GGUF files only)")
         mmap = options.mmap
-        layout = read_gguf_layout(path)
+        # The header is checked first (its errors come before any tokenizer error, as with every loader). Then the
+        # tokenizer, from a parse of its own, and the layout again: the vocabulary's tens of thousands of objects
+        # are made and freed while nothing that lives on is made (memory freed among live objects stays
+        # resident), and building the tokenizer, which briefly takes a few times their size, is over before the
+        # weights arrive.
+        read_gguf_layout(path, skip=VOCABULARY_KEYS)
+        vocabulary = read_gguf_tokenizer_metadata(path)
+        tokenizer = _tokenizer(vocabulary, path)
+        del vocabulary
+        release_freed_memory()
+        layout = read_gguf_layout(path, skip=VOCABULARY_KEYS)
         config, meta, tensors = layout.config, layout.metadata, layout.tensors
         ctx = context_size(config, options.max_context)
         if config.dim % 32 or config.hidden_dim % 32 or config.n_heads * config.head_size % 32:
             raise NativeUnsupported(f"{path}: the native backend needs dimensions that are multiples of 32 "
                                     f"(dim {config.dim}, hidden {config.hidden_dim}); use --backend torch")
         threads = options.threads or physical_cores()
-
-        # The tokenizer first, then the vocabulary's metadata lists are dropped: building it from them briefly
-        # takes a few times their size, which would otherwise sit on top of the weights at the peak.
-        tokenizer = _tokenizer(meta, path)
-        for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
-            del meta[key]
-        release_freed_memory()
-        release_startup_pages(SHARED_LIBRARIES)  # every library's start-up code, before the weights arrive
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}
@@ -246,6 +247,9 @@ class NativeBackend:
         chat_template, generation_config = meta.get("tokenizer.chat_template"), _generation_config(meta)
         del layout, meta, tensors
         release_freed_memory()
+        # Pages of the libraries that only start-up and this load ran (the forward pass's come back on first use);
+        # after the load rather than before the weights: the load's own code is then released too.
+        release_startup_pages(SHARED_LIBRARIES)
         return cls(config=config.replace(max_seq_len=ctx), options=options.with_(threads=threads),
                    tokenizer=tokenizer, chat_template=chat_template,
                    generation_config=generation_config, path=path, threads=threads,

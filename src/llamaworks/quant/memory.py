@@ -112,11 +112,12 @@ _released = False  # a model was loaded in this process (a fork's child inherits
 
 
 def release_startup_pages(path_part: str) -> int:
-    """page_out_library_code(path_part) at the first model load of the process, before its weights arrive; at any
-    later load nothing (it would push out the code a running model uses). Returns the bytes advised.
+    """page_out_library_code(path_part) at the first model load of the process; at any later load nothing (it
+    would push out the code a running model uses). Returns the bytes advised.
 
-    The torch backend passes TORCH_LIBRARIES. The native backend passes SHARED_LIBRARIES: in its process the
-    start-up pages of the interpreter, numpy, `tokenizers` and the C++ runtime would otherwise stay resident for
+    The torch backend passes TORCH_LIBRARIES before its weights arrive (libtorch's start-up pages are many). The
+    native backend passes SHARED_LIBRARIES at the end of its load: in its process the pages of the interpreter,
+    numpy, `tokenizers` and the C++ runtime that only start-up and the load ran would otherwise stay resident for
     good. Data files mapped in the process (an mmap'd model, training data) are not libraries and stay."""
     global _released
     with _released_lock:
