@@ -186,6 +186,7 @@ class NativeBackend:
             raise NativeUnsupported(f"{path}: the native backend needs dimensions that are multiples of 32 "
                                     f"(dim {config.dim}, hidden {config.hidden_dim}); use --backend torch")
         threads = options.threads or physical_cores()
+        release_startup_pages(SHARED_LIBRARIES)  # every library's start-up code, before the weights arrive
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}
@@ -247,9 +248,6 @@ class NativeBackend:
         chat_template, generation_config = meta.get("tokenizer.chat_template"), _generation_config(meta)
         del layout, meta, tensors
         release_freed_memory()
-        # Pages of the libraries that only start-up and this load ran (the forward pass's come back on first use);
-        # after the load rather than before the weights: the load's own code is then released too.
-        release_startup_pages(SHARED_LIBRARIES)
         return cls(config=config.replace(max_seq_len=ctx), options=options.with_(threads=threads),
                    tokenizer=tokenizer, chat_template=chat_template,
                    generation_config=generation_config, path=path, threads=threads,

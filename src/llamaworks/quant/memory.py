@@ -115,10 +115,10 @@ def release_startup_pages(path_part: str) -> int:
     """page_out_library_code(path_part) at the first model load of the process; at any later load nothing (it
     would push out the code a running model uses). Returns the bytes advised.
 
-    The torch backend passes TORCH_LIBRARIES before its weights arrive (libtorch's start-up pages are many). The
-    native backend passes SHARED_LIBRARIES at the end of its load: in its process the pages of the interpreter,
-    numpy, `tokenizers` and the C++ runtime that only start-up and the load ran would otherwise stay resident for
-    good. Data files mapped in the process (an mmap'd model, training data) are not libraries and stay."""
+    Both backends call it before the weights arrive, so that the load's peak does not hold them either. The torch
+    backend passes TORCH_LIBRARIES; the native backend SHARED_LIBRARIES: in its process the start-up pages of the
+    interpreter, numpy, `tokenizers` and the C++ runtime would otherwise stay resident for good. Data files mapped
+    in the process (an mmap'd model, training data) are not libraries and stay."""
     global _released
     with _released_lock:
         if _released:
