@@ -128,12 +128,17 @@ def release_startup_pages(path_part: str) -> int:
 
 
 def release_freed_memory() -> None:
-    """Hand memory that Python and the C heap have freed back to the OS (glibc's malloc_trim), so a load's
-    temporary objects do not stay in the resident size; a no-op where the C library has no malloc_trim."""
-    import ctypes
+    """Hand memory that Python and the C heap have freed back to the OS (a collection, then trim_heap), so a load's
+    temporary objects do not stay in the resident size."""
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op where the C library has none): a
+    long forward call's activations are freed into the heap, which would keep them resident."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
