@@ -39,12 +39,14 @@ from ..hardware import physical_cores
 from ..quant import lean_kernels
 from ..quant.lean_kernels import LwLayer, LwModel, call
 from ..quant.memory import (
+    LONG_CALL_TOKENS,
     SHARED_LIBRARIES,
     huge_pages_available,
     lazy_zeros_buffer,
     read_into_huge_pages,
     release_freed_memory,
     release_startup_pages,
+    trim_heap,
 )
 from ..sampling import context_size
 from ..tokenizer import Tokenizer, read_gguf_tokenizer_metadata  # imported before any file is parsed (_tokenizer)
@@ -273,6 +275,8 @@ class NativeBackend:
             self._call("lw_forward_batch", _pool(self.threads, self.cpu_target), ids.ctypes.data, row_ids.ctypes.data,
                        pos.ctypes.data, len(ids), wanted.ctypes.data, len(wanted), logits.ctypes.data)
             np.maximum.at(self._filled, row_ids, pos + 1)
+        if len(ids) >= LONG_CALL_TOKENS:
+            trim_heap()  # a prompt's activations went back to the C heap, which would keep them resident
         return logits
 
     def copy(self, src: int, dst: int, length: int) -> None:

@@ -33,7 +33,14 @@ from ..hardware import physical_cores
 from ..model import Transformer, lazily_committed, rope_frequencies
 from ..quant import kernels
 from ..quant.linear import KERNEL_TYPES, TYPE_BY_NAME, GGMLEmbedding, GGMLLinear
-from ..quant.memory import TORCH_LIBRARIES, huge_pages_available, read_into_huge_pages, release_startup_pages, trim_heap
+from ..quant.memory import (
+    LONG_CALL_TOKENS,
+    TORCH_LIBRARIES,
+    huge_pages_available,
+    read_into_huge_pages,
+    release_startup_pages,
+    trim_heap,
+)
 from .backend import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -306,7 +313,7 @@ class TorchBackend:
             model.train(training)
         for row, index in by_row.items():
             self._filled[row] = max(self._filled[row], int(positions_[index[-1]]) + 1)
-        if len(tokens_) >= 64 and self.device.type == "cpu":
+        if len(tokens_) >= LONG_CALL_TOKENS and self.device.type == "cpu":
             trim_heap()  # a prompt's activations went back to the C heap, which would keep them resident
         if not len(unique):
             return np.zeros((0, self.config.vocab_size), dtype=np.float32)

@@ -9,9 +9,6 @@
 #include "_kernels_core.h"
 
 #include <sys/mman.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include <cstdio>
 
@@ -157,10 +154,6 @@ int lw_forward_batch(const Model* model, void* pool, const int32_t* tokens, cons
       forward_batch<Half>(p, m, tokens, rows, positions, n, logits_for, n_logits, logits);
   });
   if (pp != nullptr) pp->park();
-#if defined(__GLIBC__)
-  // A prompt's activations (megabytes) went back to the C heap, which would keep them resident for good.
-  if (n >= 64) malloc_trim(0);
-#endif
   return code;
 }
 

@@ -136,6 +136,9 @@ def release_freed_memory() -> None:
     trim_heap()
 
 
+LONG_CALL_TOKENS = 64  # a forward call of this many tokens or more trims the heap after it (both backends)
+
+
 def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op where the C library has none): a
     long forward call's activations are freed into the heap, which would keep them resident."""
