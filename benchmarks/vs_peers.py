@@ -7,10 +7,12 @@ pip-built llama-cpp-python (a second line: its build flags and Python overhead m
 source llama-cpp-python's sdist vendors (`cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`; `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` for an AVX2 build).
 `--cpu-target x86-64-v3` builds llamaworks' kernels for AVX2 machines, so the AVX2 pair can be measured on an
-AVX-512 machine.
+AVX-512 machine. `--baseline REV` (repeatable) adds the native backend of an earlier git revision, run from a
+temporary worktree by that revision's own worker, so a change is checked for regressions on the same CPU in the same
+run.
 
     python benchmarks/vs_peers.py [--model FILE.gguf] [--threads 2] [--runs 3] [--json out.json]
-        [--llama-bench ~/llama.cpp/build/bin/llama-bench=native] [--cpu-target native]
+        [--llama-bench ~/llama.cpp/build/bin/llama-bench=native] [--cpu-target native] [--baseline REV]
 
 Every measurement runs in a fresh subprocess (so peak RSS belongs to one engine; a worker imports only what its
 engine needs: the driver's statistics and subprocess modules are imported where they are used), and the engines
@@ -279,14 +281,50 @@ def print_roofline(a: argparse.Namespace, table: dict[str, Any]) -> None:
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-def _run_worker(a: argparse.Namespace, engine: str) -> dict[str, float] | str:
+def _baseline_worktrees(revs: list[str]) -> dict[str, Path]:
+    """{"llamaworks@SHORT": a detached worktree of REV} for each --baseline REV of this checkout's repository."""
+    import subprocess
+    import tempfile
+
+    trees: dict[str, Path] = {}
+    repo = Path(__file__).resolve().parent.parent
+    for rev in revs:
+        short = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                               capture_output=True, text=True)
+        if short.returncode != 0:
+            sys.exit(f"--baseline {rev}: not a commit of {repo} ({short.stderr.strip() or 'git failed'})")
+        tree = Path(tempfile.mkdtemp(prefix=f"vs_peers-{short.stdout.strip()}-"))
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--force", str(tree), rev],
+                       capture_output=True, check=True)
+        if not (tree / "benchmarks" / "vs_peers.py").is_file():
+            sys.exit(f"--baseline {rev}: that revision has no benchmarks/vs_peers.py")
+        trees[f"llamaworks@{short.stdout.strip()}"] = tree
+    return trees
+
+
+def _remove_worktrees(trees: dict[str, Path]) -> None:
     import subprocess
 
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", a.model, "--threads", str(a.threads),
-           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
-           "--ids-file", a.ids_file, "--cpu-target", a.cpu_target,
-           *[arg for spec in a.llama_bench for arg in ("--llama-bench", spec)]]
+    for tree in trees.values():
+        subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree", "remove", "--force",
+                        str(tree)], capture_output=True)
+
+
+def _run_worker(a: argparse.Namespace, engine: str, baselines: dict[str, Path]) -> dict[str, float] | str:
+    """One run of `engine` in a fresh process; a baseline runs its own checkout's worker on its own sources."""
+    import subprocess
+
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    script, worker, options = __file__, engine, ["--cpu-target", a.cpu_target,
+                                                 *[arg for spec in a.llama_bench for arg in ("--llama-bench", spec)]]
+    if engine in baselines:
+        # Older checkouts know only the options every version has had (and --cpu-target only when it is asked for).
+        script, worker = str(baselines[engine] / "benchmarks" / "vs_peers.py"), "llamaworks"
+        options = ["--cpu-target", a.cpu_target] if a.cpu_target != "native" else []
+        env["PYTHONPATH"] = os.pathsep.join([str(baselines[engine] / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, script, "--worker", worker, "--model", a.model, "--threads", str(a.threads),
+           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
+           "--ids-file", a.ids_file, *options]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -322,8 +360,9 @@ def print_report(a: argparse.Namespace, table: dict[str, Any], errors: dict[str,
                  for e in engines]
         print(f"| {label} | " + " | ".join(cells) + " |")
     ours = [e for e in engines if e.startswith("llamaworks")]
+    current = [e for e in ours if "@" not in e]  # "llamaworks@REV" is a --baseline: a peer of the current code
     for mine in ours:
-        for peer in [e for e in engines if e not in ours]:
+        for peer in [e for e in engines if e not in ours or (mine in current and e not in current)]:
             print(f"\n{mine} / {peer} (medians; >1 is better for llamaworks on speed, <1 on time and memory):")
             for key, label, _ in FIGURES:
                 ratio = table[mine][key]["median"] / table[peer][key]["median"]
@@ -368,6 +407,9 @@ def main() -> int:
                    help="build llamaworks' torch-free kernels for this -march (x86-64-v3: AVX2) instead of native")
     p.add_argument("--roofline", action="store_true",
                    help="also measure the machine's read bandwidth and print each engine's decode against it")
+    p.add_argument("--baseline", action="append", default=[], metavar="REV",
+                   help="also run the native backend of this git revision (a temporary worktree), alternating with "
+                        "the others: whether a change regressed, side by side on this CPU (repeatable)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -403,36 +445,41 @@ def main() -> int:
     errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}
     engines += list(benches)
     engines = [e for e in engines if e not in errors]
-    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
-    import tempfile
+    baselines = _baseline_worktrees(a.baseline)
+    engines += list(baselines)
+    try:
+        results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+        import tempfile
 
-    # The ids come from a subprocess too: the driver never maps torch's or llama.cpp's libraries, whose pages
-    # a worker would then share (a shared page counts in both processes' RSS and cannot be paged out by one).
-    ids = subprocess.run([sys.executable, __file__, "--worker", "ids", "--model", a.model,
-                          "--prompt-tokens", str(a.prompt_tokens)], capture_output=True, text=True)
-    if ids.returncode != 0:
-        sys.exit(f"could not tokenize the prompts: {(ids.stderr.strip().splitlines() or ['?'])[-1]}")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(ids.stdout.strip().splitlines()[-1])
-    a.ids_file = f.name
-    for r in range(-a.warmup, a.runs):
-        for engine in engines:
-            if engine in errors:
-                continue
-            out = _run_worker(a, engine)
-            if isinstance(out, str):
-                errors[engine] = out
-                continue
-            label = f"run {r + 1}" if r >= 0 else "warm-up (not counted)"
-            print(f"{label} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k != "tokens"),
-                  file=sys.stderr)
-            if r >= 0:
-                results[engine].append(out)
-    table = summarize(results)
-    print_report(a, table, errors)
-    print_agreement(results)
-    if a.roofline and table:
-        print_roofline(a, table)
+        # The ids come from a subprocess too: the driver never maps torch's or llama.cpp's libraries, whose pages
+        # a worker would then share (a shared page counts in both processes' RSS and cannot be paged out by one).
+        ids = subprocess.run([sys.executable, __file__, "--worker", "ids", "--model", a.model,
+                              "--prompt-tokens", str(a.prompt_tokens)], capture_output=True, text=True)
+        if ids.returncode != 0:
+            sys.exit(f"could not tokenize the prompts: {(ids.stderr.strip().splitlines() or ['?'])[-1]}")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write(ids.stdout.strip().splitlines()[-1])
+        a.ids_file = f.name
+        for r in range(-a.warmup, a.runs):
+            for engine in engines:
+                if engine in errors:
+                    continue
+                out = _run_worker(a, engine, baselines)
+                if isinstance(out, str):
+                    errors[engine] = out
+                    continue
+                label = f"run {r + 1}" if r >= 0 else "warm-up (not counted)"
+                print(f"{label} {engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k != "tokens"),
+                      file=sys.stderr)
+                if r >= 0:
+                    results[engine].append(out)
+        table = summarize(results)
+        print_report(a, table, errors)
+        print_agreement(results)
+        if a.roofline and table:
+            print_roofline(a, table)
+    finally:
+        _remove_worktrees(baselines)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results, "summary": table, "errors": errors},
                                            indent=2))

@@ -148,3 +148,36 @@ def test_peak_rss_is_this_process_own() -> None:
     code = "from llamaworks.memory_stats import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 150 * 2**20 < ballast.nbytes
+
+
+@pytest.mark.slow
+def test_vs_peers_runs_a_git_revision_beside_this_tree(tmp_path) -> None:
+    """`vs_peers.py --baseline REV` measures REV's own worker from a temporary worktree, alternating with this tree,
+    prints the ratio between them, and removes the worktree afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.fail("vs_peers --baseline needs a git checkout; this test runs in one (make test, .ci/run)")
+
+    def worktrees() -> list[str]:
+        return subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+
+    before = worktrees()
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "vs_peers.py"), "--engines", "llamaworks",
+                          "--baseline", "HEAD", "--runs", "1", "--warmup", "0", "--prompt-tokens", "16",
+                          "--gen-tokens", "4", "--ctx", "64", "--json", str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert f"llamaworks / llamaworks@{head}" in run.stdout
+    summary = json.loads((tmp_path / "out.json").read_text())["summary"]
+    assert summary[f"llamaworks@{head}"]["decode_tok_s"]["median"] > 0
+    assert worktrees() == before
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "vs_peers.py"), "--engines", "llamaworks",
+                          "--baseline", "no-such-revision", "--runs", "1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--baseline no-such-revision: not a commit" in bad.stderr

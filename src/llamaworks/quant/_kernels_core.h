@@ -1428,9 +1428,10 @@ void attend_one_head(const float* q, const KV* keys, const KV* vals, const bool*
 }
 
 #if defined(LW_AVX2) || defined(LW_NEON)
-// o[0, 8 * CB) += sum over j < n of w[j] * rows[j * ld + (0, 8 * CB)], with CB accumulators kept in registers.
-template <int CB>
-inline void weighted_rows(float* o, const float* w, int64_t n, const float* rows, int64_t ld) {
+// o[0, 8 * CB) += sum over j < n of w[j] * rows[j * ld + (0, 8 * CB)] (float or float16 rows, converted in the
+// load), with CB accumulators kept in registers.
+template <int CB, typename Row>
+inline void weighted_rows(float* o, const float* w, int64_t n, const Row* rows, int64_t ld) {
   v8f acc[CB];
   for (int u = 0; u < CB; ++u) acc[u] = v8_load(o + 8 * u);
   for (int64_t j = 0; j < n; ++j) {
@@ -1509,8 +1510,11 @@ inline void dot8_float_rows(const float* w, int64_t k, const float* x, int64_t m
     }
 }
 
-// ref::attend_queries, with every key and value converted to float once for all nq queries (a prompt chunk's
-// tokens and a group's query heads share them) and 8 keys' scores reduced together.
+// ref::attend_queries, with 8 keys' scores reduced together. Every query reads the keys and values where they are,
+// float16 converted in the load (a float copy shared by the call's queries was slower, even for a prompt chunk's
+// 24: docs/performance.md). Only a last block shorter than 8 keys is copied, with zeros for the missing keys, so
+// that no read passes the cache's end. A query's result does not depend on which queries share its call (a prompt
+// chunk's tokens, a decoding token alone: their windows may start at different keys).
 template <typename KV>
 void attend_queries(int64_t nq, const float* const* q, float* const* out, const int64_t* first, const int64_t* limit,
                     const KV* keys, const KV* vals, int64_t D, float scale, std::vector<float>& work) {
@@ -1519,10 +1523,11 @@ void attend_queries(int64_t nq, const float* const* q, float* const* out, const 
   const int64_t nd = D / 8;
   int64_t lo = first[0], hi = limit[0];
   for (int64_t i = 1; i < nq; ++i) lo = std::min(lo, first[i]), hi = std::max(hi, limit[i]);
+  lo = lo / 8 * 8;  // blocks at multiples of 8: each key's lane, and so each sum's order, is the same in any call
   const int64_t span = (hi - lo + 7) / 8 * 8;
   work.resize(static_cast<size_t>(nq * span + 8 * D + nq));
   float* const sc = work.data();  // (nq, span) scores of keys lo.., then weights
-  float* const kb = sc + nq * span;  // 8 keys (then 8 values) as float
+  float* const kb = sc + nq * span;  // a last short block of keys as float
   float* const totals = kb + 8 * D;
   const auto convert = [&](const KV* rows, int64_t s0, int64_t n) {
     for (int64_t j = 0; j < 8; ++j)
@@ -1531,17 +1536,22 @@ void attend_queries(int64_t nq, const float* const* q, float* const* out, const 
         v8_store(kb + j * D + 8 * c, v);
       }
   };
+  // The 8 keys' dot products with query i, from their rows (float or float16) at k.
+  const auto dots = [&](int64_t i, const auto* k) {
+    v8f a[8];
+    for (int64_t c = 0; c < nd; ++c) {
+      const v8f qc = v8_load(q[i] + 8 * c);
+      for (int j = 0; j < 8; ++j) a[j] = c == 0 ? qc * v8_load(k + j * D) : v8_fma(qc, v8_load(k + j * D + 8 * c), a[j]);
+    }
+    return v8_sum8(a);
+  };
   for (int64_t s0 = lo; s0 < hi; s0 += 8) {
-    convert(keys, s0, std::min<int64_t>(8, hi - s0));
+    const bool in_place = s0 + 8 <= hi;
+    if (!in_place) convert(keys, s0, hi - s0);
     for (int64_t i = 0; i < nq; ++i) {
       v8f r = v8_set(-INFINITY);
       if (s0 < limit[i] && s0 + 8 > first[i]) {
-        v8f a[8];
-        for (int64_t c = 0; c < nd; ++c) {
-          const v8f qc = v8_load(q[i] + 8 * c);
-          for (int j = 0; j < 8; ++j) a[j] = c == 0 ? qc * v8_load(kb + j * D) : v8_fma(qc, v8_load(kb + j * D + 8 * c), a[j]);
-        }
-        r = v8_sum8(a) * v8_set(scale);
+        r = (in_place ? dots(i, keys + s0 * D) : dots(i, static_cast<const float*>(kb))) * v8_set(scale);
         for (int j = 0; j < 8; ++j)
           if (s0 + j < first[i] || s0 + j >= limit[i]) r[j] = -INFINITY;
       }
@@ -1569,14 +1579,14 @@ void attend_queries(int64_t nq, const float* const* q, float* const* out, const 
   }
   for (int64_t s0 = lo; s0 < hi; s0 += 8) {
     const int64_t n = std::min<int64_t>(8, hi - s0);
-    convert(vals, s0, n);
+    const KV* v = vals + s0 * D;
     for (int64_t i = 0; i < nq; ++i) {
       if (s0 >= limit[i] || s0 + 8 <= first[i]) continue;
       const float* w = sc + i * span + (s0 - lo);
       int64_t c = 0;  // accumulators in registers: a fixed number of 8-float chunks at a time
-      for (; c + 8 <= nd; c += 8) weighted_rows<8>(out[i] + 8 * c, w, n, kb + 8 * c, D);
-      for (; c + 4 <= nd; c += 4) weighted_rows<4>(out[i] + 8 * c, w, n, kb + 8 * c, D);
-      for (; c < nd; ++c) weighted_rows<1>(out[i] + 8 * c, w, n, kb + 8 * c, D);
+      for (; c + 8 <= nd; c += 8) weighted_rows<8>(out[i] + 8 * c, w, n, v + 8 * c, D);
+      for (; c + 4 <= nd; c += 4) weighted_rows<4>(out[i] + 8 * c, w, n, v + 8 * c, D);
+      for (; c < nd; ++c) weighted_rows<1>(out[i] + 8 * c, w, n, v + 8 * c, D);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {

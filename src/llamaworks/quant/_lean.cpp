@@ -84,10 +84,14 @@ void forward_batch(SpinPool& p, const Model& m, const int32_t* tokens, const int
     }
     const int64_t k = static_cast<int64_t>(next - first);
     if (k == 0) continue;
-    out.resize(k * m.vocab);
+    // Straight into `logits` when these rows are consecutive there (one wanted token, or a prompt's in order).
+    bool consecutive = true;
+    for (int64_t i = 1; i < k; ++i) consecutive = consecutive && wanted[first + i].second == wanted[first].second + i;
+    float* y = logits + wanted[first].second * m.vocab;
+    if (!consecutive) out.resize(k * m.vocab), y = out.data();
     decode_linear(par, DecodeRows(s.h.data(), k, dim, int8), {{m.output, nb * block_bytes(m.output_type),
-                  m.output_type}}, {0, m.vocab}, out.data());
-    for (int64_t i = 0; i < k; ++i)
+                  m.output_type}}, {0, m.vocab}, y);
+    for (int64_t i = 0; !consecutive && i < k; ++i)
       std::memcpy(logits + wanted[first + i].second * m.vocab, &out[i * m.vocab], m.vocab * sizeof(float));
   }
 }
