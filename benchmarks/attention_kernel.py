@@ -83,10 +83,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         libs = {"this tree": build(HEADER, Path(d) / "current", a.cpu_target)}
         if a.baseline:
-            path = "src/llamaworks/quant/_kernels_core.h"
-            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{a.baseline}:{path}"], capture_output=True,
-                                  check=True).stdout
-            (Path(d) / "base.h").write_bytes(text)
+            rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--end-of-options",
+                                  f"{a.baseline}^{{commit}}"], capture_output=True, text=True)
+            if rev.returncode != 0:
+                raise SystemExit(f"--baseline {a.baseline}: not a commit ({rev.stderr.strip() or 'git failed'})")
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev.stdout.strip()}:{HEADER.relative_to(ROOT)}"],
+                                   capture_output=True)
+            if shown.returncode != 0:
+                raise SystemExit(f"--baseline {a.baseline}: {shown.stderr.decode(errors='replace').strip()}")
+            (Path(d) / "base.h").write_bytes(shown.stdout)
             libs[a.baseline] = build(Path(d) / "base.h", Path(d) / "baseline", a.cpu_target)
         calls = max(10, 2_000_000 // max(1, a.keys * a.head_size))
         for nq in a.queries:

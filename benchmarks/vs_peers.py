@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
 FIGURES = [("load_s", "load (s)", False), ("ttft_s", "time to first token (s)", False),
            ("prefill_tok_s", "prefill (tok/s)", True), ("decode_tok_s", "decode (tok/s)", True),
            ("peak_rss_mib", "peak RSS (MiB)", False)]
@@ -281,33 +282,51 @@ def print_roofline(a: argparse.Namespace, table: dict[str, Any]) -> None:
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-def _baseline_worktrees(revs: list[str]) -> dict[str, Path]:
-    """{"llamaworks@SHORT": a detached worktree of REV} for each --baseline REV of this checkout's repository."""
+def resolve_revisions(revs: list[str]) -> dict[str, str]:
+    """{"llamaworks@SHORT": full commit id} for each --baseline REV of this checkout's repository (duplicates
+    once); exits with git's message for a REV that is not a commit."""
+    import subprocess
+
+    resolved: dict[str, str] = {}
+    for rev in revs:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"--baseline {rev}: not a commit of {REPO} ({out.stderr.strip() or 'git failed'})")
+        full = out.stdout.strip()
+        resolved[f"llamaworks@{full[:7]}"] = full
+    return resolved
+
+
+def add_worktrees(commits: dict[str, str], trees: dict[str, Path]) -> None:
+    """A detached worktree in a new temporary directory for each commit, entered into `trees` as soon as it exists
+    (so that the caller's cleanup removes every one made, whatever stops this)."""
     import subprocess
     import tempfile
 
-    trees: dict[str, Path] = {}
-    repo = Path(__file__).resolve().parent.parent
-    for rev in revs:
-        short = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
-                               capture_output=True, text=True)
-        if short.returncode != 0:
-            sys.exit(f"--baseline {rev}: not a commit of {repo} ({short.stderr.strip() or 'git failed'})")
-        tree = Path(tempfile.mkdtemp(prefix=f"vs_peers-{short.stdout.strip()}-"))
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--force", str(tree), rev],
-                       capture_output=True, check=True)
+    for name, full in commits.items():
+        tree = Path(tempfile.mkdtemp(prefix=f"vs_peers-{full[:7]}-"))
+        trees[name] = tree
+        made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(tree), full],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            sys.exit(f"--baseline {full[:7]}: git worktree add failed ({made.stderr.strip()})")
         if not (tree / "benchmarks" / "vs_peers.py").is_file():
-            sys.exit(f"--baseline {rev}: that revision has no benchmarks/vs_peers.py")
-        trees[f"llamaworks@{short.stdout.strip()}"] = tree
-    return trees
+            sys.exit(f"--baseline {full[:7]}: that revision has no benchmarks/vs_peers.py")
 
 
-def _remove_worktrees(trees: dict[str, Path]) -> None:
+def remove_worktrees(trees: dict[str, Path]) -> None:
+    import shutil
     import subprocess
 
     for tree in trees.values():
-        subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree", "remove", "--force",
-                        str(tree)], capture_output=True)
+        gone = subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                              capture_output=True, text=True)
+        shutil.rmtree(tree, ignore_errors=True)  # a directory git never registered
+        if gone.returncode != 0 and "is not a working tree" not in gone.stderr:
+            print(f"could not remove the worktree {tree}: {gone.stderr.strip()}", file=sys.stderr)
+    if trees:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
 
 
 def _run_worker(a: argparse.Namespace, engine: str, baselines: dict[str, Path]) -> dict[str, float] | str:
@@ -321,7 +340,7 @@ def _run_worker(a: argparse.Namespace, engine: str, baselines: dict[str, Path]) 
         # Older checkouts know only the options every version has had (and --cpu-target only when it is asked for).
         script, worker = str(baselines[engine] / "benchmarks" / "vs_peers.py"), "llamaworks"
         options = ["--cpu-target", a.cpu_target] if a.cpu_target != "native" else []
-        env["PYTHONPATH"] = os.pathsep.join([str(baselines[engine] / "src"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(baselines[engine] / "src"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, script, "--worker", worker, "--model", a.model, "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--ctx", str(a.ctx),
            "--ids-file", a.ids_file, *options]
@@ -445,9 +464,11 @@ def main() -> int:
     errors = {e: f"{MODULES[e]} is not installed" for e in engines if importlib.util.find_spec(MODULES[e]) is None}
     engines += list(benches)
     engines = [e for e in engines if e not in errors]
-    baselines = _baseline_worktrees(a.baseline)
-    engines += list(baselines)
+    commits = resolve_revisions(a.baseline)
+    engines += list(commits)
+    baselines: dict[str, Path] = {}
     try:
+        add_worktrees(commits, baselines)
         results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
         import tempfile
 
@@ -479,7 +500,7 @@ def main() -> int:
         if a.roofline and table:
             print_roofline(a, table)
     finally:
-        _remove_worktrees(baselines)
+        remove_worktrees(baselines)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results, "summary": table, "errors": errors},
                                            indent=2))

@@ -178,6 +178,8 @@ def test_vs_peers_runs_a_git_revision_beside_this_tree(tmp_path) -> None:
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
     assert summary[f"llamaworks@{head}"]["decode_tok_s"]["median"] > 0
     assert worktrees() == before
-    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "vs_peers.py"), "--engines", "llamaworks",
-                          "--baseline", "no-such-revision", "--runs", "1"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--baseline no-such-revision: not a commit" in bad.stderr
+    for revs in (["no-such-revision"], ["HEAD", "--output=x"]):  # refused before any worktree is made
+        bad = subprocess.run([sys.executable, str(root / "benchmarks" / "vs_peers.py"), "--engines", "llamaworks",
+                              *[f"--baseline={rev}" for rev in revs], "--runs", "1"], capture_output=True, text=True)
+        assert bad.returncode != 0 and f"--baseline {revs[-1]}: not a commit" in bad.stderr, bad.stderr
+        assert worktrees() == before

@@ -486,6 +486,8 @@ int main() {
       check_attend_queries<float>(D, 24, n + 8, 0);
       check_attend_queries<float>(D, 24, n + 8, n > 8 ? 7 : 0);  // tokens whose windows start at different keys
       check_attend_queries<Half>(D, 3, n + 2, n > 8 ? 5 : 0);
+      check_attend_queries<Half>(D, 24, n + 8, n > 8 ? 7 : 0);  // the cache's type, windows at different keys
+      check_attend_queries<Half>(D, 24, n + 11, 0);            // a key count that is not a multiple of 8
     }
   }
   check_pool();
