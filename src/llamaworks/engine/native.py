@@ -36,7 +36,7 @@ from ..checkpoints.gguf import VOCABULARY_KEYS, _generation_config, read_gguf_la
 from ..config import ModelConfig, rope_inverse_frequencies
 from ..errors import ConfigError, FormatError
 from ..hardware import physical_cores
-from ..quant import lean_kernels
+from ..quant import lean_kernels, memory
 from ..quant.lean_kernels import LwLayer, LwModel, call
 from ..quant.memory import (
     LONG_CALL_TOKENS,
@@ -188,7 +188,7 @@ class NativeBackend:
             raise NativeUnsupported(f"{path}: the native backend needs dimensions that are multiples of 32 "
                                     f"(dim {config.dim}, hidden {config.hidden_dim}); use --backend torch")
         threads = options.threads or physical_cores()
-        release_startup_pages(SHARED_LIBRARIES)  # every library's start-up code, before the weights arrive
+        first_load = release_startup_pages(SHARED_LIBRARIES)  # every library's start-up code, before the weights
         matrices = [n for n in tensors if tensors[n].shape and len(tensors[n].shape) == 2]
         in_place = [n for n in matrices if tensors[n].qtype in KERNEL_TYPES]
         blocks: dict[str, np.ndarray] = {}
@@ -250,6 +250,8 @@ class NativeBackend:
         chat_template, generation_config = meta.get("tokenizer.chat_template"), _generation_config(meta)
         del layout, meta, tensors
         release_freed_memory()
+        if first_load:  # and the load's own code (conversion, regrouping): no model of this process runs yet
+            memory.page_out_library_code(SHARED_LIBRARIES)
         return cls(config=config.replace(max_seq_len=ctx), options=options.with_(threads=threads),
                    tokenizer=tokenizer, chat_template=chat_template,
                    generation_config=generation_config, path=path, threads=threads,
