@@ -71,9 +71,10 @@ def build(header: Path, where: Path, cpu_target: str) -> ctypes.CDLL:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--keys", type=int, default=600)
-    ap.add_argument("--queries", type=int, nargs="+", default=[1, 3, 8, 24])
-    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--keys", type=int, default=600, help="keys (and values) each query attends to")
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 3, 8, 24],
+                    help="queries per call to measure (3: a SmolLM2 decoding token; 24: a prompt chunk)")
+    ap.add_argument("--head-size", type=int, default=64, help="floats per key, value and query")
     ap.add_argument("--cpu-target", default="native", help="the kernels' build target, e.g. x86-64-v3 (AVX2)")
     ap.add_argument("--baseline", default=None, metavar="REV", help="also measure this git revision's kernel")
     a = ap.parse_args()

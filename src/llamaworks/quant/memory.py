@@ -115,12 +115,12 @@ def release_startup_pages(path_part: str) -> bool:
     """page_out_library_code(path_part) at the first model load of the process; at any later load nothing (it
     would push out the code a running model uses). Returns whether this was the first load.
 
-    Both backends call it before the weights arrive, so that the load's peak does not hold them either; the native
-    backend, when it returns True, pages its libraries out once more at the end of that load (the code that
-    converted and regrouped the weights runs once). The torch
+    Both backends call it before the weights arrive, so that the load's peak does not hold them either. The torch
     backend passes TORCH_LIBRARIES; the native backend SHARED_LIBRARIES: in its process the start-up pages of the
-    interpreter, numpy, `tokenizers` and the C++ runtime would otherwise stay resident for good. Data files mapped
-    in the process (an mmap'd model, training data) are not libraries and stay."""
+    interpreter, numpy, `tokenizers` and the C++ runtime would otherwise stay resident for good. When this returns
+    True the native backend pages them out once more at the end of that load (the code that converted and
+    regrouped the weights runs once). Data files mapped in the process (an mmap'd model, training data) are not
+    libraries and stay."""
     global _released
     with _released_lock:
         if _released:
